@@ -1,0 +1,150 @@
+"""The `rsp` command line: thin verbs over the stage modules.
+
+Bad input (a missing data folder, an unknown model, a sparsity outside [0, 1), a resume folder from
+another config, ...) prints one line on stderr and exits with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="rsp",
+    help="Robust sparse networks, from training to the edge.\n\n"
+    "Stages: train -> structure -> export -> verify. Each writes a folder (manifest.json + model.safetensors)"
+    " that the next one reads.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    typer.echo(f"rsp: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _bad_input_types():
+    from .artifacts import ArtifactError
+    from .config import ConfigError
+    from .data import DataError
+    from .models import UnknownModelError
+
+    return (ArtifactError, ConfigError, DataError, UnknownModelError)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  rsp train                                   # embedded digits, small CNN, 90 % sparse, PGD-AT\n\n"
+    "  rsp train --dataset cifar10 --data-dir ~/data --model vgg16 --sparsity 0.99 --objective trades\n\n"
+    "  rsp train --config cifar10-vgg16-99-trades --data-dir ~/data --output runs/vgg16-99\n\n"
+    "  rsp train --output runs/vgg16-99 --resume   # continue after an interruption, bit for bit\n\n"
+    "  torchrun --nproc-per-node 4 -m rsp.cli train --config ...   # multi-GPU",
+)
+def train(
+    dataset: Optional[str] = typer.Option(None, help="digits (embedded, no download) | cifar10 | cifar100 | svhn.", rich_help_panel="Data"),
+    data_dir: Optional[str] = typer.Option(None, help="Folder holding cifar-10-batches-py/ (torchvision's root) or that folder itself.", rich_help_panel="Data"),
+    val_fraction: Optional[float] = typer.Option(None, help="Share of the training data held out for model selection [default: 0.1].", rich_help_panel="Data"),
+    extra_data: Optional[str] = typer.Option(None, help="RST: .npz/.safetensors of pseudo-labelled images (images, labels), mixed 50/50 into each batch.", rich_help_panel="Data"),
+    model: Optional[str] = typer.Option(None, help="Registry name (rsp models lists them) [default: the data set's: small-cnn, vgg16].", rich_help_panel="Model"),
+    sparsity: Optional[float] = typer.Option(None, help="Share of conv/linear weights that are zero, fixed from step one [default: 0.9].", rich_help_panel="Model"),
+    method: Optional[str] = typer.Option(None, help="bcs (Bayesian connectivity sampling) | fixed (random static mask) | dense [default: bcs].", rich_help_panel="Model"),
+    rewire_every: Optional[int] = typer.Option(None, help="BCS: rebirth dead connections every N steps [default: 1].", rich_help_panel="Model"),
+    sigma: Optional[float] = typer.Option(None, help="BCS: noise std is lr * sigma [default: 1e-6].", rich_help_panel="Model"),
+    alpha: Optional[float] = typer.Option(None, help="BCS: L1 prior strength [default: 0].", rich_help_panel="Model"),
+    temperature: Optional[float] = typer.Option(None, help="BCS: SGLD temperature T, noise std sqrt(2 lr T) (overrides sigma).", rich_help_panel="Model"),
+    objective: Optional[str] = typer.Option(None, help="natural | pgd-at | mixed-at | trades | mart | rst [default: pgd-at].", rich_help_panel="Robustness"),
+    eps: Optional[str] = typer.Option(None, help="Linf radius, inputs in [0, 1]; fractions allowed [default: 8/255].", rich_help_panel="Robustness"),
+    attack_step_size: Optional[str] = typer.Option(None, help="PGD step size [default: 2/255].", rich_help_panel="Robustness"),
+    attack_steps: Optional[int] = typer.Option(None, help="PGD steps while training [default: 10].", rich_help_panel="Robustness"),
+    beta: Optional[float] = typer.Option(None, help="TRADES/MART/RST robust-loss weight [default: 6].", rich_help_panel="Robustness"),
+    epochs: Optional[int] = typer.Option(None, help="Epochs [default: 30].", rich_help_panel="Optimisation"),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps (smoke runs).", rich_help_panel="Optimisation"),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch size [default: 128].", rich_help_panel="Optimisation"),
+    lr: Optional[float] = typer.Option(None, help="Initial learning rate; x0.1 at 50 % and 75 % of the epochs [default: 0.1].", rich_help_panel="Optimisation"),
+    weight_decay: Optional[float] = typer.Option(None, help="Decoupled (SGDW) weight decay on conv/linear weights [default: 5e-4].", rich_help_panel="Optimisation"),
+    seed: Optional[int] = typer.Option(None, help="Seed of init, data order, attacks, rewiring [default: 0].", rich_help_panel="Optimisation"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | auto [default: auto].", rich_help_panel="Runtime"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast [default: on for CUDA].", rich_help_panel="Runtime"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model.", rich_help_panel="Runtime"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch.", rich_help_panel="Runtime"),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder [default: runs/train-<time>].", rich_help_panel="Run"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint.", rich_help_panel="Run"),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Recipe YAML (or a shipped recipe name); flags override it.", rich_help_panel="Run"),
+    list_recipes: bool = typer.Option(False, "--list-recipes", help="Print the shipped recipes and exit.", rich_help_panel="Run"),
+) -> None:
+    """Train a sparse, adversarially robust network from scratch (no dense pre-training).
+
+    The connection budget K = (1 - sparsity) x (conv + linear weights) holds from the first step to the
+    last: with --method bcs, connections whose parameter crosses zero die and as many dormant ones are
+    reborn (Bayesian connectivity sampling, Özdenizci & Legenstein 2021). The run folder holds
+    model.safetensors (the epoch with the best *validation* accuracy), train_state.safetensors (for
+    --resume), config.yaml, metrics.jsonl and manifest.json; `rsp structure` reads it next.
+    """
+    import time
+
+    from .config import read_recipe, recipe_names, resolve
+
+    if list_recipes:
+        for name in recipe_names():
+            typer.echo(name)
+        return
+    overrides = {k: v for k, v in dict(
+        dataset=dataset, data_dir=data_dir, val_fraction=val_fraction, extra_data=extra_data, model=model,
+        sparsity=sparsity, method=method, rewire_every=rewire_every, sigma=sigma, alpha=alpha, temperature=temperature,
+        objective=objective, eps=eps, attack_step_size=attack_step_size, attack_steps=attack_steps, beta=beta,
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+        device=device, bf16=bf16, compile=compile, threads=threads).items() if v is not None}
+    try:
+        from .train import CONFIG_FILE, TrainingError, run
+
+        if resume and output is None:
+            _fail("--resume needs --output DIR (the run folder to continue)")
+        recipe = read_recipe(config) if config else None
+        if resume and recipe is None and output:
+            import pathlib
+
+            saved = pathlib.Path(output) / CONFIG_FILE
+            if saved.is_file():  # resuming: the saved config is the recipe, flags may change runtime options
+                recipe = read_recipe(str(saved))
+        cfg = resolve(recipe, overrides)
+        out = output or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"
+        manifest = run(cfg, out, resume=resume, log=lambda m: typer.echo(m, err=True))
+    except _bad_input_types() as exc:
+        _fail(str(exc))
+    except TrainingError as exc:
+        _fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        _fail("interrupted; continue with --resume", code=130)
+    if manifest:
+        m = manifest["metrics"]
+        rob = f", robust {m['robust_acc']:.4f} ({m['attack']})" if m.get("robust_acc") is not None else ""
+        typer.echo(f"{out}: {manifest['model']['name']} {manifest['method']} sparsity {manifest['sparsity']:.4f}; "
+                   f"test clean {m['clean_acc']:.4f}{rob}; selected epoch {m['epoch']} on validation")
+
+
+@app.command()
+def models() -> None:
+    """List the model registry."""
+    from .models import list_models
+
+    for name in list_models():
+        typer.echo(name)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit:
+        raise
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

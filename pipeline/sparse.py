@@ -1,0 +1,392 @@
+"""Sparse layers and Bayesian connectivity sampling (BCS).
+
+Two parametrisations of a conv/linear weight, each a layer whose `forward` shows the math:
+
+  bcs   w = sign * relu(theta)   sign in {-1, +1} drawn once per position and never changed;
+                                 theta <= 0 is a dormant connection: w = 0 and relu passes no gradient.
+  mask  w = weight * mask        a fixed binary mask (the `fixed` baseline and pruning methods).
+
+`BayesianRewiring` owns one flat theta (and sign, gradient, momentum) for all sparsified layers; each
+layer's parameter is a view into it, so the whole update — SGDW, noise, death, rebirth — is a few
+tensor ops over one buffer: no Python loop over weights, no host synchronisation, no sort of all
+parameters. The number of active connections equals the budget K after every rewiring step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SPARSIFIABLE = (nn.Conv2d, nn.Linear)
+REBIRTH_THETA = 1e-12
+
+
+class SparseMixin:
+    """Shared by SparseConv2d and SparseLinear: the effective weight of either parametrisation."""
+
+    parametrization: str  # "bcs" | "mask"
+    _frozen_weight: torch.Tensor | None = None
+
+    def effective_weight(self) -> torch.Tensor:
+        if self._frozen_weight is not None:
+            return self._frozen_weight
+        if self.parametrization == "bcs":
+            return self.sign * F.relu(self.theta)
+        return self.weight * self.mask
+
+    def active_mask(self) -> torch.Tensor:
+        return self.theta > 0 if self.parametrization == "bcs" else self.mask.bool()
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return (self.theta if self.parametrization == "bcs" else self.weight).shape
+
+
+class SparseConv2d(SparseMixin, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.effective_weight(), self.bias)
+
+
+class SparseLinear(SparseMixin, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
+
+
+_SPARSE_CLASS = {nn.Conv2d: SparseConv2d, nn.Linear: SparseLinear}
+
+
+def sparsifiable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every conv and linear layer (first conv, 1x1 shortcuts and classifier included), in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SPARSIFIABLE)]
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, SparseMixin]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseMixin)]
+
+
+def _convert(module: nn.Module, parametrization: str) -> SparseMixin:
+    """Turn a dense conv/linear into its sparse twin in place (same object, same attributes)."""
+    module.__class__ = _SPARSE_CLASS[type(module)] if type(module) in _SPARSE_CLASS else module.__class__
+    if not isinstance(module, SparseMixin):
+        raise TypeError(f"cannot sparsify {type(module).__name__}: only plain nn.Conv2d / nn.Linear")
+    module.parametrization = parametrization
+    return module
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain registry model's state_dict: effective weights under `<layer>.weight`, exact zeros where
+    dormant. This is what model.safetensors holds, so any stage can load it without rsp's sparse layers."""
+    sparse = dict(sparse_layers(model))
+    out = {}
+    for key, value in model.state_dict().items():
+        layer, _, leaf = key.rpartition(".")
+        if layer in sparse:
+            if leaf in ("theta", "sign", "mask"):
+                continue
+            if leaf == "weight":  # the mask parametrisation's raw weight
+                continue
+        out[key] = value.detach()
+    with torch.no_grad():
+        for name, m in sparse.items():
+            out[f"{name}.weight"] = m.effective_weight().detach().clone()
+    return out
+
+
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """Compute each sparse layer's effective weight once and reuse it (attack steps do not change weights)."""
+    layers = [m for _, m in sparse_layers(model)]
+    with torch.no_grad():
+        for m in layers:
+            m._frozen_weight = m.effective_weight().detach()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._frozen_weight = None
+
+
+# --- initial connectivity -----------------------------------------------------------------------
+
+
+def initial_densities(model_name: str, n_layers: int, density: float) -> list[float | None]:
+    """Per-layer initial densities (None: filled at random from the rest of the budget).
+
+    VGG-16 follows the reference: first two convs 0.6, next two 0.2, the rest 0.5 * density,
+    output layer 0.6. Other models keep the first and last layer at >= 0.6 (they are tiny and
+    carry the input and the classes) and fill the rest uniformly.
+    """
+    if n_layers == 0:
+        return []
+    if model_name == "vgg16" and n_layers == 14:
+        return [0.6, 0.6, 0.2, 0.2] + [0.5 * density] * 9 + [0.6]
+    spec: list[float | None] = [None] * n_layers
+    spec[0] = max(density, 0.6)
+    spec[-1] = max(density, 0.6)
+    return spec
+
+
+def allocate_budget(sizes: list[int], budget: int, spec: list[float | None], generator: torch.Generator) -> torch.Tensor:
+    """A flat bool mask with exactly `budget` True positions: per-layer counts from `spec`, scaled down if
+    they exceed the budget, then the rest drawn uniformly over all still-dormant positions."""
+    n = sum(sizes)
+    if not 0 <= budget <= n:
+        raise ValueError(f"budget {budget} outside [0, {n}]")
+    fixed = [0 if d is None else min(s, round(d * s)) for s, d in zip(sizes, spec)]
+    if sum(fixed) > budget:  # scale down, largest remainders first, to land exactly on the budget
+        exact = [f * budget / sum(fixed) for f in fixed]
+        fixed = [math.floor(e) for e in exact]
+        order = sorted(range(len(exact)), key=lambda i: exact[i] - fixed[i], reverse=True)
+        for i in order[: budget - sum(fixed)]:
+            fixed[i] += 1
+    active = torch.zeros(n, dtype=torch.bool)
+    start = 0
+    for s, f in zip(sizes, fixed):
+        if f:
+            active[start + torch.randperm(s, generator=generator)[:f]] = True
+        start += s
+    rest = budget - int(active.sum())
+    if rest:
+        dormant = torch.nonzero(~active).squeeze(1)
+        active[dormant[torch.randperm(len(dormant), generator=generator)[:rest]]] = True
+    return active
+
+
+# --- the two methods ----------------------------------------------------------------------------
+
+
+class SparseMethod:
+    """Common interface the trainer drives: parameters to optimise elsewhere, a step, state for resume."""
+
+    name: str
+    layers: list[tuple[str, SparseMixin]]
+    budget: int
+    total: int
+
+    def weight_params(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def step(self, lr: float, decay_scale: float) -> None:
+        """Called after backward. decay_scale: the schedule multiplier lr_t / lr_0 (SGDW)."""
+
+    def zero_grad(self) -> None:
+        pass
+
+    def active_count(self) -> torch.Tensor:
+        return sum(m.active_mask().sum() for _, m in self.layers)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+class FixedMask(SparseMethod):
+    """A random mask at the budget that never changes: w = weight * mask. The cost floor for BCS."""
+
+    name = "fixed"
+
+    def __init__(self, model: nn.Module, sparsity: float, generator: torch.Generator, model_name: str = ""):
+        dense = sparsifiable_layers(model)
+        sizes = [m.weight.numel() for _, m in dense]
+        self.total = sum(sizes)
+        self.budget = round((1.0 - sparsity) * self.total)
+        active = allocate_budget(sizes, self.budget, initial_densities(model_name, len(sizes), 1 - sparsity), generator)
+        start = 0
+        self.layers = []
+        for (name, m), s in zip(dense, sizes):
+            mask = active[start : start + s].view_as(m.weight).to(m.weight.device, m.weight.dtype)
+            start += s
+            layer = _convert(m, "mask")
+            layer.register_buffer("mask", mask)
+            self.layers.append((name, layer))
+
+    def weight_params(self):
+        return [m.weight for _, m in self.layers]
+
+    def state_tensors(self):
+        return {f"mask.{n}": m.mask.to(torch.int8) for n, m in self.layers}
+
+    def load_state_tensors(self, state):
+        for n, m in self.layers:
+            m.mask.copy_(state[f"mask.{n}"].to(m.mask.dtype))
+
+
+class BayesianRewiring(SparseMethod):
+    """Bayesian connectivity sampling (Özdenizci & Legenstein 2021; Deep Rewiring, Bellec et al. 2018).
+
+    Each step, on active theta only:
+        m     <- momentum * m + grad
+        theta <- theta - lr * m - wd * decay_scale * theta               (SGDW: decay not scaled by lr)
+                       - lr * alpha                                      (optional L1 prior)
+                       + N(0, (lr * sigma)^2)  or  N(0, 2 * lr * T)      (noise; SGLD form when T is set)
+    then theta <= 0 dies (theta = 0, momentum reset) and exactly as many dormant connections are
+    reborn at theta = 1e-12, drawn uniformly over all positions (so layers get rebirths in proportion
+    to their size) among those still dormant.
+    """
+
+    name = "bcs"
+
+    def __init__(self, model: nn.Module, sparsity: float, generator: torch.Generator, *, model_name: str = "",
+                 momentum: float = 0.9, weight_decay: float = 5e-4, sigma: float = 1e-6, alpha: float = 0.0,
+                 temperature: float | None = None, rewire_every: int = 1):
+        dense = sparsifiable_layers(model)
+        if not dense:
+            raise ValueError("model has no conv or linear layer to sparsify")
+        device = dense[0][1].weight.device
+        dtype = dense[0][1].weight.dtype
+        sizes = [m.weight.numel() for _, m in dense]
+        self.total = n = sum(sizes)
+        self.budget = round((1.0 - sparsity) * n)
+        self.momentum, self.weight_decay, self.sigma, self.alpha = momentum, weight_decay, sigma, alpha
+        self.temperature, self.rewire_every = temperature, max(1, int(rewire_every))
+        self.generator = generator  # on `device`: rebirth sampling and noise
+
+        # Initial connectivity and signs are drawn on the CPU once (cheap, reproducible), then moved.
+        cpu_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=device)))
+        active = allocate_budget(sizes, self.budget, initial_densities(model_name, len(sizes), 1 - sparsity), cpu_gen)
+        theta = torch.zeros(n + 1, dtype=dtype)  # one spare slot: rebirths that are not taken write there
+        sign = torch.empty(n, dtype=dtype)
+        start = 0
+        for (_, m), s in zip(dense, sizes):
+            fan_in = m.weight[0].numel()
+            he = torch.randn(s, generator=cpu_gen) * math.sqrt(2.0 / fan_in)
+            theta[start : start + s] = torch.where(active[start : start + s], he.abs(), torch.zeros(()))
+            sign[start : start + s] = torch.randint(0, 2, (s,), generator=cpu_gen).mul(2).sub(1).to(dtype)
+            start += s
+        self.theta_buf = theta.to(device)
+        self.sign = sign.to(device)
+        self.grad = torch.zeros(n, dtype=dtype, device=device)
+        self.buf = torch.zeros(n, dtype=dtype, device=device)
+        self.steps = 0
+        # Candidate draws per rebirth: plenty for the few deaths of a step; a second pass covers the rest.
+        self.n_candidates = min(n, max(1024, self.budget // 8))
+
+        self.layers = []
+        self._offsets = []
+        start = 0
+        for (name, m), s in zip(dense, sizes):
+            shape = m.weight.shape
+            layer = _convert(m, "bcs")
+            del layer.weight
+            layer.theta = nn.Parameter(self.theta_buf[start : start + s].view(shape))
+            layer.register_buffer("sign", self.sign[start : start + s].view(shape))
+            self._offsets.append((start, s))
+            self.layers.append((name, layer))
+            start += s
+        self._bind_grads()
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return self.theta_buf[: self.total]
+
+    def weight_params(self):
+        return [m.theta for _, m in self.layers]
+
+    def _bind_grads(self):
+        for (_, m), (start, s) in zip(self.layers, self._offsets):
+            m.theta.grad = self.grad[start : start + s].view(m.theta.shape)
+
+    def zero_grad(self):
+        self.grad.zero_()
+        self._bind_grads()
+
+    def _collect_grads(self):
+        """Autograd accumulates into the bound views; if something replaced a .grad (DDP may), copy it back."""
+        for (_, m), (start, s) in zip(self.layers, self._offsets):
+            g = m.theta.grad
+            if g is None:
+                self.grad[start : start + s].zero_()
+            elif g.data_ptr() != self.grad[start : start + s].data_ptr():
+                self.grad[start : start + s].copy_(g.reshape(-1))
+
+    def active_count(self) -> torch.Tensor:
+        return (self.theta > 0).sum()
+
+    @torch.no_grad()
+    def step(self, lr: float, decay_scale: float = 1.0) -> None:
+        self._collect_grads()
+        theta, g, buf = self.theta, self.grad, self.buf
+        active = theta > 0
+        buf.mul_(self.momentum).add_(g)
+        if self.temperature is None:
+            noise_std = lr * self.sigma
+        else:
+            noise_std = math.sqrt(2.0 * lr * self.temperature)
+        update = buf * lr + theta * (self.weight_decay * decay_scale)
+        if self.alpha:
+            update += lr * self.alpha
+        if noise_std:
+            update -= torch.randn(theta.shape, device=theta.device, dtype=theta.dtype, generator=self.generator) * noise_std
+        theta.sub_(update * active)  # dormant theta stays exactly 0
+        theta.clamp_(min=0.0)  # crossed to <= 0: dies
+        buf.mul_(theta > 0)  # momentum of dead (and dormant) connections is reset
+        self.steps += 1
+        if self.steps % self.rewire_every == 0:
+            self._rebirth()
+
+    @torch.no_grad()
+    def _rebirth(self) -> None:
+        n, theta_ext = self.total, self.theta_buf
+        needed = self.budget - (theta_ext[:n] > 0).sum()  # device scalar, exact whatever happened since
+        # Pass 1: random candidates in random order; keep the first `needed` distinct dormant ones.
+        cand = torch.randint(0, n, (self.n_candidates,), device=theta_ext.device, generator=self.generator)
+        ok = theta_ext[cand] == 0
+        sorted_cand, perm = cand.sort(stable=True)  # only the candidates (M log M), to drop duplicates
+        dup = torch.zeros_like(ok)
+        dup[perm[1:]] = sorted_cand[1:] == sorted_cand[:-1]
+        ok &= ~dup
+        chosen = ok & (torch.cumsum(ok, 0) <= needed)
+        theta_ext[torch.where(chosen, cand, n)] = REBIRTH_THETA
+        theta_ext[n] = 0.0
+        # Pass 2 (rarely non-empty): the shortfall, as consecutive dormant positions after a random offset.
+        short = needed - chosen.sum()
+        dormant = theta_ext[:n] == 0
+        rank = torch.cumsum(dormant, 0)
+        offset = torch.randint(0, n, (1,), device=theta_ext.device, generator=self.generator)
+        base = torch.where(offset > 0, rank[(offset - 1).clamp(min=0)], torch.zeros_like(offset))
+        total_dormant = rank[-1].clamp(min=1)
+        pos_rank = torch.remainder(rank - 1 - base, total_dormant)
+        theta_ext[:n].masked_fill_(dormant & (pos_rank < short), REBIRTH_THETA)
+
+    def state_tensors(self):
+        return {"bcs.theta": self.theta.clone(), "bcs.sign": self.sign.to(torch.int8), "bcs.momentum": self.buf.clone(),
+                "bcs.steps": torch.tensor([self.steps], dtype=torch.int64)}
+
+    def load_state_tensors(self, state):
+        self.theta.copy_(state["bcs.theta"])
+        self.sign.copy_(state["bcs.sign"].to(self.sign.dtype))
+        self.buf.copy_(state["bcs.momentum"])
+        self.steps = int(state["bcs.steps"][0])
+
+
+def make_sparse(method: str, model: nn.Module, sparsity: float, generator: torch.Generator, *,
+                model_name: str = "", **bcs_options) -> SparseMethod | None:
+    """`dense` -> None; `fixed` -> FixedMask; `bcs` -> BayesianRewiring."""
+    if method == "dense":
+        return None
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if method == "fixed":
+        return FixedMask(model, sparsity, generator, model_name=model_name)
+    if method == "bcs":
+        return BayesianRewiring(model, sparsity, generator, model_name=model_name, **bcs_options)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def layer_report(state: dict[str, torch.Tensor], layer_names: Iterable[str]) -> tuple[list[dict], float]:
+    """Per-layer {name, shape, nonzero} and the measured sparsity, read from plain weights."""
+    rows, zeros, total = [], 0, 0
+    for name in layer_names:
+        w = state[f"{name}.weight"]
+        nz = int(torch.count_nonzero(w))
+        rows.append({"name": f"{name}.weight", "shape": list(w.shape), "nonzero": nz, "numel": w.numel()})
+        zeros += w.numel() - nz
+        total += w.numel()
+    return rows, (zeros / total if total else 0.0)

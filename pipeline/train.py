@@ -1,0 +1,504 @@
+"""rsp train: end-to-end sparse training with a robust objective.
+
+The run folder it writes is the contract every later stage reads (see artifacts.py):
+  config.yaml              the resolved configuration
+  model.safetensors        plain weights of the model selected on the validation split (zeros where dormant)
+  train_state.safetensors  everything --resume needs: theta, signs, masks, momenta, RNG states, best weights
+  metrics.jsonl            one line per finished epoch, appended once that epoch's checkpoint is on disk
+  manifest.json            stage "train", model, data, objective, method, sparsity, layers, metrics, files
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .artifacts import (MANIFEST, MODEL_FILE, ArtifactError, append_line, atomic_write_text, load_tensors,
+                        read_jsonl, save_tensors, tensors_metadata, write_manifest)
+from .attacks import PGDConfig, evaluate
+from .config import ConfigError, TrainConfig, dump_yaml
+from .data import DeviceBatches, Splits, load_dataset, load_extra_data
+from .models import create_model
+from .objectives import Objective
+from .sparse import dense_state_dict, layer_report, make_sparse, sparsifiable_layers
+
+STATE_FILE = "train_state.safetensors"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. divergence); the last good checkpoint stays intact."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: torch.device) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK: every rank holds the data, takes its slice of each global batch."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda asked for, but no CUDA device is available (use --device cpu or auto)")
+        if name == "cuda" and "LOCAL_RANK" in os.environ:
+            name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return torch.device(name)
+
+
+def lr_at(cfg: TrainConfig, epoch: float) -> float:
+    """Step schedule: lr * gamma^(milestones passed); milestones are fractions of the epochs."""
+    passed = sum(epoch >= m * cfg.epochs for m in cfg.lr_milestones)
+    return cfg.lr * cfg.lr_gamma**passed
+
+
+def _gen_state(gens: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    return {f"rng.{k}": g.get_state() for k, g in gens.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, output: str | Path, *, resume: bool = False, progress: bool | None = None,
+                 log=print):
+        self.cfg, self.out, self.log = cfg, Path(output), log
+        self.device = pick_device(cfg.device)
+        self.dist = _init_distributed(self.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dist.main
+        self._check_output(resume)
+
+        self.splits: Splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction,
+                                           split_seed=cfg.split_seed).to(self.device)
+        self.info = self.splits.info
+        self.extra = None
+        if cfg.objective == "rst":
+            ex, ey = load_extra_data(cfg.extra_data, self.info)
+            self.extra = (ex.to(self.device), ey.to(self.device))
+        self.model_name = cfg.model or self.info.default_model
+        use_cuda = self.device.type == "cuda"
+        self.bf16 = use_cuda if cfg.bf16 is None else (cfg.bf16 and use_cuda)
+        self.channels_last = use_cuda if cfg.channels_last is None else cfg.channels_last
+
+        torch.manual_seed(cfg.seed)
+        kwargs = {"num_classes": self.info.num_classes, "in_channels": self.info.in_channels,
+                  "mean": list(self.info.mean), "std": list(self.info.std), **cfg.model_kwargs}
+        self.model = create_model(self.model_name, **kwargs).to(self.device)
+        self.model_kwargs = dict(getattr(self.model, "rsp_config", kwargs))
+        self.layer_names = [n for n, _ in sparsifiable_layers(self.model)]
+        if self.channels_last and cfg.method == "dense":
+            self.model = self.model.to(memory_format=torch.channels_last)  # sparse weights are views: keep them
+
+        # Separate streams of randomness, all checkpointed: data order/augmentation, attacks, rewiring.
+        self.gens = {k: torch.Generator(self.device).manual_seed(cfg.seed * 1000 + i + (100 * self.dist.rank if k == "attack" else 0))
+                     for i, k in enumerate(("data", "attack", "sparse"))}
+        bcs_options = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, sigma=cfg.sigma, alpha=cfg.alpha,
+                           temperature=cfg.temperature, rewire_every=cfg.rewire_every) if cfg.method == "bcs" else {}
+        self.sparse = make_sparse(cfg.method, self.model, cfg.sparsity, self.gens["sparse"], model_name=self.model_name,
+                                  **bcs_options)
+        self.decayed = self.sparse.weight_params() if self.sparse else [m.weight for _, m in sparsifiable_layers(self.model)]
+        theta_ids = {id(p) for p in self.sparse.weight_params()} if self.sparse and self.sparse.name == "bcs" else set()
+        # SGD (momentum, no coupled decay) for everything BCS does not update itself; decay is decoupled below.
+        self.sgd_params = [p for p in self.model.parameters() if id(p) not in theta_ids]
+        self.opt = torch.optim.SGD(self.sgd_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
+        self.objective = Objective(cfg.objective, PGDConfig(cfg.eps, cfg.attack_step_size, cfg.attack_steps), cfg.beta)
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+
+        self.epoch = 0
+        self.step = 0
+        self.best = {"score": -1.0, "epoch": -1, "val_clean_acc": None, "val_robust_acc": None}
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.time_s = 0.0
+        if resume and (self.out / STATE_FILE).is_file():
+            self._load_state()
+        elif self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / CONFIG_FILE, dump_yaml(cfg))
+            (self.out / METRICS_FILE).unlink(missing_ok=True)
+
+    # --- folder handling ---------------------------------------------------------------------
+
+    def _check_output(self, resume: bool) -> None:
+        has_run = (self.out / STATE_FILE).is_file() or (self.out / MANIFEST).is_file()
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--output {self.out} exists and is not a folder")
+        if has_run and not resume:
+            raise ConfigError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --output")
+        if resume and (self.out / STATE_FILE).is_file():
+            import yaml
+
+            try:
+                saved = yaml.safe_load((self.out / CONFIG_FILE).read_text())
+            except (OSError, yaml.YAMLError):
+                raise ConfigError(f"{self.out / CONFIG_FILE} is missing or unreadable: cannot resume") from None
+            theirs = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}).comparable()
+            ours = self.cfg.comparable()
+            diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+            if diff:
+                k = diff[0]
+                raise ConfigError(f"cannot resume {self.out}: it was trained with {k}={theirs.get(k)!r}, "
+                                  f"not {ours[k]!r} ({len(diff)} option(s) differ)")
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        state = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.sparse:
+            state.update(self.sparse.state_tensors())
+        for i, p in enumerate(self.sgd_params):
+            buf = self.opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                state[f"opt.{i}"] = buf
+        state.update(_gen_state(self.gens))
+        if self.best_state is not None:
+            state.update({f"best.{k}": v for k, v in self.best_state.items()})
+        return state
+
+    def _save_checkpoint(self, record: dict | None) -> None:
+        meta = {"epoch": str(self.epoch), "step": str(self.step), "best": json.dumps(self.best),
+                "time_s": repr(self.time_s), "record": json.dumps(record) if record else ""}
+        save_tensors(self.out / STATE_FILE, self._state_tensors(), metadata=meta)
+        if self.best_state is not None:
+            save_tensors(self.out / MODEL_FILE, self.best_state)
+        self._write_manifest(final=None)
+        if record is not None:
+            append_line(self.out / METRICS_FILE, json.dumps(record))
+
+    def _load_state(self) -> None:
+        path = self.out / STATE_FILE
+        try:
+            meta = tensors_metadata(path)
+        except Exception as exc:
+            raise ArtifactError(f"cannot read {path}: {exc}") from None
+        state = load_tensors(path, device=self.device)
+        model_state = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
+        self.model.load_state_dict(model_state, strict=True)  # copies into the views: flat buffers stay bound
+        if self.sparse:
+            self.sparse.load_state_tensors(state)
+        for i, p in enumerate(self.sgd_params):
+            if f"opt.{i}" in state:
+                self.opt.state[p]["momentum_buffer"] = state[f"opt.{i}"].clone()
+        for k, g in self.gens.items():
+            g.set_state(state[f"rng.{k}"].cpu())
+        best = {k[5:]: v for k, v in state.items() if k.startswith("best.")}
+        self.best_state = best or None
+        self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
+        self.best = json.loads(meta["best"])
+        self.time_s = float(meta.get("time_s", "0"))
+        # A kill between the checkpoint and its metrics line: write the line now.
+        done = read_jsonl(self.out / METRICS_FILE)
+        if meta.get("record") and len(done) < self.epoch:
+            append_line(self.out / METRICS_FILE, meta["record"])
+        elif len(done) > self.epoch:  # lines of epochs whose checkpoint did not land are dropped
+            atomic_write_text(self.out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in done[: self.epoch]))
+        self.log(f"resuming {self.out} at epoch {self.epoch} (step {self.step})")
+
+    # --- training ----------------------------------------------------------------------------
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def _batches(self):
+        cfg = self.cfg
+        bs = cfg.batch_size // 2 if self.extra is not None else cfg.batch_size
+        main = DeviceBatches(self.splits.train_x, self.splits.train_y, bs, generator=self.gens["data"], shuffle=True,
+                             augment_with=self.info, drop_last=True)
+        if self.extra is None:
+            yield from main
+            return
+        # RST: every batch is half labelled data, half pseudo-labelled extra data.
+        ex = DeviceBatches(self.extra[0], self.extra[1], cfg.batch_size - bs, generator=self.gens["data"], shuffle=True,
+                           augment_with=self.info, drop_last=True)
+        extra_iter = iter(ex)
+        for xb, yb in main:
+            try:
+                xe, ye = next(extra_iter)
+            except StopIteration:
+                extra_iter = iter(ex)
+                xe, ye = next(extra_iter)
+            yield torch.cat([xb, xe]), torch.cat([yb, ye])
+
+    def _allreduce_grads(self) -> None:
+        """Average gradients over ranks (what DDP does), once per step over one flat buffer.
+
+        rsp does not wrap the model in DistributedDataParallel: attacks run many forward/backward passes
+        w.r.t. inputs between optimizer steps, which DDP's reducer would try to synchronise.
+        """
+        if self.dist.world == 1:
+            return
+        import torch.distributed as dist
+
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.dist.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        for b in self.model.buffers():  # BatchNorm statistics follow rank 0, as DDP's broadcast_buffers
+            if b.dtype.is_floating_point or b.dtype == torch.int64:
+                dist.broadcast(b, 0)
+
+    def _optimizer_step(self, lr: float) -> None:
+        cfg = self.cfg
+        decay_scale = lr / cfg.lr  # SGDW: decay follows the schedule multiplier, not the learning rate
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if self.sparse is None or self.sparse.name != "bcs":
+            with torch.no_grad():
+                torch._foreach_mul_(self.decayed, 1.0 - cfg.weight_decay * decay_scale)
+        self.opt.step()
+        if self.sparse is not None:
+            self.sparse.step(lr, decay_scale)
+
+    def _zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        if self.sparse is not None:
+            self.sparse.zero_grad()
+
+    def _prepare(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def train_epoch(self, bar=None) -> dict:
+        cfg = self.cfg
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        t0 = time.perf_counter()
+        steps_per_epoch = len(self.splits.train_y) // (cfg.batch_size // 2 if self.extra is not None else cfg.batch_size)
+        for i, (x, y) in enumerate(self._batches()):
+            if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                break
+            if self.dist.world > 1:  # the same global batch on every rank; each takes its slice
+                x, y = x[self.dist.rank :: self.dist.world], y[self.dist.rank :: self.dist.world]
+            lr = lr_at(cfg, self.epoch + i / max(1, steps_per_epoch))
+            x = self._prepare(x)
+            self._zero_grad()
+            with self._autocast():
+                loss, logits = self.objective(self.forward_model, x, y, self.gens["attack"])
+            loss.backward()
+            self._allreduce_grads()
+            self._optimizer_step(lr)
+            self.step += 1
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            if bar is not None and (i % 10 == 0):
+                bar(i + 1, steps_per_epoch, loss_sum.item() / max(1, seen))
+        if seen and not torch.isfinite(loss_sum):
+            raise TrainingError(f"loss diverged (non-finite) in epoch {self.epoch + 1}; the last good checkpoint in "
+                                f"{self.out} is intact: lower --lr or check the data")
+        dt = time.perf_counter() - t0
+        return {"train_loss": loss_sum.item() / max(1, seen), "train_acc": correct.item() / max(1, seen),
+                "images_per_s": seen * self.dist.world / max(dt, 1e-9), "epoch_time_s": dt, "lr": lr_at(cfg, self.epoch)}
+
+    def _eval_attack(self, steps: int) -> PGDConfig | None:
+        if not self.objective.robust and steps == 0:
+            return None
+        return PGDConfig(self.cfg.eps, self.cfg.attack_step_size, steps) if steps else None
+
+    def _eval(self, x, y, steps: int, seed: int) -> dict:
+        gen = torch.Generator(self.device).manual_seed(seed)  # own stream: evaluation never shifts training RNG
+        with self._autocast():
+            return evaluate(self.model, x, y, self._eval_attack(steps), batch_size=self.cfg.eval_batch_size, generator=gen)
+
+    def sparsity_now(self) -> tuple[float, int]:
+        if self.sparse is None:
+            state = dense_state_dict(self.model)
+            _, s = layer_report(state, self.layer_names)
+            return s, sum(int(torch.count_nonzero(state[f"{n}.weight"])) for n in self.layer_names)
+        active = int(self.sparse.active_count())
+        return 1.0 - active / self.sparse.total, active
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        done_steps = cfg.max_steps is not None and self.step >= cfg.max_steps
+        progress_ctx = _Progress(cfg.epochs) if self.progress else nullcontext(None)
+        with progress_ctx as prog:
+            while self.epoch < cfg.epochs and not done_steps:
+                t_epoch = time.perf_counter()
+                bar = prog.bar(self.epoch) if prog else None
+                rec = self.train_epoch(bar)
+                done_steps = cfg.max_steps is not None and self.step >= cfg.max_steps
+                self.epoch += 1
+                record = None
+                if self.dist.main:
+                    val = self._eval(self.splits.val_x, self.splits.val_y, cfg.eval_attack_steps if self.objective.robust else 0,
+                                     seed=cfg.seed + 7919 * self.epoch) if len(self.splits.val_y) else {"clean_acc": 0.0}
+                    score = val.get("robust_acc", val["clean_acc"]) if self.objective.robust else val["clean_acc"]
+                    selected = score > self.best["score"]
+                    if selected:
+                        self.best = {"score": score, "epoch": self.epoch, "val_clean_acc": val["clean_acc"],
+                                     "val_robust_acc": val.get("robust_acc")}
+                        self.best_state = {k: v.detach().clone() for k, v in dense_state_dict(self.model).items()}
+                    sparsity, active = self.sparsity_now()
+                    self.time_s += time.perf_counter() - t_epoch
+                    record = {"epoch": self.epoch, "step": self.step, **rec, "val_clean_acc": val["clean_acc"],
+                              "val_robust_acc": val.get("robust_acc"), "sparsity": sparsity, "active": active,
+                              "budget": self.sparse.budget if self.sparse else None, "selected": selected,
+                              "time_s": self.time_s}
+                    self._save_checkpoint(record)
+                    self._tensorboard(record)
+                    if prog:
+                        prog.done(record)
+                    else:
+                        self.log(_epoch_line(record, cfg.epochs))
+                self._barrier()
+        if not self.dist.main:
+            return {}
+        return self.finish()
+
+    def _barrier(self):
+        if self.dist.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _tensorboard(self, record: dict) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard is optional
+            return
+        if not hasattr(self, "_tb"):
+            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._tb.add_scalar(k, v, record["epoch"])
+        self._tb.flush()
+
+    def finish(self) -> dict:
+        """Evaluate the model selected on the validation split on the test set, once, and seal the folder."""
+        cfg = self.cfg
+        if self.best_state is None:
+            raise TrainingError("no epoch finished: nothing to save")
+        eval_model = create_model(self.model_name, **self.model_kwargs).to(self.device)
+        eval_model.load_state_dict(self.best_state)
+        self.model, live = eval_model, self.model  # evaluate the selected plain weights, exactly as saved
+        try:
+            test = self._eval(self.splits.test_x, self.splits.test_y, cfg.test_attack_steps if self.objective.robust else 0,
+                              seed=cfg.seed + 104729)
+        finally:
+            self.model = live
+        metrics = {"clean_acc": test["clean_acc"], "robust_acc": test.get("robust_acc"), "epoch": self.best["epoch"],
+                   "split": "test", "n_test": test["n"], "attack": test.get("attack"),
+                   "val_clean_acc": self.best["val_clean_acc"], "val_robust_acc": self.best["val_robust_acc"],
+                   "selected_on": "val"}
+        return self._write_manifest(final=metrics)
+
+    def _write_manifest(self, final: dict | None) -> dict:
+        cfg = self.cfg
+        state = self.best_state or dense_state_dict(self.model)
+        layers, sparsity = layer_report(state, self.layer_names)
+        if final is None:
+            metrics = {"clean_acc": self.best["val_clean_acc"], "robust_acc": self.best["val_robust_acc"],
+                       "epoch": self.best["epoch"], "split": "val", "selected_on": "val"}
+        else:
+            metrics = final
+        manifest = {
+            "stage": "train",
+            "status": "complete" if final is not None else "running",
+            "rsp_version": __version__,
+            "model": {"name": self.model_name, "kwargs": self.model_kwargs},
+            "dataset": {**self.splits.meta, "num_classes": self.info.num_classes,
+                        "class_names": list(self.info.class_names)},
+            "input": {"shape": [self.info.in_channels, self.info.image_size, self.info.image_size], "layout": "NCHW",
+                      "dtype": "float32", "range": [0.0, 1.0]},
+            "normalization": {"mean": list(self.info.mean), "std": list(self.info.std), "inside_model": True},
+            "objective": cfg.objective,
+            "attack": {"norm": "Linf", "eps": cfg.eps, "step_size": cfg.attack_step_size, "steps": cfg.attack_steps,
+                       "beta": cfg.beta if cfg.objective in ("trades", "mart", "rst") else None},
+            "method": cfg.method,
+            "method_config": self._method_config(),
+            "target_sparsity": cfg.sparsity if cfg.method != "dense" else 0.0,
+            "sparsity": sparsity,
+            "layers": layers,
+            "metrics": metrics,
+            "selection": "epoch with the best validation " + ("robust" if self.objective.robust else "clean")
+                         + " accuracy; the validation split is cut from the training data and the test set is"
+                           " used once, after training, for the figures in metrics",
+            "training": {"epochs": self.epoch, "epochs_planned": cfg.epochs, "steps": self.step, "seed": cfg.seed,
+                         "device": str(self.device), "world_size": self.dist.world, "bf16": self.bf16,
+                         "time_s": round(self.time_s, 3), "torch": torch.__version__},
+        }
+        files = [MODEL_FILE, STATE_FILE, CONFIG_FILE]
+        return write_manifest(self.out, manifest, files)
+
+    def _method_config(self) -> dict:
+        if self.sparse is None:
+            return {"name": "dense"}
+        out = {"name": self.sparse.name, "budget": self.sparse.budget, "total": self.sparse.total,
+               "initial_density_profile": "vgg16-reference" if self.model_name == "vgg16" else "first/last>=0.6"}
+        if self.sparse.name == "bcs":
+            out.update({"rewire_every": self.cfg.rewire_every, "sigma": self.cfg.sigma, "alpha": self.cfg.alpha,
+                        "temperature": self.cfg.temperature, "optimizer": "SGDW momentum 0.9, decoupled decay"})
+        return out
+
+
+def _epoch_line(r: dict, epochs: int) -> str:
+    rob = f" robust {r['val_robust_acc']:.3f}" if r.get("val_robust_acc") is not None else ""
+    sel = " *" if r.get("selected") else ""
+    return (f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  val clean {r['val_clean_acc']:.3f}{rob}"
+            f"  sparsity {r['sparsity']:.4f}  {r['images_per_s']:.0f} img/s{sel}")
+
+
+class _Progress:
+    """Live progress on a terminal (rich): epoch bar with loss, accuracy, sparsity, images/s and ETA."""
+
+    def __init__(self, epochs: int):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.epochs = epochs
+        self.p = Progress(TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
+                          TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+
+    def __enter__(self):
+        self.p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.p.__exit__(*exc)
+
+    def bar(self, epoch: int):
+        task = self.p.add_task("", total=None, epoch=epoch + 1, epochs=self.epochs, info="")
+
+        def update(i, total, loss):
+            self.p.update(task, completed=i, total=total, info=f"loss {loss:.4f}")
+
+        self._task = task
+        return update
+
+    def done(self, record: dict):
+        self.p.update(self._task, info=_epoch_line(record, self.epochs).split("  ", 1)[1])
+
+
+def run(cfg: TrainConfig, output: str | Path, *, resume: bool = False, progress: bool | None = None, log=print) -> dict:
+    trainer = Trainer(cfg, output, resume=resume, progress=progress, log=log)
+    return trainer.fit()

@@ -1,0 +1,158 @@
+"""Bayesian connectivity sampling and the fixed-mask baseline: the invariants training relies on."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rsp.models import create_model
+from rsp.sparse import (BayesianRewiring, FixedMask, allocate_budget, dense_state_dict, initial_densities, make_sparse,
+                        sparse_layers)
+
+
+def _uneven_net():
+    # layer sizes from 27 to 65536 weights: the budget must hold across very different sizes
+    return nn.Sequential(nn.Conv2d(3, 1, 3, padding=1), nn.ReLU(), nn.Conv2d(1, 256, 1), nn.ReLU(),
+                         nn.Conv2d(256, 256, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10))
+
+
+MODELS = {
+    "uneven": _uneven_net,
+    "small-cnn": lambda: create_model("small-cnn", in_channels=3),
+    "resnet18-tiny": lambda: create_model("resnet18", width=4),
+    "vgg16-tiny": lambda: create_model("vgg16", width=0.0625),
+}
+
+
+def _train_steps(model, sparse, steps, lr=0.5, check=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        x = torch.rand(8, 3, 32, 32, generator=gen)
+        y = torch.randint(0, 10, (8,), generator=gen)
+        sparse.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if check is not None:
+            check("grad", step)
+        sparse.step(lr, 1.0)
+        if check is not None:
+            check("step", step)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("method", ["bcs", "fixed"])
+@pytest.mark.parametrize("sparsity", [0.9, 0.99])
+def test_active_count_equals_budget_after_every_step(name, method, sparsity):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    sparse = make_sparse(method, model, sparsity, torch.Generator().manual_seed(1), model_name=name)
+    assert sparse.budget == round((1 - sparsity) * sparse.total)
+    counts = []
+    _train_steps(model, sparse, 12, check=lambda when, _: when == "step" and counts.append(int(sparse.active_count())))
+    assert counts == [sparse.budget] * 12
+    # the saved (plain) weights hold exactly K non-zeros
+    state = dense_state_dict(model)
+    nnz = sum(int(torch.count_nonzero(state[f"{n}.weight"])) for n, _ in sparse_layers(model))
+    assert nnz == sparse.budget
+
+
+def test_connections_die_and_are_reborn_and_signs_never_change():
+    torch.manual_seed(0)
+    model = _uneven_net()
+    sparse = BayesianRewiring(model, 0.9, torch.Generator().manual_seed(0), weight_decay=5e-4)
+    sign0 = sparse.sign.clone()
+    active0 = sparse.theta > 0
+    seen_rewire = []
+
+    def check(when, step):
+        if when == "step":
+            assert torch.equal(sparse.sign, sign0)
+            assert int((sparse.theta > 0).sum()) == sparse.budget
+            seen_rewire.append(int(((sparse.theta > 0) & ~active0).sum()))
+
+    _train_steps(model, sparse, 40, lr=1.0, check=check)
+    assert seen_rewire[-1] > 0, "no connection was ever reborn: rewiring is not happening"
+    # effective weights carry the fixed sign wherever active
+    w = torch.cat([m.effective_weight().reshape(-1) for _, m in sparse.layers])
+    on = w != 0
+    assert torch.equal(torch.sign(w[on]), sign0[on])
+
+
+def test_dormant_positions_get_no_gradient_and_stay_zero():
+    torch.manual_seed(0)
+    model = _uneven_net()
+    sparse = BayesianRewiring(model, 0.95, torch.Generator().manual_seed(0))
+
+    def check(when, _):
+        dormant = sparse.theta <= 0
+        if when == "grad":
+            assert torch.count_nonzero(sparse.grad[dormant]) == 0
+            assert sparse.grad.abs().sum() > 0
+        else:
+            assert torch.all(sparse.theta[dormant] == 0)
+            assert torch.all(sparse.buf[dormant] == 0)  # momentum reset
+
+    _train_steps(model, sparse, 10, check=check)
+    for name, m in sparse.layers:
+        w = dense_state_dict(model)[f"{name}.weight"]
+        assert torch.all(w[m.theta <= 0] == 0)
+
+
+def test_second_pass_covers_any_shortfall():
+    """With almost no candidates, the fallback pass must still land exactly on the budget."""
+    torch.manual_seed(0)
+    model = _uneven_net()
+    sparse = BayesianRewiring(model, 0.5, torch.Generator().manual_seed(0))
+    sparse.n_candidates = 1
+    with torch.no_grad():  # kill a third of the active connections at once
+        on = torch.nonzero(sparse.theta > 0).squeeze(1)
+        sparse.theta[on[: len(on) // 3]] = 0
+    sparse._rebirth()
+    assert int((sparse.theta > 0).sum()) == sparse.budget
+
+
+def test_rewire_every_n_restores_budget_on_rewiring_steps():
+    torch.manual_seed(0)
+    model = _uneven_net()
+    sparse = BayesianRewiring(model, 0.9, torch.Generator().manual_seed(0), rewire_every=3)
+    counts = []
+    _train_steps(model, sparse, 9, lr=1.0, check=lambda w, s: w == "step" and counts.append(int(sparse.active_count())))
+    assert all(c <= sparse.budget for c in counts)
+    assert counts[2] == counts[5] == counts[8] == sparse.budget
+
+
+def test_initial_allocation_is_exact_and_follows_the_vgg16_profile():
+    sizes = [1728, 36864, 73728, 147456] + [294912] + [589824] * 2 + [1179648] + [2359296] * 5 + [5120]
+    for density in (0.1, 0.01):
+        budget = round(density * sum(sizes))
+        active = allocate_budget(sizes, budget, initial_densities("vgg16", len(sizes), density),
+                                 torch.Generator().manual_seed(0))
+        assert int(active.sum()) == budget
+        first = int(active[:1728].sum())
+        assert first >= round(0.6 * 1728) * (0.9 if density == 0.01 else 1.0)
+    # a budget too small for the profile is scaled down, never exceeded
+    active = allocate_budget([100, 100], 10, [0.6, 0.6], torch.Generator().manual_seed(0))
+    assert int(active.sum()) == 10 and int(active[:100].sum()) == 5
+
+
+def test_sparse_layers_forward_is_the_math():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3)
+    model = nn.Sequential(conv)
+    sparse = BayesianRewiring(model, 0.5, torch.Generator().manual_seed(0))
+    layer = sparse.layers[0][1]
+    x = torch.rand(1, 2, 5, 5)
+    w = layer.sign * torch.clamp(layer.theta, min=0)
+    assert torch.allclose(model(x), F.conv2d(x, w, layer.bias))
+    fixed_model = nn.Sequential(nn.Linear(4, 3))
+    fm = FixedMask(fixed_model, 0.5, torch.Generator().manual_seed(0))
+    lin = fm.layers[0][1]
+    x = torch.rand(2, 4)
+    assert torch.allclose(fixed_model(x), x @ (lin.weight * lin.mask).T + lin.bias)
+
+
+def test_bad_sparsity_is_rejected():
+    with pytest.raises(ValueError):
+        make_sparse("bcs", _uneven_net(), 1.0, torch.Generator())
+    with pytest.raises(ValueError):
+        make_sparse("bcs", _uneven_net(), -0.1, torch.Generator())
