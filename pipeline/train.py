@@ -84,6 +84,51 @@ def _gen_state(gens: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
     return {f"rng.{k}": g.get_state() for k, g in gens.items()}
 
 
+class TrainStep:
+    """One optimizer step, the same for training and for bench/train_step.py:
+    objective (attack + loss) -> backward -> gradient averaging over ranks -> SGDW update -> rewiring.
+
+    Conv/linear weights get decoupled decay that follows the schedule multiplier lr_t / lr_0 (SGDW), not
+    the learning rate; BatchNorm and biases get none. With BCS, the sparse method updates theta itself.
+    """
+
+    def __init__(self, model: nn.Module, sparse, objective: Objective, *, lr: float, momentum: float = 0.9,
+                 weight_decay: float = 5e-4, bf16: bool = False, forward_model: nn.Module | None = None,
+                 allreduce=None):
+        self.model, self.sparse, self.objective = model, sparse, objective
+        self.lr0, self.weight_decay, self.bf16, self.allreduce = lr, weight_decay, bf16, allreduce
+        self.forward_model = forward_model or model
+        bcs = sparse is not None and sparse.name == "bcs"
+        self.decayed = [] if bcs else (sparse.weight_params() if sparse else
+                                       [m.weight for _, m in sparsifiable_layers(model)])
+        theta_ids = {id(p) for p in sparse.weight_params()} if bcs else set()
+        self.sgd_params = [p for p in model.parameters() if id(p) not in theta_ids]
+        self.opt = torch.optim.SGD(self.sgd_params, lr=lr, momentum=momentum, weight_decay=0.0)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, generator: torch.Generator | None = None):
+        self.opt.zero_grad(set_to_none=True)
+        if self.sparse is not None:
+            self.sparse.zero_grad()
+        with self.autocast():
+            loss, logits = self.objective(self.forward_model, x, y, generator)
+        loss.backward()
+        if self.allreduce is not None:
+            self.allreduce()
+        decay_scale = lr / self.lr0
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if self.decayed:
+            with torch.no_grad():
+                torch._foreach_mul_(self.decayed, 1.0 - self.weight_decay * decay_scale)
+        self.opt.step()
+        if self.sparse is not None:
+            self.sparse.step(lr, decay_scale)
+        return loss.detach(), logits.detach()
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, output: str | Path, *, resume: bool = False, progress: bool | None = None,
                  log=print):
@@ -123,16 +168,17 @@ class Trainer:
                            temperature=cfg.temperature, rewire_every=cfg.rewire_every) if cfg.method == "bcs" else {}
         self.sparse = make_sparse(cfg.method, self.model, cfg.sparsity, self.gens["sparse"], model_name=self.model_name,
                                   **bcs_options)
-        self.decayed = self.sparse.weight_params() if self.sparse else [m.weight for _, m in sparsifiable_layers(self.model)]
-        theta_ids = {id(p) for p in self.sparse.weight_params()} if self.sparse and self.sparse.name == "bcs" else set()
-        # SGD (momentum, no coupled decay) for everything BCS does not update itself; decay is decoupled below.
-        self.sgd_params = [p for p in self.model.parameters() if id(p) not in theta_ids]
-        self.opt = torch.optim.SGD(self.sgd_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
         self.objective = Objective(cfg.objective, PGDConfig(cfg.eps, cfg.attack_step_size, cfg.attack_steps), cfg.beta)
-        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        self.train_step = TrainStep(self.model, self.sparse, self.objective, lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay, bf16=self.bf16,
+                                    forward_model=torch.compile(self.model) if cfg.compile else None,
+                                    allreduce=self._allreduce_grads if self.dist.world > 1 else None)
+        self.opt, self.sgd_params = self.train_step.opt, self.train_step.sgd_params
 
-        self.epoch = 0
+        self.epoch = 0  # completed epochs
         self.step = 0
+        self.epoch_step = 0  # batches done in the current epoch (non-zero only after a --max-steps stop)
+        self.data_epoch_state = self.gens["data"].get_state()
         self.best = {"score": -1.0, "epoch": -1, "val_clean_acc": None, "val_robust_acc": None}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.time_s = 0.0
@@ -175,12 +221,13 @@ class Trainer:
             if buf is not None:
                 state[f"opt.{i}"] = buf
         state.update(_gen_state(self.gens))
+        state["rng.data_epoch_start"] = self.data_epoch_state
         if self.best_state is not None:
             state.update({f"best.{k}": v for k, v in self.best_state.items()})
         return state
 
     def _save_checkpoint(self, record: dict | None) -> None:
-        meta = {"epoch": str(self.epoch), "step": str(self.step), "best": json.dumps(self.best),
+        meta = {"epoch": str(self.epoch), "step": str(self.step), "epoch_step": str(self.epoch_step), "best": json.dumps(self.best),
                 "time_s": repr(self.time_s), "record": json.dumps(record) if record else ""}
         save_tensors(self.out / STATE_FILE, self._state_tensors(), metadata=meta)
         if self.best_state is not None:
@@ -207,21 +254,20 @@ class Trainer:
             g.set_state(state[f"rng.{k}"].cpu())
         best = {k[5:]: v for k, v in state.items() if k.startswith("best.")}
         self.best_state = best or None
-        self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
+        self.epoch, self.step, self.epoch_step = int(meta["epoch"]), int(meta["step"]), int(meta.get("epoch_step", 0))
+        self.data_epoch_state = state["rng.data_epoch_start"].cpu()
         self.best = json.loads(meta["best"])
         self.time_s = float(meta.get("time_s", "0"))
-        # A kill between the checkpoint and its metrics line: write the line now.
-        done = read_jsonl(self.out / METRICS_FILE)
-        if meta.get("record") and len(done) < self.epoch:
-            append_line(self.out / METRICS_FILE, meta["record"])
-        elif len(done) > self.epoch:  # lines of epochs whose checkpoint did not land are dropped
-            atomic_write_text(self.out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in done[: self.epoch]))
+        # metrics.jsonl keeps one line per finished epoch whose checkpoint landed: lines of later epochs and
+        # of --max-steps stops are dropped; a kill between checkpoint and line is repaired from the checkpoint.
+        done = [r for r in read_jsonl(self.out / METRICS_FILE) if not r.get("partial") and r["epoch"] <= self.epoch]
+        record = json.loads(meta["record"]) if meta.get("record") else None
+        if record and not record.get("partial") and len(done) < self.epoch:
+            done.append(record)
+        atomic_write_text(self.out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in done))
         self.log(f"resuming {self.out} at epoch {self.epoch} (step {self.step})")
 
     # --- training ----------------------------------------------------------------------------
-
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
     def _batches(self):
         cfg = self.cfg
@@ -249,8 +295,6 @@ class Trainer:
         rsp does not wrap the model in DistributedDataParallel: attacks run many forward/backward passes
         w.r.t. inputs between optimizer steps, which DDP's reducer would try to synchronise.
         """
-        if self.dist.world == 1:
-            return
         import torch.distributed as dist
 
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -266,23 +310,6 @@ class Trainer:
             if b.dtype.is_floating_point or b.dtype == torch.int64:
                 dist.broadcast(b, 0)
 
-    def _optimizer_step(self, lr: float) -> None:
-        cfg = self.cfg
-        decay_scale = lr / cfg.lr  # SGDW: decay follows the schedule multiplier, not the learning rate
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        if self.sparse is None or self.sparse.name != "bcs":
-            with torch.no_grad():
-                torch._foreach_mul_(self.decayed, 1.0 - cfg.weight_decay * decay_scale)
-        self.opt.step()
-        if self.sparse is not None:
-            self.sparse.step(lr, decay_scale)
-
-    def _zero_grad(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        if self.sparse is not None:
-            self.sparse.zero_grad()
-
     def _prepare(self, x):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
@@ -294,22 +321,25 @@ class Trainer:
         seen = 0
         t0 = time.perf_counter()
         steps_per_epoch = len(self.splits.train_y) // (cfg.batch_size // 2 if self.extra is not None else cfg.batch_size)
+        data_gen = self.gens["data"]
+        if self.epoch_step == 0:
+            self.data_epoch_state = data_gen.get_state()
+        else:  # resuming inside an epoch: redraw its order and augmentations, skip the batches already done
+            data_gen.set_state(self.data_epoch_state)
+        skip = self.epoch_step
         for i, (x, y) in enumerate(self._batches()):
+            if i < skip:
+                continue
             if cfg.max_steps is not None and self.step >= cfg.max_steps:
                 break
             if self.dist.world > 1:  # the same global batch on every rank; each takes its slice
                 x, y = x[self.dist.rank :: self.dist.world], y[self.dist.rank :: self.dist.world]
             lr = lr_at(cfg, self.epoch + i / max(1, steps_per_epoch))
-            x = self._prepare(x)
-            self._zero_grad()
-            with self._autocast():
-                loss, logits = self.objective(self.forward_model, x, y, self.gens["attack"])
-            loss.backward()
-            self._allreduce_grads()
-            self._optimizer_step(lr)
+            loss, logits = self.train_step(self._prepare(x), y, lr, self.gens["attack"])
             self.step += 1
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
+            self.epoch_step = i + 1
+            loss_sum += loss * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             if bar is not None and (i % 10 == 0):
                 bar(i + 1, steps_per_epoch, loss_sum.item() / max(1, seen))
@@ -317,6 +347,8 @@ class Trainer:
             raise TrainingError(f"loss diverged (non-finite) in epoch {self.epoch + 1}; the last good checkpoint in "
                                 f"{self.out} is intact: lower --lr or check the data")
         dt = time.perf_counter() - t0
+        if self.epoch_step >= steps_per_epoch:
+            self.epoch_step = 0  # the epoch is complete
         return {"train_loss": loss_sum.item() / max(1, seen), "train_acc": correct.item() / max(1, seen),
                 "images_per_s": seen * self.dist.world / max(dt, 1e-9), "epoch_time_s": dt, "lr": lr_at(cfg, self.epoch)}
 
@@ -327,7 +359,7 @@ class Trainer:
 
     def _eval(self, x, y, steps: int, seed: int) -> dict:
         gen = torch.Generator(self.device).manual_seed(seed)  # own stream: evaluation never shifts training RNG
-        with self._autocast():
+        with self.train_step.autocast():
             return evaluate(self.model, x, y, self._eval_attack(steps), batch_size=self.cfg.eval_batch_size, generator=gen)
 
     def sparsity_now(self) -> tuple[float, int]:
@@ -348,11 +380,13 @@ class Trainer:
                 bar = prog.bar(self.epoch) if prog else None
                 rec = self.train_epoch(bar)
                 done_steps = cfg.max_steps is not None and self.step >= cfg.max_steps
-                self.epoch += 1
+                partial = self.epoch_step > 0  # stopped by --max-steps inside the epoch
+                if not partial:
+                    self.epoch += 1
                 record = None
                 if self.dist.main:
                     val = self._eval(self.splits.val_x, self.splits.val_y, cfg.eval_attack_steps if self.objective.robust else 0,
-                                     seed=cfg.seed + 7919 * self.epoch) if len(self.splits.val_y) else {"clean_acc": 0.0}
+                                     seed=cfg.seed + 7919 * self.epoch + self.epoch_step) if len(self.splits.val_y) else {"clean_acc": 0.0}
                     score = val.get("robust_acc", val["clean_acc"]) if self.objective.robust else val["clean_acc"]
                     selected = score > self.best["score"]
                     if selected:
@@ -361,7 +395,7 @@ class Trainer:
                         self.best_state = {k: v.detach().clone() for k, v in dense_state_dict(self.model).items()}
                     sparsity, active = self.sparsity_now()
                     self.time_s += time.perf_counter() - t_epoch
-                    record = {"epoch": self.epoch, "step": self.step, **rec, "val_clean_acc": val["clean_acc"],
+                    record = {"epoch": self.epoch, "step": self.step, "partial": partial, **rec, "val_clean_acc": val["clean_acc"],
                               "val_robust_acc": val.get("robust_acc"), "sparsity": sparsity, "active": active,
                               "budget": self.sparse.budget if self.sparse else None, "selected": selected,
                               "time_s": self.time_s}

@@ -1,0 +1,16 @@
+# rsp image for CI runners and workstations.
+#   docker build -t rsp .                                   # CUDA build of torch from PyPI (GPU runners)
+#   docker build --build-arg TORCH_SPEC="torch==2.13.0" ...  # pin a specific torch
+# On a Jetson, start from NVIDIA's L4T PyTorch image instead and run `pip install -e . --no-deps`.
+FROM python:3.11-slim
+ARG TORCH_SPEC="torch>=2.4"
+ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+WORKDIR /opt/rsp
+RUN pip install "${TORCH_SPEC}"
+COPY pyproject.toml README.md ./
+COPY pipeline ./pipeline
+RUN pip install -e '.[test,svhn]'
+COPY tests ./tests
+COPY bench ./bench
+ENTRYPOINT ["rsp"]
+CMD ["--help"]
