@@ -229,6 +229,11 @@ class BayesianRewiring(SparseMethod):
     then theta <= 0 dies (theta = 0, momentum reset) and exactly as many dormant connections are
     reborn at theta = 1e-12, drawn uniformly over all positions (so layers get rebirths in proportion
     to their size) among those still dormant.
+
+    Since exactly K connections are active, their flat positions live in a fixed-size index tensor
+    `slots` (K,): momentum, noise, death and rebirth all cost O(K) plus O(M) for M rebirth candidates,
+    with static shapes, so nothing waits on the host. The dense theta (views for the layers' forward)
+    is only gathered from and scattered to.
     """
 
     name = "bcs"
@@ -251,7 +256,7 @@ class BayesianRewiring(SparseMethod):
         # Initial connectivity and signs are drawn on the CPU once (cheap, reproducible), then moved.
         cpu_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=device)))
         active = allocate_budget(sizes, self.budget, initial_densities(model_name, len(sizes), 1 - sparsity), cpu_gen)
-        theta = torch.zeros(n + 1, dtype=dtype)  # one spare slot: rebirths that are not taken write there
+        theta = torch.zeros(n + 1, dtype=dtype)  # one spare slot at [n]: writes that must go nowhere land there
         sign = torch.empty(n, dtype=dtype)
         start = 0
         for (_, m), s in zip(dense, sizes):
@@ -263,10 +268,13 @@ class BayesianRewiring(SparseMethod):
         self.theta_buf = theta.to(device)
         self.sign = sign.to(device)
         self.grad = torch.zeros(n, dtype=dtype, device=device)
-        self.buf = torch.zeros(n, dtype=dtype, device=device)
+        self.slots = torch.nonzero(active).squeeze(1).to(device)  # (K,) flat positions of the active connections
+        self.buf = torch.zeros(self.budget, dtype=dtype, device=device)  # momentum, per slot
         self.steps = 0
-        # Candidate draws per rebirth: plenty for the few deaths of a step; a second pass covers the rest.
-        self.n_candidates = min(n, max(1024, self.budget // 8))
+        # Rebirth candidates per step. With BatchNorm scaling gradients by 1/|w| and newborns at 1e-12 dying
+        # half the time, ~10-15 % of the connections die per step early on; K/4 candidates cover that, a
+        # second pass the rest.
+        self.n_candidates = min(n, self.budget // 4 + 4096, 2**24 - 1)  # tags below must be exact in float32
 
         self.layers = []
         self._offsets = []
@@ -298,7 +306,7 @@ class BayesianRewiring(SparseMethod):
         self._bind_grads()
 
     def _collect_grads(self):
-        """Autograd accumulates into the bound views; if something replaced a .grad (DDP may), copy it back."""
+        """Autograd accumulates into the bound views; if something replaced a .grad, copy it back."""
         for (_, m), (start, s) in zip(self.layers, self._offsets):
             g = m.theta.grad
             if g is None:
@@ -312,56 +320,81 @@ class BayesianRewiring(SparseMethod):
     @torch.no_grad()
     def step(self, lr: float, decay_scale: float = 1.0) -> None:
         self._collect_grads()
-        theta, g, buf = self.theta, self.grad, self.buf
-        active = theta > 0
-        buf.mul_(self.momentum).add_(g)
-        if self.temperature is None:
-            noise_std = lr * self.sigma
-        else:
-            noise_std = math.sqrt(2.0 * lr * self.temperature)
+        slots, buf = self.slots, self.buf
+        theta = self.theta_buf.index_select(0, slots)  # 0 in slots whose connection died and awaits rebirth (rewire_every > 1)
+        live = theta > 0
+        buf.mul_(self.momentum).add_(self.grad.index_select(0, slots))
+        noise_std = lr * self.sigma if self.temperature is None else math.sqrt(2.0 * lr * self.temperature)
         update = buf * lr + theta * (self.weight_decay * decay_scale)
         if self.alpha:
             update += lr * self.alpha
         if noise_std:
             update -= torch.randn(theta.shape, device=theta.device, dtype=theta.dtype, generator=self.generator) * noise_std
-        theta.sub_(update * active)  # dormant theta stays exactly 0
-        theta.clamp_(min=0.0)  # crossed to <= 0: dies
-        buf.mul_(theta > 0)  # momentum of dead (and dormant) connections is reset
+        theta = (theta - update * live).clamp_(min=0.0)  # crossed to <= 0: dies (theta = 0, w = 0)
+        dead = theta == 0
+        buf.masked_fill_(dead, 0.0)  # momentum of a dead connection is reset
+        self.theta_buf.index_copy_(0, slots, theta)
         self.steps += 1
         if self.steps % self.rewire_every == 0:
-            self._rebirth()
+            self._rebirth(dead)
 
     @torch.no_grad()
-    def _rebirth(self) -> None:
-        n, theta_ext = self.total, self.theta_buf
-        needed = self.budget - (theta_ext[:n] > 0).sum()  # device scalar, exact whatever happened since
-        # Pass 1: random candidates in random order; keep the first `needed` distinct dormant ones.
-        cand = torch.randint(0, n, (self.n_candidates,), device=theta_ext.device, generator=self.generator)
-        ok = theta_ext[cand] == 0
-        sorted_cand, perm = cand.sort(stable=True)  # only the candidates (M log M), to drop duplicates
-        dup = torch.zeros_like(ok)
-        dup[perm[1:]] = sorted_cand[1:] == sorted_cand[:-1]
-        ok &= ~dup
-        chosen = ok & (torch.cumsum(ok, 0) <= needed)
-        theta_ext[torch.where(chosen, cand, n)] = REBIRTH_THETA
+    def _rebirth(self, dead: torch.Tensor | None = None) -> None:
+        n, theta_ext, slots = self.total, self.theta_buf, self.slots
+        if dead is None:
+            dead = theta_ext.index_select(0, slots) == 0  # slots to refill
+        dead_rank = torch.cumsum(dead, 0)  # 1-based rank of each dead slot
+        needed = dead_rank[-1]
+        # Pass 1: M uniform candidate positions in random order; keep the first `needed` distinct dormant ones.
+        m = self.n_candidates
+        cand = torch.randint(0, n, (m,), device=slots.device, generator=self.generator)
+        ok = theta_ext.index_select(0, cand) == 0
+        # Drop duplicate candidates in O(M), no sort: each writes a distinct negative tag into its (dormant,
+        # hence zero) position with a deterministic min-reduction; the one whose tag survives owns it.
+        tag = -torch.arange(1, m + 1, device=slots.device, dtype=theta_ext.dtype)
+        theta_ext.scatter_reduce_(0, torch.where(ok, cand, n), tag, reduce="amin")
+        ok &= theta_ext.index_select(0, cand) == tag
+        theta_ext.index_fill_(0, torch.where(ok, cand, n), 0.0)  # clear the tags
+        ok_rank = torch.cumsum(ok, 0)
+        chosen = ok & (ok_rank <= needed)
+        picks = torch.full((m + 1,), n, dtype=slots.dtype, device=slots.device)
+        picks.index_copy_(0, torch.where(chosen, ok_rank - 1, m), cand)  # picks[r] = the r-th chosen candidate
+        picks[m] = n
+        fill = dead & (dead_rank <= chosen.sum())
+        slots = torch.where(fill, picks.index_select(0, (dead_rank - 1).clamp(0, m)), slots)
+        theta_ext.index_fill_(0, torch.where(fill, slots, n), REBIRTH_THETA)
         theta_ext[n] = 0.0
-        # Pass 2 (rarely non-empty): the shortfall, as consecutive dormant positions after a random offset.
-        short = needed - chosen.sum()
+        short = dead & ~fill
+        # Pass 2, only when pass 1 fell short (practically never): the next dormant positions after a
+        # random offset. A host check is free on the CPU; on an accelerator the pass runs branch-free.
+        if slots.device.type != "cpu" or bool(short.any()):
+            slots = self._fill_shortfall(slots, short)
+        self.slots = slots
+
+    def _fill_shortfall(self, slots: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
+        n, theta_ext, k = self.total, self.theta_buf, self.budget
+        want = short.sum()
         dormant = theta_ext[:n] == 0
         rank = torch.cumsum(dormant, 0)
-        offset = torch.randint(0, n, (1,), device=theta_ext.device, generator=self.generator)
+        offset = torch.randint(0, n, (1,), device=slots.device, generator=self.generator)
         base = torch.where(offset > 0, rank[(offset - 1).clamp(min=0)], torch.zeros_like(offset))
-        total_dormant = rank[-1].clamp(min=1)
-        pos_rank = torch.remainder(rank - 1 - base, total_dormant)
-        theta_ext[:n].masked_fill_(dormant & (pos_rank < short), REBIRTH_THETA)
+        pos_rank = torch.remainder(rank - 1 - base, rank[-1].clamp(min=1))
+        take = dormant & (pos_rank < want)
+        found = torch.nonzero_static(take, size=k, fill_value=n).squeeze(1)  # static shape: no host sync
+        short_rank = torch.cumsum(short, 0)
+        slots = torch.where(short, found[(short_rank - 1).clamp(0, k - 1)], slots)
+        theta_ext.index_fill_(0, torch.where(short, slots, n), REBIRTH_THETA)
+        theta_ext[n] = 0.0
+        return slots
 
     def state_tensors(self):
-        return {"bcs.theta": self.theta.clone(), "bcs.sign": self.sign.to(torch.int8), "bcs.momentum": self.buf.clone(),
-                "bcs.steps": torch.tensor([self.steps], dtype=torch.int64)}
+        return {"bcs.theta": self.theta.clone(), "bcs.sign": self.sign.to(torch.int8), "bcs.slots": self.slots.clone(),
+                "bcs.momentum": self.buf.clone(), "bcs.steps": torch.tensor([self.steps], dtype=torch.int64)}
 
     def load_state_tensors(self, state):
         self.theta.copy_(state["bcs.theta"])
         self.sign.copy_(state["bcs.sign"].to(self.sign.dtype))
+        self.slots = state["bcs.slots"].to(self.slots.device).clone()
         self.buf.copy_(state["bcs.momentum"])
         self.steps = int(state["bcs.steps"][0])
 

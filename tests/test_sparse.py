@@ -90,7 +90,9 @@ def test_dormant_positions_get_no_gradient_and_stay_zero():
             assert sparse.grad.abs().sum() > 0
         else:
             assert torch.all(sparse.theta[dormant] == 0)
-            assert torch.all(sparse.buf[dormant] == 0)  # momentum reset
+            assert torch.all(sparse.buf[sparse.theta[sparse.slots] == 0] == 0)  # momentum reset
+            # the slot table is exactly the set of active positions, no position twice
+            assert torch.equal(torch.sort(sparse.slots).values, torch.nonzero(sparse.theta > 0).squeeze(1))
 
     _train_steps(model, sparse, 10, check=check)
     for name, m in sparse.layers:
@@ -105,10 +107,10 @@ def test_second_pass_covers_any_shortfall():
     sparse = BayesianRewiring(model, 0.5, torch.Generator().manual_seed(0))
     sparse.n_candidates = 1
     with torch.no_grad():  # kill a third of the active connections at once
-        on = torch.nonzero(sparse.theta > 0).squeeze(1)
-        sparse.theta[on[: len(on) // 3]] = 0
+        sparse.theta[sparse.slots[: sparse.budget // 3]] = 0
     sparse._rebirth()
     assert int((sparse.theta > 0).sum()) == sparse.budget
+    assert torch.equal(torch.sort(sparse.slots).values, torch.nonzero(sparse.theta > 0).squeeze(1))
 
 
 def test_rewire_every_n_restores_budget_on_rewiring_steps():
