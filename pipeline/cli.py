@@ -63,6 +63,8 @@ def train(
     attack_step_size: Optional[str] = typer.Option(None, help="PGD step size [default: 2/255].", rich_help_panel="Robustness"),
     attack_steps: Optional[int] = typer.Option(None, help="PGD steps while training [default: 10].", rich_help_panel="Robustness"),
     beta: Optional[float] = typer.Option(None, help="TRADES/MART/RST robust-loss weight [default: 6].", rich_help_panel="Robustness"),
+    eval_attack_steps: Optional[int] = typer.Option(None, help="PGD steps of the per-epoch validation attack (model selection) [default: 10].", rich_help_panel="Robustness"),
+    test_attack_steps: Optional[int] = typer.Option(None, help="PGD steps of the final test-set attack [default: 20].", rich_help_panel="Robustness"),
     epochs: Optional[int] = typer.Option(None, help="Epochs [default: 30].", rich_help_panel="Optimisation"),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps (smoke runs).", rich_help_panel="Optimisation"),
     batch_size: Optional[int] = typer.Option(None, help="Global batch size [default: 128].", rich_help_panel="Optimisation"),
@@ -98,6 +100,7 @@ def train(
         dataset=dataset, data_dir=data_dir, val_fraction=val_fraction, extra_data=extra_data, model=model,
         sparsity=sparsity, method=method, rewire_every=rewire_every, sigma=sigma, alpha=alpha, temperature=temperature,
         objective=objective, eps=eps, attack_step_size=attack_step_size, attack_steps=attack_steps, beta=beta,
+        eval_attack_steps=eval_attack_steps, test_attack_steps=test_attack_steps,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
         device=device, bf16=bf16, compile=compile, threads=threads).items() if v is not None}
     try:

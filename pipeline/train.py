@@ -499,7 +499,8 @@ class Trainer:
 def _epoch_line(r: dict, epochs: int) -> str:
     rob = f" robust {r['val_robust_acc']:.3f}" if r.get("val_robust_acc") is not None else ""
     sel = " *" if r.get("selected") else ""
-    return (f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  val clean {r['val_clean_acc']:.3f}{rob}"
+    where = f"epoch {r['epoch'] + 1}/{epochs} (stopped at step {r['step']})" if r.get("partial") else f"epoch {r['epoch']}/{epochs}"
+    return (f"{where}  loss {r['train_loss']:.4f}  val clean {r['val_clean_acc']:.3f}{rob}"
             f"  sparsity {r['sparsity']:.4f}  {r['images_per_s']:.0f} img/s{sel}")
 
 

@@ -170,3 +170,73 @@ def test_help_teaches():
     for flag in ("--dataset", "--data-dir", "--model", "--sparsity", "--method", "--objective", "--epochs",
                  "--max-steps", "--batch-size", "--lr", "--seed", "--device", "--output", "--resume", "--config"):
         assert flag in r.stdout, flag
+
+
+def test_recipe_with_flag_overrides_is_saved_resolved(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sparsity: 0.8\nobjective: trades\neps: 4/255\nepochs: 7\n")
+    out = tmp_path / "run"
+    r = rsp_cli("train", "--config", recipe, "--epochs", "1", "--max-steps", "2", "--attack-steps", "1",
+                "--eval-attack-steps", "1", "--test-attack-steps", "1", "--output", out)
+    assert r.returncode == 0, r.stderr
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["sparsity"] == 0.8 and saved["objective"] == "trades" and saved["epochs"] == 1
+    assert saved["eps"] == pytest.approx(4 / 255)
+    m = read_manifest(out)
+    assert m["objective"] == "trades" and m["target_sparsity"] == 0.8
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
+    from rsp.train import TrainingError
+
+    out = tmp_path / "run"
+    cfg = resolve(None, {"epochs": 3, "attack_steps": 1, "batch_size": 64, "device": "cpu"})
+    trainer = Trainer(cfg, out, progress=False, log=lambda *_: None)
+    trainer.train_epoch()
+    trainer.epoch += 1
+    trainer._save_checkpoint({"epoch": 1})
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with torch.no_grad():  # poison the model: the next epoch's loss is NaN
+        next(trainer.model.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingError, match="diverged"):
+        trainer.train_epoch()
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert before == after
+
+
+def test_vgg16_on_real_cifar_at_99_percent_is_exactly_one_percent_dense(cifar_dir, tmp_path):
+    out = tmp_path / "vgg"
+    r = rsp_cli("train", "--dataset", "cifar10", "--data-dir", cifar_dir, "--model", "vgg16", "--sparsity", "0.99",
+                "--objective", "trades", "--max-steps", "1", "--batch-size", "8", "--attack-steps", "1",
+                "--eval-attack-steps", "1", "--test-attack-steps", "1", "--output", out)
+    assert r.returncode == 0, r.stderr
+    from safetensors.numpy import load_file  # read the file independently of rsp
+
+    w = load_file(str(out / "model.safetensors"))
+    convs = [k for k, v in w.items() if k.endswith(".weight") and v.ndim in (2, 4)]
+    assert len(convs) == 14
+    nnz = sum(int((w[k] != 0).sum()) for k in convs)
+    total = sum(w[k].size for k in convs)
+    assert nnz == round(0.01 * total)
+
+
+@pytest.mark.gpu
+def test_rewiring_step_never_synchronises_with_the_host():
+    from rsp.models import create_model
+    from rsp.sparse import BayesianRewiring
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", width=16).cuda()
+    sparse = BayesianRewiring(model, 0.99, torch.Generator("cuda").manual_seed(0))
+    x, y = torch.rand(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    for _ in range(3):
+        sparse.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            sparse.step(0.1, 1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert int(sparse.active_count()) == sparse.budget
