@@ -55,6 +55,7 @@ def train(
     sparsity: Optional[float] = typer.Option(None, help="Share of conv/linear weights that are zero, fixed from step one [default: 0.9].", rich_help_panel="Model"),
     method: Optional[str] = typer.Option(None, help="bcs (Bayesian connectivity sampling) | fixed (random static mask) | dense [default: bcs].", rich_help_panel="Model"),
     rewire_every: Optional[int] = typer.Option(None, help="BCS: rebirth dead connections every N steps [default: 1].", rich_help_panel="Model"),
+    regrow: Optional[str] = typer.Option(None, help="BCS rebirth rule: random | l2 (nearest dormant to random active seeds) | l2-weighted (seeds: largest |theta|) [default: random].", rich_help_panel="Model"),
     sigma: Optional[float] = typer.Option(None, help="BCS: noise std is lr * sigma [default: 1e-6].", rich_help_panel="Model"),
     alpha: Optional[float] = typer.Option(None, help="BCS: L1 prior strength [default: 0].", rich_help_panel="Model"),
     temperature: Optional[float] = typer.Option(None, help="BCS: SGLD temperature T, noise std sqrt(2 lr T) (overrides sigma).", rich_help_panel="Model"),
@@ -98,7 +99,7 @@ def train(
         return
     overrides = {k: v for k, v in dict(
         dataset=dataset, data_dir=data_dir, val_fraction=val_fraction, extra_data=extra_data, model=model,
-        sparsity=sparsity, method=method, rewire_every=rewire_every, sigma=sigma, alpha=alpha, temperature=temperature,
+        sparsity=sparsity, method=method, rewire_every=rewire_every, regrow=regrow, sigma=sigma, alpha=alpha, temperature=temperature,
         objective=objective, eps=eps, attack_step_size=attack_step_size, attack_steps=attack_steps, beta=beta,
         eval_attack_steps=eval_attack_steps, test_attack_steps=test_attack_steps,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,

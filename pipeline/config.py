@@ -34,6 +34,7 @@ class TrainConfig:
     method: str = "bcs"
     sparsity: float = 0.9
     rewire_every: int = 1
+    regrow: str = "random"  # BCS rebirth rule: random | l2 | l2-weighted (structured regrowth)
     sigma: float = 1e-6  # noise std is lr * sigma
     alpha: float = 0.0  # L1 prior (SGLD form)
     temperature: float | None = None  # SGLD temperature: noise std sqrt(2 lr T) instead of lr * sigma
@@ -133,6 +134,10 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
     if cfg.model is not None and cfg.model not in list_models():
         bad(f"unknown model {cfg.model!r}; choose one of {', '.join(list_models())}")
+    from .sparse import REGROW
+
+    if cfg.regrow not in REGROW:
+        bad(f"unknown regrow rule {cfg.regrow!r}; choose one of {', '.join(REGROW)}")
     if cfg.method not in ("bcs", "fixed", "dense"):
         bad(f"unknown method {cfg.method!r}; choose one of bcs, fixed, dense")
     if cfg.objective not in OBJECTIVES:

@@ -240,7 +240,10 @@ class BayesianRewiring(SparseMethod):
 
     def __init__(self, model: nn.Module, sparsity: float, generator: torch.Generator, *, model_name: str = "",
                  momentum: float = 0.9, weight_decay: float = 5e-4, sigma: float = 1e-6, alpha: float = 0.0,
-                 temperature: float | None = None, rewire_every: int = 1):
+                 temperature: float | None = None, rewire_every: int = 1, regrow: str = "random"):
+        if regrow not in REGROW:
+            raise ValueError(f"unknown regrow rule {regrow!r}; choose one of {', '.join(REGROW)}")
+        self.regrow = regrow
         dense = sparsifiable_layers(model)
         if not dense:
             raise ValueError("model has no conv or linear layer to sparsify")
@@ -289,6 +292,9 @@ class BayesianRewiring(SparseMethod):
             self.layers.append((name, layer))
             start += s
         self._bind_grads()
+        self._layer_starts = torch.tensor([o for o, _ in self._offsets], device=device)
+        self._layer_sizes = torch.tensor(sizes, dtype=torch.float, device=device)
+        self._index_shapes = [_index_shape(m.theta.shape) for _, m in self.layers]
 
     @property
     def theta(self) -> torch.Tensor:
@@ -336,7 +342,10 @@ class BayesianRewiring(SparseMethod):
         self.theta_buf.index_copy_(0, slots, theta)
         self.steps += 1
         if self.steps % self.rewire_every == 0:
-            self._rebirth(dead)
+            if self.regrow == "random":
+                self._rebirth(dead)
+            else:
+                self._rebirth_near(dead)
 
     @torch.no_grad()
     def _rebirth(self, dead: torch.Tensor | None = None) -> None:
@@ -387,6 +396,46 @@ class BayesianRewiring(SparseMethod):
         theta_ext[n] = 0.0
         return slots
 
+    @torch.no_grad()
+    def _rebirth_near(self, dead: torch.Tensor) -> None:
+        """Structured regrowth (Seidel 2022/23): rebirths go next to existing connections.
+
+        The dead count is spread over layers in proportion to their size (as in random rebirth); in each
+        layer, n seeds are drawn among its active connections (`l2`: at random; `l2-weighted`: the n of
+        largest |theta|) and each seed rebirths the nearest dormant position by Euclidean distance in the
+        layer's index space (out, in, kh, kw), ties broken at random, never two rebirths at one position.
+        Per-layer counts are read on the host once per step (a few layers, not weights).
+        """
+        theta_ext, slots, gen = self.theta_buf, self.slots, self.generator
+        dead_idx = torch.nonzero(dead).squeeze(1)
+        if dead_idx.numel() == 0:
+            return
+        layer_of_dead = torch.multinomial(self._layer_sizes, dead_idx.numel(), replacement=True, generator=gen)
+        counts = torch.bincount(layer_of_dead, minlength=len(self.layers)).tolist()
+        live_pos = slots[~dead]
+        live_layer = torch.searchsorted(self._layer_starts, live_pos, right=True) - 1
+        born = []
+        for li, c in enumerate(counts):
+            if c == 0:
+                continue
+            start, size = self._offsets[li]
+            live = live_pos[live_layer == li]
+            if live.numel() == 0:  # nothing to grow next to: uniform seeds in the layer
+                seeds = start + torch.randint(0, size, (c,), device=slots.device, generator=gen)
+            elif self.regrow == "l2-weighted":
+                order = torch.argsort(theta_ext[live], descending=True, stable=True)
+                seeds = live[order[torch.arange(c, device=slots.device) % live.numel()]]
+            else:
+                pick = torch.randperm(live.numel(), device=slots.device, generator=gen)[:c]
+                if c > live.numel():
+                    pick = torch.cat([pick, torch.randint(0, live.numel(), (c - live.numel(),), device=slots.device,
+                                                          generator=gen)])
+                seeds = live[pick]
+            born.append(nearest_dormant(theta_ext, start, size, self._index_shapes[li], seeds - start, gen))
+        new = torch.cat(born)
+        slots[dead_idx] = new  # theta there is already REBIRTH_THETA (set while searching)
+        self.slots = slots
+
     def state_tensors(self):
         return {"bcs.theta": self.theta.clone(), "bcs.sign": self.sign.to(torch.int8), "bcs.slots": self.slots.clone(),
                 "bcs.momentum": self.buf.clone(), "bcs.steps": torch.tensor([self.steps], dtype=torch.int64)}
@@ -397,6 +446,95 @@ class BayesianRewiring(SparseMethod):
         self.slots = state["bcs.slots"].to(self.slots.device).clone()
         self.buf.copy_(state["bcs.momentum"])
         self.steps = int(state["bcs.steps"][0])
+
+
+REGROW = ("random", "l2", "l2-weighted")
+
+
+def _index_shape(shape: torch.Size) -> tuple[int, int, int, int]:
+    """A weight's index space as (out, in, kh, kw); linear layers are (out, in, 1, 1)."""
+    return tuple(shape) if len(shape) == 4 else (shape[0], shape[1], 1, 1)
+
+
+_OFFSET_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _offsets(radius: int, device) -> torch.Tensor:
+    """All non-zero integer offsets in [-r, r]^4 with their squared length: (m, 5), shortest first."""
+    key = (radius, str(device))
+    if key not in _OFFSET_CACHE:
+        r = torch.arange(-radius, radius + 1)
+        grid = torch.cartesian_prod(r, r, r, r)
+        d2 = (grid**2).sum(1)
+        keep = d2 > 0
+        grid, d2 = grid[keep], d2[keep]
+        order = torch.argsort(d2, stable=True)
+        _OFFSET_CACHE[key] = torch.cat([grid[order], d2[order, None]], 1).to(device)
+    return _OFFSET_CACHE[key]
+
+
+def nearest_dormant(theta_ext: torch.Tensor, start: int, size: int, shape: tuple[int, int, int, int],
+                    seeds: torch.Tensor, generator: torch.Generator, radius: int = 2, rounds: int = 6) -> torch.Tensor:
+    """For each seed (a flat index inside one layer), the nearest dormant position of that layer.
+
+    Searches outward through the integer offsets of growing length (no N x N distances): every seed looks
+    at its candidate shells at once, takes the first dormant one, and a position wanted by several seeds
+    goes to one of them; the others look again in the next round. Chosen positions are set to the rebirth
+    value at once, so no position is taken twice. Seeds with no dormant position within `radius` fall back
+    to a uniform dormant position of the layer. Returns global flat positions (the rebirths).
+    """
+    device = seeds.device
+    n_seeds = seeds.numel()
+    trash = theta_ext.numel() - 1
+    offs = _offsets(radius, device)
+    # random tie-break inside each shell: squared lengths are integers, a jitter < 1 keeps shells in order
+    jitter = torch.rand(len(offs), device=device, generator=generator)
+    offs = offs[torch.argsort(offs[:, 4].float() + jitter)][:, :4]
+    dims = torch.tensor(shape, device=device)
+    strides = torch.tensor([shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1], device=device)
+    coords = torch.stack([(seeds // strides[i]) % dims[i] for i in range(4)], 1)
+    result = torch.full((n_seeds,), -1, dtype=torch.long, device=device)
+    pending = torch.arange(n_seeds, device=device)
+    for _ in range(rounds):
+        if pending.numel() == 0:
+            break
+        cand = coords[pending, None, :] + offs[None]  # (p, m, 4)
+        inside = ((cand >= 0) & (cand < dims)).all(2)
+        flat = torch.where(inside, start + (cand * strides).sum(2), trash)
+        free = inside & (theta_ext[flat] == 0)
+        has = free.any(1)
+        first = torch.argmax(free.to(torch.uint8), 1)
+        target = flat[torch.arange(len(pending), device=device), first]
+        # one winner per wanted position (lowest tag), as in random rebirth
+        tag = -torch.arange(1, len(pending) + 1, device=device, dtype=theta_ext.dtype)
+        theta_ext.scatter_reduce_(0, torch.where(has, target, trash), tag, reduce="amin")
+        win = has & (theta_ext[target] == tag)
+        theta_ext[torch.where(has, target, trash)] = 0.0
+        theta_ext[torch.where(win, target, trash)] = REBIRTH_THETA
+        theta_ext[trash] = 0.0
+        result[pending[win]] = target[win]
+        retry = has & ~win
+        far = ~has
+        if far.any():  # nothing dormant nearby: a uniform dormant position of the layer
+            for j in pending[far].tolist():
+                result[j] = _uniform_dormant(theta_ext, start, size, generator)
+        pending = pending[retry]
+    for j in pending.tolist():
+        result[j] = _uniform_dormant(theta_ext, start, size, generator)
+    return result
+
+
+def _uniform_dormant(theta_ext: torch.Tensor, start: int, size: int, generator: torch.Generator) -> int:
+    layer = theta_ext[start : start + size]
+    while True:
+        cand = torch.randint(0, size, (256,), device=theta_ext.device, generator=generator)
+        ok = torch.nonzero(layer[cand] == 0)
+        if ok.numel():
+            pos = start + int(cand[ok[0, 0]])
+            theta_ext[pos] = REBIRTH_THETA
+            return pos
+        if not bool((layer == 0).any()):
+            raise RuntimeError("layer has no dormant position left")
 
 
 def make_sparse(method: str, model: nn.Module, sparsity: float, generator: torch.Generator, *,

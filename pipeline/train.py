@@ -165,7 +165,8 @@ class Trainer:
         self.gens = {k: torch.Generator(self.device).manual_seed(cfg.seed * 1000 + i + (100 * self.dist.rank if k == "attack" else 0))
                      for i, k in enumerate(("data", "attack", "sparse"))}
         bcs_options = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, sigma=cfg.sigma, alpha=cfg.alpha,
-                           temperature=cfg.temperature, rewire_every=cfg.rewire_every) if cfg.method == "bcs" else {}
+                           temperature=cfg.temperature, rewire_every=cfg.rewire_every,
+                           regrow=cfg.regrow) if cfg.method == "bcs" else {}
         self.sparse = make_sparse(cfg.method, self.model, cfg.sparsity, self.gens["sparse"], model_name=self.model_name,
                                   **bcs_options)
         self.objective = Objective(cfg.objective, PGDConfig(cfg.eps, cfg.attack_step_size, cfg.attack_steps), cfg.beta)
@@ -491,7 +492,7 @@ class Trainer:
         out = {"name": self.sparse.name, "budget": self.sparse.budget, "total": self.sparse.total,
                "initial_density_profile": "vgg16-reference" if self.model_name == "vgg16" else "first/last>=0.6"}
         if self.sparse.name == "bcs":
-            out.update({"rewire_every": self.cfg.rewire_every, "sigma": self.cfg.sigma, "alpha": self.cfg.alpha,
+            out.update({"rewire_every": self.cfg.rewire_every, "regrow": self.cfg.regrow, "sigma": self.cfg.sigma, "alpha": self.cfg.alpha,
                         "temperature": self.cfg.temperature, "optimizer": "SGDW momentum 0.9, decoupled decay"})
         return out
 

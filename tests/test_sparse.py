@@ -158,3 +158,41 @@ def test_bad_sparsity_is_rejected():
         make_sparse("bcs", _uneven_net(), 1.0, torch.Generator())
     with pytest.raises(ValueError):
         make_sparse("bcs", _uneven_net(), -0.1, torch.Generator())
+
+
+@pytest.mark.parametrize("regrow", ["l2", "l2-weighted"])
+@pytest.mark.parametrize("name", ["uneven", "resnet18-tiny"])
+def test_structured_regrowth_keeps_budget_and_never_doubles_a_position(regrow, name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    sparse = BayesianRewiring(model, 0.95, torch.Generator().manual_seed(0), regrow=regrow)
+
+    def check(when, _):
+        if when == "step":
+            assert int((sparse.theta > 0).sum()) == sparse.budget
+            assert torch.unique(sparse.slots).numel() == sparse.budget  # no position twice
+            assert torch.equal(torch.sort(sparse.slots).values, torch.nonzero(sparse.theta > 0).squeeze(1))
+
+    _train_steps(model, sparse, 8, lr=1.0, check=check)
+
+
+def test_nearest_dormant_picks_the_closest_free_position_and_no_position_twice():
+    from rsp.sparse import nearest_dormant
+
+    shape = (4, 4, 3, 3)
+    size = 4 * 4 * 9
+    theta = torch.zeros(size + 1)
+    seed = 1 * 36 + 2 * 9 + 1 * 3 + 1  # (1, 2, 1, 1)
+    theta[seed] = 1.0
+    # occupy every distance-1 neighbour but one: (1, 2, 1, 2)
+    free = 1 * 36 + 2 * 9 + 1 * 3 + 2
+    for d in [(1, 0, 0, 0), (-1, 0, 0, 0), (0, 1, 0, 0), (0, -1, 0, 0), (0, 0, 1, 0), (0, 0, -1, 0), (0, 0, 0, -1)]:
+        o = (1 + d[0]) * 36 + (2 + d[1]) * 9 + (1 + d[2]) * 3 + (1 + d[3])
+        theta[o] = 1.0
+    out = nearest_dormant(theta, 0, size, shape, torch.tensor([seed, seed, seed]), torch.Generator().manual_seed(0))
+    assert out[0] == free or free in out.tolist()
+    assert len(set(out.tolist())) == 3  # three seeds at one place: three different positions
+    coords = [((p // 36) % 4, (p // 9) % 4, (p // 3) % 3, p % 3) for p in out.tolist()]
+    dist2 = sorted(sum((a - b) ** 2 for a, b in zip(c, (1, 2, 1, 1))) for c in coords)
+    assert dist2 == [1, 2, 2]  # the one free neighbour, then the nearest diagonal ones
+    assert torch.all(theta[out] > 0)
