@@ -459,17 +459,15 @@ def _index_shape(shape: torch.Size) -> tuple[int, int, int, int]:
 _OFFSET_CACHE: dict[tuple[int, str], torch.Tensor] = {}
 
 
-def _offsets(radius: int, device) -> torch.Tensor:
-    """All non-zero integer offsets in [-r, r]^4 with their squared length: (m, 5), shortest first."""
+def _shell_offsets(radius: int, device) -> torch.Tensor:
+    """Integer offsets with max |component| == radius (the cube shell), with their squared length: (m, 5)."""
     key = (radius, str(device))
     if key not in _OFFSET_CACHE:
         r = torch.arange(-radius, radius + 1)
         grid = torch.cartesian_prod(r, r, r, r)
+        grid = grid[grid.abs().amax(1) == radius]
         d2 = (grid**2).sum(1)
-        keep = d2 > 0
-        grid, d2 = grid[keep], d2[keep]
-        order = torch.argsort(d2, stable=True)
-        _OFFSET_CACHE[key] = torch.cat([grid[order], d2[order, None]], 1).to(device)
+        _OFFSET_CACHE[key] = torch.cat([grid, d2[:, None]], 1).to(device)
     return _OFFSET_CACHE[key]
 
 
@@ -477,48 +475,47 @@ def nearest_dormant(theta_ext: torch.Tensor, start: int, size: int, shape: tuple
                     seeds: torch.Tensor, generator: torch.Generator, radius: int = 2, rounds: int = 6) -> torch.Tensor:
     """For each seed (a flat index inside one layer), the nearest dormant position of that layer.
 
-    Searches outward through the integer offsets of growing length (no N x N distances): every seed looks
-    at its candidate shells at once, takes the first dormant one, and a position wanted by several seeds
-    goes to one of them; the others look again in the next round. Chosen positions are set to the rebirth
-    value at once, so no position is taken twice. Seeds with no dormant position within `radius` fall back
-    to a uniform dormant position of the layer. Returns global flat positions (the rebirths).
+    Searches outward (no N x N distances): first the 80 offsets of the cube of radius 1, then the shell of
+    radius 2, and so on, each sorted by Euclidean length with random tie-breaks. Every seed looks at a
+    whole cube shell at once and takes the first dormant position; a position wanted by several seeds goes
+    to one of them and the others look again. Chosen positions are set to the rebirth value at once, so no
+    position is taken twice. (A radius-1 hit at squared length <= 3 is exact; at 4 it ties with the
+    radius-2 axis offsets.) Seeds with nothing dormant within `radius` take a uniform dormant position of
+    the layer. Returns global flat positions.
     """
     device = seeds.device
-    n_seeds = seeds.numel()
     trash = theta_ext.numel() - 1
-    offs = _offsets(radius, device)
-    # random tie-break inside each shell: squared lengths are integers, a jitter < 1 keeps shells in order
-    jitter = torch.rand(len(offs), device=device, generator=generator)
-    offs = offs[torch.argsort(offs[:, 4].float() + jitter)][:, :4]
     dims = torch.tensor(shape, device=device)
     strides = torch.tensor([shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1], device=device)
     coords = torch.stack([(seeds // strides[i]) % dims[i] for i in range(4)], 1)
-    result = torch.full((n_seeds,), -1, dtype=torch.long, device=device)
-    pending = torch.arange(n_seeds, device=device)
-    for _ in range(rounds):
-        if pending.numel() == 0:
-            break
-        cand = coords[pending, None, :] + offs[None]  # (p, m, 4)
-        inside = ((cand >= 0) & (cand < dims)).all(2)
-        flat = torch.where(inside, start + (cand * strides).sum(2), trash)
-        free = inside & (theta_ext[flat] == 0)
-        has = free.any(1)
-        first = torch.argmax(free.to(torch.uint8), 1)
-        target = flat[torch.arange(len(pending), device=device), first]
-        # one winner per wanted position (lowest tag), as in random rebirth
-        tag = -torch.arange(1, len(pending) + 1, device=device, dtype=theta_ext.dtype)
-        theta_ext.scatter_reduce_(0, torch.where(has, target, trash), tag, reduce="amin")
-        win = has & (theta_ext[target] == tag)
-        theta_ext[torch.where(has, target, trash)] = 0.0
-        theta_ext[torch.where(win, target, trash)] = REBIRTH_THETA
-        theta_ext[trash] = 0.0
-        result[pending[win]] = target[win]
-        retry = has & ~win
-        far = ~has
-        if far.any():  # nothing dormant nearby: a uniform dormant position of the layer
-            for j in pending[far].tolist():
-                result[j] = _uniform_dormant(theta_ext, start, size, generator)
-        pending = pending[retry]
+    result = torch.full((seeds.numel(),), -1, dtype=torch.long, device=device)
+    pending = torch.arange(seeds.numel(), device=device)
+    for r in range(1, radius + 1):
+        offs = _shell_offsets(r, device)
+        # random tie-break inside equal lengths: squared lengths are integers, a jitter < 1 keeps the order
+        jitter = torch.rand(len(offs), device=device, generator=generator)
+        offs = offs[torch.argsort(offs[:, 4].float() + jitter)][:, :4]
+        far = pending.new_empty(0)
+        for _ in range(rounds):
+            if pending.numel() == 0:
+                break
+            cand = coords[pending, None, :] + offs[None]  # (p, m, 4)
+            inside = ((cand >= 0) & (cand < dims)).all(2)
+            flat = torch.where(inside, start + (cand * strides).sum(2), trash)
+            free = inside & (theta_ext[flat] == 0)
+            has = free.any(1)
+            target = flat[torch.arange(len(pending), device=device), torch.argmax(free.to(torch.uint8), 1)]
+            # one winner per wanted position (a deterministic min over tags), as in random rebirth
+            tag = -torch.arange(1, len(pending) + 1, device=device, dtype=theta_ext.dtype)
+            theta_ext.scatter_reduce_(0, torch.where(has, target, trash), tag, reduce="amin")
+            win = has & (theta_ext[target] == tag)
+            theta_ext[torch.where(has, target, trash)] = 0.0
+            theta_ext[torch.where(win, target, trash)] = REBIRTH_THETA
+            theta_ext[trash] = 0.0
+            result[pending[win]] = target[win]
+            far = torch.cat([far, pending[~has]])
+            pending = pending[has & ~win]
+        pending = torch.cat([far, pending])
     for j in pending.tolist():
         result[j] = _uniform_dormant(theta_ext, start, size, generator)
     return result
