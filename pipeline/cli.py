@@ -132,6 +132,48 @@ def train(
                    f"test clean {m['clean_acc']:.4f}{rob}; selected epoch {m['epoch']} on validation")
 
 
+@app.command(
+    epilog="Examples:\n\n"
+    "  rsp structure runs/vgg16-99 --output runs/vgg16-99-structured          # regroup, k=1 pruning, shrink\n\n"
+    "  rsp structure runs/resnet18-99 --k 0 --output runs/r18-exact           # only exact changes: same logits\n\n"
+    "  rsp structure runs/vgg16-90 --nm 2:4 --output runs/vgg16-90-24         # for sparse tensor cores",
+)
+def structure(
+    run_dir: str = typer.Argument(..., help="A train (or structure) folder."),
+    output: str = typer.Option(..., "--output", "-o", help="New folder (same contract: model.safetensors, manifest.json, report)."),
+    k: int = typer.Option(1, "--k", help="Zero innermost vectors holding at most k non-zeros (0: only exact, function-preserving changes)."),
+    regroup: bool = typer.Option(True, "--regroup/--no-regroup", help="Permute channels to gather non-zeros (function unchanged)."),
+    nm: Optional[str] = typer.Option(None, "--nm", help="N:M projection over the GEMM view, e.g. 2:4 for sparse tensor cores."),
+    block: Optional[list[str]] = typer.Option(None, "--block", help="Block shapes (RxC of out x in*kh*kw) to report zero shares for [default: 1x4 4x4 16x1 32x1]."),
+    plot_layer: Optional[list[str]] = typer.Option(None, "--plot-layer", help="Layers to draw (GEMM view PNG) [default: two]."),
+    n_examples: int = typer.Option(500, help="Test images for clean/robust accuracy after each step (0: skip)."),
+    attack_steps: int = typer.Option(20, help="PGD steps for the robust accuracy in the report (0: clean only)."),
+    data_dir: Optional[str] = typer.Option(None, help="Data folder of the run's data set (not needed for digits)."),
+    device: str = typer.Option("cpu", help="cpu | cuda."),
+) -> None:
+    """Turn learned sparsity into structure hardware can use, and report it.
+
+    Steps: regroup (channel permutations that gather non-zeros, applied to producers, BatchNorms and
+    consumers alike, residual streams included) -> prune (innermost vectors with <= k non-zeros) ->
+    shrink (physically remove channels that are exactly dead; rebuild the registry model narrower) ->
+    optional N:M. Each step is analysed (zero vectors, kernels, input channels, filters, 2:4, blocks)
+    and evaluated (clean and PGD accuracy); report.md and PNG weight pictures go into --output.
+    """
+    from .structure import StructureOptions, run as run_structure
+
+    opts = StructureOptions(k=k, regroup=regroup, nm=nm, n_examples=n_examples, attack_steps=attack_steps,
+                            data_dir=data_dir, device=device, plot_layers=plot_layer or None)
+    if block:
+        opts.blocks = block
+    try:
+        manifest = run_structure(run_dir, output, opts, log=lambda m: typer.echo(m, err=True))
+    except _bad_input_types() as exc:
+        _fail(str(exc))
+    p = manifest["params"]
+    typer.echo(f"{output}: {manifest['model']['name']} parameters {p['before']} -> {p['after']}, "
+               f"sparsity {manifest['sparsity']:.4f}; report {output}/report.md")
+
+
 @app.command()
 def models() -> None:
     """List the model registry."""

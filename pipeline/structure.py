@@ -1,0 +1,434 @@
+"""rsp structure: turn learned sparsity into structure hardware can use, and report it.
+
+Steps, each measured (analysis + clean/robust accuracy) before and after:
+  1. regroup   channel permutations that gather non-zeros (dense filters first), applied to every
+               producer, BatchNorm and consumer of a channel group: the function does not change
+  2. prune     zero the innermost vectors holding at most k non-zeros (k = 0: nothing changes)
+  3. shrink    physically remove channels nobody reads (all consumer slices zero) and zero filters whose
+               BatchNorm+ReLU output is exactly 0; rebuild the registry model with the new widths
+  4. nm        optional N:M projection (2:4 for sparse tensor cores) over the GEMM view
+The output folder has the train-folder contract: model.safetensors (the shrunk plain model), manifest.json
+(stage "structure", model kwargs with the new widths), config.yaml, plus analysis.json, report.md, PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .artifacts import (MODEL_FILE, ArtifactError, atomic_write_bytes, atomic_write_text, build_model, check_files,
+                        load_tensors, read_manifest, save_tensors, write_manifest)
+from .channels import ChannelGroup, channel_groups, select_channels
+from .sparse import layer_report, sparsifiable_layers
+
+DEFAULT_BLOCKS = ((1, 4), (4, 4), (16, 1), (32, 1))
+
+
+class StructureError(ArtifactError):
+    """Bad options for the structure stage: one line, exit code 2."""
+
+
+def parse_block(text: str) -> tuple[int, int]:
+    try:
+        r, c = (int(v) for v in text.lower().split("x"))
+        if r < 1 or c < 1:
+            raise ValueError
+        return r, c
+    except ValueError:
+        raise StructureError(f"block shape must look like 4x4 (rows x cols of the GEMM view), got {text!r}") from None
+
+
+def parse_nm(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        n, m = (int(v) for v in text.split(":"))
+        if not 0 < n < m:
+            raise ValueError
+        return n, m
+    except ValueError:
+        raise StructureError(f"--nm must look like 2:4 (keep N of every M), got {text!r}") from None
+
+
+# --- analysis -----------------------------------------------------------------------------------
+
+
+def gemm_view(w: torch.Tensor) -> torch.Tensor:
+    """out x (in * kh * kw): the matrix a convolution multiplies (im2col)."""
+    return w.reshape(w.shape[0], -1)
+
+
+def zero_block_share(w: torch.Tensor, block: tuple[int, int]) -> float | None:
+    g = gemm_view(w)
+    r, c = block
+    if g.shape[0] % r or g.shape[1] % c:
+        return None
+    nz = (g != 0).reshape(g.shape[0] // r, r, g.shape[1] // c, c).any(3).any(1)
+    return 1.0 - nz.float().mean().item()
+
+
+def nm_compliance(w: torch.Tensor, n: int = 2, m: int = 4) -> float | None:
+    g = gemm_view(w)
+    if g.shape[1] % m:
+        return None
+    counts = (g != 0).reshape(g.shape[0], -1, m).sum(2)
+    return (counts <= n).float().mean().item()
+
+
+def analyse_layer(w: torch.Tensor, blocks=DEFAULT_BLOCKS) -> dict:
+    nz = w != 0
+    w4 = nz if nz.dim() == 4 else nz[:, :, None, None]
+    vec = w4.reshape(-1, w4.shape[-1]).any(1)  # vectors along the innermost dimension (the study's measure)
+    kernels = w4.any(3).any(2)  # (out, in)
+    return {
+        "shape": list(w.shape),
+        "numel": w.numel(),
+        "nonzero": int(nz.sum()),
+        "sparsity": 1.0 - nz.float().mean().item(),
+        "zero_vectors": 1.0 - vec.float().mean().item(),
+        "zero_kernels": 1.0 - kernels.float().mean().item(),
+        "zero_input_channels": 1.0 - kernels.any(0).float().mean().item(),
+        "zero_filters": 1.0 - kernels.any(1).float().mean().item(),
+        "nm_2_4_compliance": nm_compliance(w),
+        "zero_blocks": {f"{r}x{c}": zero_block_share(w, (r, c)) for r, c in blocks},
+    }
+
+
+def analyse(state: dict[str, torch.Tensor], layer_names: list[str], blocks=DEFAULT_BLOCKS) -> dict:
+    layers = {n: analyse_layer(state[f"{n}.weight"], blocks) for n in layer_names}
+    total = sum(v["numel"] for v in layers.values())
+    overall = {"numel": total, "nonzero": sum(v["nonzero"] for v in layers.values())}
+    overall["sparsity"] = 1.0 - overall["nonzero"] / total
+    for key in ("zero_vectors", "zero_kernels", "zero_input_channels", "zero_filters"):
+        # weighted by the number of such structures is what Table 1 of the study reports for vectors
+        if key == "zero_vectors":
+            counts = {n: state[f"{n}.weight"].numel() // state[f"{n}.weight"].shape[-1] if state[f"{n}.weight"].dim() == 4
+                      else state[f"{n}.weight"].shape[0] for n in layer_names}
+        else:
+            counts = {n: 1 for n in layer_names}
+        overall[key] = sum(layers[n][key] * counts[n] for n in layer_names) / sum(counts.values())
+    return {"overall": overall, "layers": layers}
+
+
+# --- transformations ----------------------------------------------------------------------------
+
+
+def regroup_permutations(state: dict[str, torch.Tensor], groups: list[ChannelGroup]) -> dict[int, torch.Tensor]:
+    """Per group: channels ordered by non-zero count of their filters (dense first), ties by input pattern."""
+    perms = {}
+    for gi, g in enumerate(groups):
+        counts = sum((gemm_view(state[f"{p}.weight"]) != 0).sum(1) for p in g.producers)
+        perms[gi] = torch.sort(counts, descending=True, stable=True).indices
+    return perms
+
+
+def prune_vectors(state: dict[str, torch.Tensor], layer_names: list[str], k: int) -> tuple[dict, int]:
+    """Zero every innermost vector with at most k non-zeros; returns the new state and the weights removed."""
+    if k == 0:
+        return state, 0
+    state = dict(state)
+    removed = 0
+    for n in layer_names:
+        w = state[f"{n}.weight"]
+        v = w.reshape(-1, w.shape[-1])
+        drop = (v != 0).sum(1) <= k
+        removed += int((v[drop] != 0).sum())
+        state[f"{n}.weight"] = torch.where(drop[:, None], torch.zeros_like(v), v).reshape(w.shape)
+    return state, removed
+
+
+def project_nm(state: dict[str, torch.Tensor], layer_names: list[str], n: int, m: int) -> tuple[dict, list[str]]:
+    """Keep the n largest of every m consecutive weights along the GEMM row; layers that m does not divide
+    are left as they are and listed."""
+    state = dict(state)
+    skipped = []
+    for name in layer_names:
+        w = state[f"{name}.weight"]
+        g = gemm_view(w)
+        if g.shape[1] % m:
+            skipped.append(name)
+            continue
+        groups = g.reshape(g.shape[0], -1, m)
+        top = groups.abs().topk(n, dim=2).indices
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, top, True)
+        state[f"{name}.weight"] = (groups * keep).reshape(w.shape)
+    return state, skipped
+
+
+def removable_channels(state: dict[str, torch.Tensor], g: ChannelGroup) -> torch.Tensor:
+    """Channels whose removal leaves the function exactly unchanged (bool mask over the group)."""
+    unread = torch.ones(g.size, dtype=torch.bool)
+    for c in g.consumers:
+        w = state[f"{c}.weight"]
+        unread &= ~(w != 0).transpose(0, 1).reshape(w.shape[1], -1).any(1)
+    if not g.post_bn_relu:
+        return unread
+    zero_filter = ~(gemm_view(state[f"{g.producers[0]}.weight"]) != 0).any(1)
+    if f"{g.producers[0]}.bias" in state:
+        zero_filter &= state[f"{g.producers[0]}.bias"] == 0
+    bn = g.norms[0]
+    const = (0 - state[f"{bn}.running_mean"]) / torch.sqrt(state[f"{bn}.running_var"] + 1e-5) * state[f"{bn}.weight"] \
+        + state[f"{bn}.bias"]
+    silent = zero_filter & (torch.relu(const) == 0)  # the channel is exactly 0 after BN + ReLU
+    return unread | silent
+
+
+def width_kwargs(name: str, kwargs: dict, model: nn.Module) -> dict[str, tuple]:
+    """Map producer conv -> where its width lives in the registry kwargs (for rebuilding a shrunk model)."""
+    out: dict[str, tuple] = {}
+    family = getattr(model, "rsp_family", "")
+    if family in ("vgg", "small-cnn"):
+        key = "cfg" if family == "vgg" else "channels"
+        positions = [i for i, v in enumerate(kwargs[key]) if v != "M"]
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.startswith("features.")]
+        for conv, pos in zip(convs, positions):
+            out[conv] = (key, pos)
+    elif family in ("resnet", "wrn"):
+        for s, stage in enumerate(kwargs["block_channels"]):
+            for j in range(len(stage)):
+                out[f"layer{s + 1}.{j}.conv1"] = ("block_channels", s, j)
+    return out
+
+
+def _set_width(kwargs: dict, path: tuple, value: int) -> None:
+    target = kwargs[path[0]]
+    for p in path[1:-1]:
+        target = target[p]
+    target[path[-1]] = value
+
+
+def shrink(state, groups, model_name, kwargs, model) -> tuple[dict, dict, dict]:
+    """Remove exactly-removable channels of every group the registry can rebuild narrower."""
+    kwargs = json.loads(json.dumps(kwargs))
+    where = width_kwargs(model_name, kwargs, model)
+    selection, removed = {}, {}
+    for gi, g in enumerate(groups):
+        if g.merged or len(g.producers) != 1 or g.producers[0] not in where:
+            continue
+        keep = ~removable_channels(state, g)
+        if keep.all():
+            continue
+        if not keep.any():  # keep one channel so the layer still exists (its output is exactly zero)
+            keep[0] = True
+        selection[gi] = torch.nonzero(keep).squeeze(1)
+        removed[g.producers[0]] = int((~keep).sum())
+        _set_width(kwargs, where[g.producers[0]], int(keep.sum()))
+    return select_channels(state, groups, selection), kwargs, removed
+
+
+# --- report pictures ----------------------------------------------------------------------------
+
+
+def write_png(path: Path, pixels: torch.Tensor) -> None:
+    """A greyscale PNG from a uint8 H x W tensor (no imaging library needed)."""
+    h, w = pixels.shape
+    raw = b"".join(b"\x00" + bytes(pixels[i].tolist()) for i in range(h))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    atomic_write_bytes(path, png)
+
+
+def weight_picture(w: torch.Tensor, max_side: int = 1024) -> torch.Tensor:
+    """The GEMM view as a picture: black = non-zero, white = zero (as the study's figures)."""
+    g = (gemm_view(w) != 0).float()
+    r = max(1, -(-g.shape[0] // max_side))
+    c = max(1, -(-g.shape[1] // max_side))
+    if r > 1 or c > 1:  # a pixel is black if any weight it covers is non-zero
+        g = torch.nn.functional.max_pool2d(g[None, None], (r, c), ceil_mode=True)[0, 0]
+    scale = max(1, min(4, 512 // max(g.shape)))
+    g = g.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    return ((1 - g) * 255).to(torch.uint8)
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+@dataclass
+class StructureOptions:
+    k: int = 1
+    regroup: bool = True
+    nm: str | None = None
+    blocks: list = field(default_factory=lambda: [f"{r}x{c}" for r, c in DEFAULT_BLOCKS])
+    plot_layers: list | None = None
+    n_examples: int = 500
+    attack_steps: int = 20
+    eps: float | None = None
+    data_dir: str | None = None
+    device: str = "cpu"
+    seed: int = 0
+
+
+def _accuracy(model, manifest, opts, splits) -> dict:
+    from .attacks import PGDConfig, evaluate
+
+    if splits is None:
+        return {}
+    att = manifest.get("attack", {})
+    eps = opts.eps if opts.eps is not None else att.get("eps", 8 / 255)
+    cfg = PGDConfig(eps, att.get("step_size", 2 / 255), opts.attack_steps) if opts.attack_steps else None
+    x, y = splits.test_x[: opts.n_examples], splits.test_y[: opts.n_examples]
+    r = evaluate(model, x.to(opts.device), y.to(opts.device), cfg, generator=torch.Generator(opts.device).manual_seed(opts.seed))
+    return {"clean_acc": r["clean_acc"], "robust_acc": r.get("robust_acc"), "n": r["n"], "attack": r.get("attack")}
+
+
+def run(source: str | Path, output: str | Path, opts: StructureOptions, log=print) -> dict:
+    source, output = Path(source), Path(output)
+    manifest = read_manifest(source)
+    bad = check_files(source, manifest)
+    if bad:
+        raise ArtifactError(f"{source}: {bad[0]}")
+    if opts.k < 0:
+        raise StructureError(f"--k must be >= 0, got {opts.k}")
+    nm = parse_nm(opts.nm)
+    blocks = [parse_block(b) for b in opts.blocks]
+    if output.resolve() == source.resolve():
+        raise StructureError("--output must differ from the source folder")
+    if (output / "manifest.json").is_file():
+        raise StructureError(f"{output} already holds an rsp folder: choose another --output")
+
+    model = build_model(manifest)
+    state = load_tensors(source / MODEL_FILE)
+    model.load_state_dict(state)
+    model.eval()
+    layer_names = [n for n, _ in sparsifiable_layers(model)]
+    for b in blocks:  # a block shape must tile at least the layers it is meant for
+        if not any(zero_block_share(state[f"{n}.weight"], b) is not None for n in layer_names):
+            raise StructureError(f"block {b[0]}x{b[1]} divides no layer's GEMM view (out x in*kh*kw)")
+    for n in opts.plot_layers or []:
+        if n not in layer_names:
+            raise StructureError(f"--plot-layer {n!r} is not a conv/linear layer; layers: {', '.join(layer_names)}")
+
+    splits = None
+    if opts.n_examples > 0:
+        from .data import load_dataset
+
+        ds = manifest.get("dataset", {})
+        splits = load_dataset(ds.get("dataset", "digits"), opts.data_dir, val_fraction=ds.get("val_fraction", 0.1),
+                              split_seed=ds.get("split_seed", 0))
+    name, kwargs = manifest["model"]["name"], manifest["model"].get("kwargs", {})
+    groups = channel_groups(model)
+    output.mkdir(parents=True, exist_ok=True)
+    steps = []
+
+    def record(step, st, mdl, note=""):
+        entry = {"step": step, "note": note, "analysis": analyse(st, layer_names, blocks),
+                 **_accuracy(mdl.to(opts.device), manifest, opts, splits)}
+        steps.append(entry)
+        ov = entry["analysis"]["overall"]
+        acc = f"  clean {entry['clean_acc']:.3f} robust {entry['robust_acc']:.3f}" if entry.get("robust_acc") is not None else ""
+        log(f"{step:<9} sparsity {ov['sparsity']:.4f}  zero vectors {ov['zero_vectors']:.4f}  "
+            f"zero filters {ov['zero_filters']:.4f}{acc}")
+        return entry
+
+    t0 = time.perf_counter()
+    record("original", state, model)
+    pictures = opts.plot_layers or list(dict.fromkeys([layer_names[len(layer_names) // 2], layer_names[-2]]))
+    for n in pictures:
+        write_png(output / f"weights_{n.replace('.', '_')}_original.png", weight_picture(state[f"{n}.weight"]))
+
+    if opts.regroup:
+        state = select_channels(state, groups, regroup_permutations(state, groups))
+        model.load_state_dict(state)
+        record("regroup", state, model, "channel permutations, function unchanged")
+        for n in pictures:
+            write_png(output / f"weights_{n.replace('.', '_')}_regrouped.png", weight_picture(state[f"{n}.weight"]))
+    state, pruned = prune_vectors(state, layer_names, opts.k)
+    model.load_state_dict(state)
+    record("prune", state, model, f"vectors with <= {opts.k} non-zeros zeroed ({pruned} weights)")
+    state, new_kwargs, removed = shrink(state, groups, name, kwargs, model)
+    small = build_model({"model": {"name": name, "kwargs": new_kwargs}})
+    small.load_state_dict(state, strict=True)
+    small.eval()
+    record("shrink", state, small, f"{sum(removed.values())} channels removed in {len(removed)} layers")
+    nm_skipped = []
+    if nm:
+        state, nm_skipped = project_nm(state, layer_names, *nm)
+        small.load_state_dict(state)
+        record(f"nm {nm[0]}:{nm[1]}", state, small, f"skipped (width not a multiple of {nm[1]}): {nm_skipped}")
+
+    save_tensors(output / MODEL_FILE, state)
+    analysis = {"steps": steps, "groups": [g.__dict__ for g in groups], "removed_channels": removed}
+    atomic_write_text(output / "analysis.json", json.dumps(analysis, indent=1) + "\n")
+    atomic_write_text(output / "config.yaml", json.dumps({**opts.__dict__, "source": str(source)}, indent=1) + "\n")
+    report = _markdown(manifest, source, steps, pictures, removed, opts, nm_skipped)
+    atomic_write_text(output / "report.md", report)
+    layers, sparsity = layer_report(state, layer_names)
+    final = steps[-1]
+    out = {
+        "stage": "structure",
+        "status": "complete",
+        "rsp_version": __version__,
+        "model": {"name": name, "kwargs": new_kwargs},
+        "source": {"path": str(source), "stage": manifest["stage"], "manifest_sha256": _sha(source / "manifest.json")},
+        **{k: manifest[k] for k in ("dataset", "input", "normalization", "objective", "attack", "method", "target_sparsity")
+           if k in manifest},
+        "sparsity": sparsity,
+        "layers": layers,
+        "params": {"before": _n_params(load_tensors(source / MODEL_FILE)), "after": _n_params(state)},
+        "structure": {"regroup": opts.regroup, "k": opts.k, "nm": opts.nm, "removed_channels": removed,
+                      "nm_skipped_layers": nm_skipped, "time_s": round(time.perf_counter() - t0, 3)},
+        "metrics": {"clean_acc": final.get("clean_acc"), "robust_acc": final.get("robust_acc"), "split": "test",
+                    "n_test": final.get("n"), "attack": final.get("attack"),
+                    "source_metrics": manifest.get("metrics")},
+    }
+    files = [MODEL_FILE, "analysis.json", "config.yaml", "report.md"] + sorted(p.name for p in output.glob("*.png"))
+    return write_manifest(output, out, files)
+
+
+def _n_params(state: dict) -> int:
+    return sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked",
+                                                                        "normalize.mean", "normalize.std")))
+
+
+def _sha(path: Path) -> str:
+    from .artifacts import sha256_file
+
+    return sha256_file(path)
+
+
+def _markdown(manifest, source, steps, pictures, removed, opts, nm_skipped) -> str:
+    lines = [f"# rsp structure report", "", f"Source: `{source}` ({manifest['model']['name']}, method "
+             f"{manifest.get('method')}, objective {manifest.get('objective')}, target sparsity "
+             f"{manifest.get('target_sparsity')}).", "",
+             f"Accuracy on the first {opts.n_examples} test images (clean, and PGD-{opts.attack_steps}); "
+             "model selection happened in `rsp train` on a validation split, not here.", "",
+             "| step | sparsity | zero vectors | zero kernels | zero in-channels | zero filters | 2:4 ok | clean | robust | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in steps:
+        ov = s["analysis"]["overall"]
+        lay = s["analysis"]["layers"].values()
+        nm_ok = [v["nm_2_4_compliance"] for v in lay if v["nm_2_4_compliance"] is not None]
+        f = lambda v: "" if v is None else f"{v:.4f}"
+        lines.append(f"| {s['step']} | {ov['sparsity']:.4f} | {ov['zero_vectors']:.4f} | {ov['zero_kernels']:.4f} | "
+                     f"{ov['zero_input_channels']:.4f} | {ov['zero_filters']:.4f} | {sum(nm_ok) / max(1, len(nm_ok)):.4f} | "
+                     f"{f(s.get('clean_acc'))} | {f(s.get('robust_acc'))} | {s['note']} |")
+    final = steps[-1]["analysis"]["layers"]
+    blocks = list(next(iter(final.values()))["zero_blocks"])
+    lines += ["", "## Per layer (final)", "",
+              "| layer | shape | non-zero | zero vectors | zero filters | " + " | ".join(f"zero {b}" for b in blocks) + " |",
+              "|---|---|---|---|---|" + "---|" * len(blocks)]
+    for n, v in final.items():
+        zb = " | ".join("n/a" if v["zero_blocks"][b] is None else f"{v['zero_blocks'][b]:.3f}" for b in blocks)
+        lines.append(f"| {n} | {'x'.join(map(str, v['shape']))} | {v['nonzero']} | {v['zero_vectors']:.3f} | "
+                     f"{v['zero_filters']:.3f} | {zb} |")
+    lines += ["", f"Removed channels: {removed or 'none'}.", ""]
+    if nm_skipped:
+        lines += [f"N:M projection skipped for: {', '.join(nm_skipped)}.", ""]
+    lines += ["## Weight matrices (GEMM view out x in*kh*kw; black = non-zero)", ""]
+    for n in pictures:
+        stem = n.replace(".", "_")
+        lines.append(f"- `{n}`: ![original](weights_{stem}_original.png)"
+                     + (f" ![regrouped](weights_{stem}_regrouped.png)" if opts.regroup else ""))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,172 @@
+"""rsp structure: regrouping and exact shrinking keep the function; pruning and N:M do what they say."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rsp
+from rsp.artifacts import read_manifest, save_tensors, write_manifest
+from rsp.channels import channel_groups, select_channels
+from rsp.models import create_model
+from rsp.sparse import sparsifiable_layers
+from rsp.structure import (StructureOptions, analyse_layer, project_nm, prune_vectors, regroup_permutations, run,
+                           shrink)
+
+TINY = {"small-cnn": {}, "vgg11": {"width": 0.125}, "vgg16": {"width": 0.125}, "resnet18": {"width": 8},
+        "wrn": {"depth": 10, "widen_factor": 2}, "wrn-28-4": {"block_channels": [[4] * 4, [8] * 4, [16] * 4]},
+        "wrn-34-10": None}
+
+
+def _sparse_model(name, kwargs, density=0.3, seed=0, zero_channels=True):
+    """A registry model with random sparse weights, random BN statistics, and some dead channels."""
+    torch.manual_seed(seed)
+    model = create_model(name, **kwargs)
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+        layers = sparsifiable_layers(model)
+        for i, (n, m) in enumerate(layers):
+            m.weight.mul_(torch.rand_like(m.weight) < density)
+            if zero_channels and 0 < i < len(layers) - 1 and m.weight.shape[0] > 2:
+                m.weight[0] = 0  # a zero filter
+                m.weight[:, 1] = 0  # an input channel nobody reads
+    return model.eval()
+
+
+def _params(model_name):
+    if TINY.get(model_name) is None:
+        pytest.skip("full-size only")
+    return TINY[model_name]
+
+
+@pytest.mark.parametrize("name", [n for n in TINY if TINY[n] is not None])
+def test_regrouping_preserves_logits_on_every_registry_model(name):
+    model = _sparse_model(name, _params(name))
+    x = torch.rand(4, model.normalize.mean.shape[1], 32, 32)
+    groups = channel_groups(model)
+    state = model.state_dict()
+    new = select_channels(state, groups, regroup_permutations(state, groups))
+    twin = create_model(name, **model.rsp_config).eval()
+    twin.load_state_dict(new)
+    with torch.no_grad():
+        assert torch.allclose(model(x), twin(x), atol=1e-5, rtol=0)
+    changed = [k for k in state if not torch.equal(state[k], new[k])]
+    assert changed, "the permutation should move something"
+
+
+def test_every_registry_model_is_covered():
+    from rsp.models import list_models
+
+    assert set(list_models()) == set(TINY)
+
+
+@pytest.mark.parametrize("name", ["small-cnn", "vgg16", "resnet18", "wrn"])
+def test_shrinking_only_dead_structures_is_exact_and_never_larger(name):
+    model = _sparse_model(name, _params(name))
+    x = torch.rand(4, 3, 32, 32)
+    state = model.state_dict()
+    groups = channel_groups(model)
+    small_state, kwargs, removed = shrink(state, groups, name, model.rsp_config, model)
+    assert removed, "the test model has dead channels: some must go"
+    small = create_model(name, **kwargs).eval()
+    small.load_state_dict(small_state, strict=True)
+    with torch.no_grad():
+        assert torch.allclose(model(x), small(x), atol=1e-5, rtol=0)
+    n_big = sum(p.numel() for p in model.parameters())
+    n_small = sum(p.numel() for p in small.parameters())
+    assert n_small < n_big
+
+
+def test_zero_filter_with_live_batchnorm_output_is_kept():
+    """relu(bn(0)) > 0 means the 'zero' filter still feeds a constant: removing it would change logits."""
+    model = _sparse_model("vgg16", {"width": 0.125}, zero_channels=False)
+    with torch.no_grad():
+        model.features[3].weight[2] = 0  # conv 2, filter 2
+        bn = model.features[4]
+        bn.bias[2] = 1.0
+        bn.running_mean[2] = 0.0
+    groups = channel_groups(model)
+    _, kwargs, removed = shrink(model.state_dict(), groups, "vgg16", model.rsp_config, model)
+    assert "features.3" not in removed
+
+
+def test_prune_k_zeroes_small_vectors_and_k0_changes_nothing():
+    w = torch.tensor([[[[1.0, 0, 0], [1, 2, 0], [0, 0, 0]]]])
+    state = {"c.weight": w}
+    same, removed = prune_vectors(state, ["c"], 0)
+    assert removed == 0 and torch.equal(same["c.weight"], w)
+    out, removed = prune_vectors(state, ["c"], 1)
+    assert removed == 1
+    assert torch.equal(out["c.weight"], torch.tensor([[[[0.0, 0, 0], [1, 2, 0], [0, 0, 0]]]]))
+
+
+def test_nm_projection_really_is_2_of_4():
+    torch.manual_seed(0)
+    state = {"a.weight": torch.randn(8, 16, 3, 3), "b.weight": torch.randn(10, 30)}
+    out, skipped = project_nm(state, ["a", "b"], 2, 4)
+    assert skipped == ["b"] and torch.equal(out["b.weight"], state["b.weight"])
+    g = out["a.weight"].reshape(8, -1, 4)
+    assert torch.all((g != 0).sum(2) == 2)
+    # the kept two are the largest magnitudes of each group
+    orig = state["a.weight"].reshape(8, -1, 4).abs()
+    kept_min = torch.where(g != 0, orig, torch.full_like(orig, float("inf"))).amin(2)
+    dropped_max = torch.where(g == 0, orig, torch.zeros_like(orig)).amax(2)
+    assert torch.all(kept_min >= dropped_max)
+    assert analyse_layer(out["a.weight"])["nm_2_4_compliance"] == 1.0
+
+
+def _folder(tmp_path, model, name):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    save_tensors(folder / "model.safetensors", model.state_dict())
+    write_manifest(folder, {"stage": "train", "model": {"name": name, "kwargs": model.rsp_config},
+                            "dataset": {"dataset": "digits"}, "attack": {"eps": 8 / 255, "step_size": 2 / 255}},
+                   ["model.safetensors"])
+    return folder
+
+
+def test_structured_folder_loads_the_shrunk_model(tmp_path):
+    model = _sparse_model("small-cnn", {"in_channels": 1, "mean": [0.0], "std": [1.0]})
+    src = _folder(tmp_path, model, "small-cnn")
+    m = run(src, tmp_path / "s", StructureOptions(k=0, n_examples=64, attack_steps=2), log=lambda *_: None)
+    assert m["stage"] == "structure" and m["params"]["after"] < m["params"]["before"]
+    loaded = rsp.load_model(tmp_path / "s")
+    assert loaded.rsp_config["channels"] != model.rsp_config["channels"]
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5, rtol=0)
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "| original |" in report and "| shrink |" in report
+    assert list((tmp_path / "s").glob("*.png"))
+    steps = json.loads((tmp_path / "s" / "analysis.json").read_text())["steps"]
+    assert steps[0]["clean_acc"] == steps[-1]["clean_acc"]  # k = 0: exact
+
+
+def rsp_cli(*args):
+    return subprocess.run([sys.executable, "-m", "rsp.cli", *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    model = _sparse_model("small-cnn", {"in_channels": 1, "mean": [0.0], "std": [1.0]})
+    src = _folder(tmp_path, model, "small-cnn")
+    cases = [
+        (["structure", tmp_path, "--output", tmp_path / "o"], "not an rsp run folder"),
+        (["structure", src, "--output", tmp_path / "o", "--k", "-1"], "--k must be >= 0"),
+        (["structure", src, "--output", tmp_path / "o", "--block", "7x7"], "divides no layer"),
+        (["structure", src, "--output", tmp_path / "o", "--block", "four"], "block shape"),
+        (["structure", src, "--output", tmp_path / "o", "--nm", "4:2"], "--nm"),
+    ]
+    for args, match in cases:
+        r = rsp_cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert match in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (src / "model.safetensors").write_bytes(b"tampered")
+    r = rsp_cli("structure", src, "--output", tmp_path / "o2")
+    assert r.returncode == 2 and "changed" in r.stderr
