@@ -136,12 +136,14 @@ def train(
     epilog="Examples:\n\n"
     "  rsp structure runs/vgg16-99 --output runs/vgg16-99-structured          # regroup, k=1 pruning, shrink\n\n"
     "  rsp structure runs/resnet18-99 --k 0 --output runs/r18-exact           # only exact changes: same logits\n\n"
-    "  rsp structure runs/vgg16-90 --nm 2:4 --output runs/vgg16-90-24         # for sparse tensor cores",
+    "  rsp structure runs/vgg16-90 --nm 2:4 --output runs/vgg16-90-24         # for sparse tensor cores\n\n"
+    "  rsp structure runs/vgg16-99 --finetune 5 --output runs/vgg16-99-ft    # win back what k=1 pruning cost",
 )
 def structure(
     run_dir: str = typer.Argument(..., help="A train (or structure) folder."),
     output: str = typer.Option(..., "--output", "-o", help="New folder (same contract: model.safetensors, manifest.json, report)."),
-    k: int = typer.Option(1, "--k", help="Zero innermost vectors holding at most k non-zeros (0: only exact, function-preserving changes)."),
+    k: int = typer.Option(1, "--k", help="Zero vectors (one (in,kh,kw) position across all output channels, the study's measure) holding at most k non-zeros (0: only exact, function-preserving changes)."),
+    prune_block: Optional[str] = typer.Option(None, "--prune-block", help="Prune RxC blocks of the GEMM view (e.g. 4x4, 1x4 for a BSR kernel) instead of the study's vectors."),
     regroup: bool = typer.Option(True, "--regroup/--no-regroup", help="Permute channels to gather non-zeros (function unchanged)."),
     nm: Optional[str] = typer.Option(None, "--nm", help="N:M projection over the GEMM view, e.g. 2:4 for sparse tensor cores."),
     block: Optional[list[str]] = typer.Option(None, "--block", help="Block shapes (RxC of out x in*kh*kw) to report zero shares for [default: 1x4 4x4 16x1 32x1]."),
@@ -149,20 +151,25 @@ def structure(
     n_examples: int = typer.Option(500, help="Test images for clean/robust accuracy after each step (0: skip)."),
     attack_steps: int = typer.Option(20, help="PGD steps for the robust accuracy in the report (0: clean only)."),
     data_dir: Optional[str] = typer.Option(None, help="Data folder of the run's data set (not needed for digits)."),
+    finetune: int = typer.Option(0, "--finetune", help="Epochs of robust fine-tuning with the structure frozen (same objective as training; selected on validation)."),
+    finetune_lr: float = typer.Option(0.01, "--finetune-lr", help="Peak learning rate of the fine-tune (cosine)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Fine-tuning batch size [default: the run's]."),
+    seed: int = typer.Option(0, "--seed", help="Seed of attacks and fine-tuning."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
 ) -> None:
     """Turn learned sparsity into structure hardware can use, and report it.
 
     Steps: regroup (channel permutations that gather non-zeros, applied to producers, BatchNorms and
-    consumers alike, residual streams included) -> prune (innermost vectors with <= k non-zeros) ->
+    consumers alike, residual streams included) -> prune (vectors = GEMM columns with <= k non-zeros) ->
     shrink (physically remove channels that are exactly dead; rebuild the registry model narrower) ->
-    optional N:M. Each step is analysed (zero vectors, kernels, input channels, filters, 2:4, blocks)
+    optional N:M -> optional robust fine-tune (--finetune). Each step is analysed (zero vectors, kernels, input channels, filters, 2:4, blocks)
     and evaluated (clean and PGD accuracy); report.md and PNG weight pictures go into --output.
     """
     from .structure import StructureOptions, run as run_structure
 
     opts = StructureOptions(k=k, regroup=regroup, nm=nm, n_examples=n_examples, attack_steps=attack_steps,
-                            data_dir=data_dir, device=device, plot_layers=plot_layer or None)
+                            data_dir=data_dir, device=device, plot_layers=plot_layer or None, prune_block=prune_block,
+                            finetune=finetune, finetune_lr=finetune_lr, batch_size=batch_size, seed=seed)
     if block:
         opts.blocks = block
     try:

@@ -207,6 +207,22 @@ class FixedMask(SparseMethod):
             layer.register_buffer("mask", mask)
             self.layers.append((name, layer))
 
+    @classmethod
+    def from_pattern(cls, model: nn.Module) -> "FixedMask":
+        """Freeze the model's current non-zero pattern as the mask (rsp structure --finetune): weights may
+        change, the structure may not."""
+        self = cls.__new__(cls)
+        dense = sparsifiable_layers(model)
+        self.total = sum(m.weight.numel() for _, m in dense)
+        self.layers = []
+        for name, m in dense:
+            mask = (m.weight.detach() != 0).to(m.weight.dtype)
+            layer = _convert(m, "mask")
+            layer.register_buffer("mask", mask)
+            self.layers.append((name, layer))
+        self.budget = int(sum(m.mask.sum().item() for _, m in self.layers))
+        return self
+
     def weight_params(self):
         return [m.weight for _, m in self.layers]
 

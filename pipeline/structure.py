@@ -3,7 +3,7 @@
 Steps, each measured (analysis + clean/robust accuracy) before and after:
   1. regroup   channel permutations that gather non-zeros (dense filters first), applied to every
                producer, BatchNorm and consumer of a channel group: the function does not change
-  2. prune     zero the innermost vectors holding at most k non-zeros (k = 0: nothing changes)
+  2. prune     zero the vectors (GEMM columns: one (in, kh, kw) across all outputs) with <= k non-zeros
   3. shrink    physically remove channels nobody reads (all consumer slices zero) and zero filters whose
                BatchNorm+ReLU output is exactly 0; rebuild the registry model with the new widths
   4. nm        optional N:M projection (2:4 for sparse tensor cores) over the GEMM view
@@ -66,6 +66,13 @@ def gemm_view(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
+def vector_view(w: torch.Tensor) -> torch.Tensor:
+    """(in * kh * kw) x out: one row per vector of the study. Its TensorFlow kernels are HWIO, so the
+    innermost dimension is the output channel and a vector is a column of the GEMM view. A zero vector is
+    an im2col row that no output reads: skipping it shortens the GEMM's reduction dimension."""
+    return gemm_view(w).t()
+
+
 def zero_block_share(w: torch.Tensor, block: tuple[int, int]) -> float | None:
     g = gemm_view(w)
     r, c = block
@@ -86,7 +93,7 @@ def nm_compliance(w: torch.Tensor, n: int = 2, m: int = 4) -> float | None:
 def analyse_layer(w: torch.Tensor, blocks=DEFAULT_BLOCKS) -> dict:
     nz = w != 0
     w4 = nz if nz.dim() == 4 else nz[:, :, None, None]
-    vec = w4.reshape(-1, w4.shape[-1]).any(1)  # vectors along the innermost dimension (the study's measure)
+    vec = gemm_view(nz).any(0)  # the study's vectors: one per (in, kh, kw) across all outputs (see vector_view)
     kernels = w4.any(3).any(2)  # (out, in)
     return {
         "shape": list(w.shape),
@@ -110,8 +117,7 @@ def analyse(state: dict[str, torch.Tensor], layer_names: list[str], blocks=DEFAU
     for key in ("zero_vectors", "zero_kernels", "zero_input_channels", "zero_filters"):
         # weighted by the number of such structures is what Table 1 of the study reports for vectors
         if key == "zero_vectors":
-            counts = {n: state[f"{n}.weight"].numel() // state[f"{n}.weight"].shape[-1] if state[f"{n}.weight"].dim() == 4
-                      else state[f"{n}.weight"].shape[0] for n in layer_names}
+            counts = {n: state[f"{n}.weight"].numel() // state[f"{n}.weight"].shape[0] for n in layer_names}
         else:
             counts = {n: 1 for n in layer_names}
         overall[key] = sum(layers[n][key] * counts[n] for n in layer_names) / sum(counts.values())
@@ -130,18 +136,28 @@ def regroup_permutations(state: dict[str, torch.Tensor], groups: list[ChannelGro
     return perms
 
 
-def prune_vectors(state: dict[str, torch.Tensor], layer_names: list[str], k: int) -> tuple[dict, int]:
-    """Zero every innermost vector with at most k non-zeros; returns the new state and the weights removed."""
+def prune_vectors(state: dict[str, torch.Tensor], layer_names: list[str], k: int,
+                  block: tuple[int, int] | None = None) -> tuple[dict, int]:
+    """Zero every vector (see vector_view) -- or, with `block`, every R x C block of the GEMM view (ragged
+    edge blocks included) -- holding at most k non-zeros. Returns the new state and the weights removed."""
     if k == 0:
         return state, 0
     state = dict(state)
     removed = 0
     for n in layer_names:
         w = state[f"{n}.weight"]
-        v = w.reshape(-1, w.shape[-1])
-        drop = (v != 0).sum(1) <= k
-        removed += int((v[drop] != 0).sum())
-        state[f"{n}.weight"] = torch.where(drop[:, None], torch.zeros_like(v), v).reshape(w.shape)
+        g = gemm_view(w)
+        if block is None:
+            drop = ((g != 0).sum(0) <= k)[None, :].expand_as(g)
+        else:
+            r, c = block
+            rows, cols = -(-g.shape[0] // r), -(-g.shape[1] // c)
+            padded = torch.zeros(rows * r, cols * c, dtype=torch.bool)
+            padded[: g.shape[0], : g.shape[1]] = g != 0
+            counts = padded.reshape(rows, r, cols, c).sum((1, 3))
+            drop = (counts <= k).repeat_interleave(r, 0).repeat_interleave(c, 1)[: g.shape[0], : g.shape[1]]
+        removed += int((g[drop] != 0).sum())
+        state[f"{n}.weight"] = torch.where(drop, torch.zeros_like(g), g).reshape(w.shape)
     return state, removed
 
 
@@ -268,6 +284,78 @@ class StructureOptions:
     data_dir: str | None = None
     device: str = "cpu"
     seed: int = 0
+    prune_block: str | None = None  # None: the study's vectors; "4x4": blocks of the GEMM view
+    finetune: int = 0  # epochs of robust fine-tuning with the structure frozen
+    finetune_lr: float = 0.01
+    batch_size: int | None = None  # fine-tuning batch; default: the source run's
+
+
+def finetune(model: nn.Module, manifest: dict, splits, opts: StructureOptions, source: Path, log=print) -> tuple[dict, dict]:
+    """A short robust fine-tune with the structure frozen (FixedMask of the current non-zeros), the source
+    run's objective and attack, a cosine schedule from --finetune-lr, and selection on the validation split
+    (epoch 0, i.e. no fine-tuning, is a candidate: the fine-tune can only help). Returns (state, summary)."""
+    import copy
+    import math
+
+    import yaml
+
+    from .attacks import PGDConfig, evaluate
+    from .data import DeviceBatches
+    from .objectives import Objective
+    from .sparse import FixedMask, dense_state_dict
+    from .train import TrainStep
+
+    device = torch.device(opts.device)
+    model = copy.deepcopy(model).to(device)
+    mask = FixedMask.from_pattern(model)
+    att = manifest.get("attack") or {}
+    eps, step_size = att.get("eps", 8 / 255), att.get("step_size", 2 / 255)
+    objective_name = manifest.get("objective", "pgd-at")
+    note = ""
+    if objective_name == "rst":  # the extra pseudo-labelled data is not part of the run folder
+        objective_name, note = "trades", "rst run fine-tuned with trades (no extra data here)"
+    objective = Objective(objective_name, PGDConfig(eps, step_size, att.get("steps", 10)), att.get("beta") or 6.0)
+    batch = opts.batch_size
+    if batch is None:
+        try:
+            batch = int((yaml.safe_load((source / "config.yaml").read_text()) or {}).get("batch_size") or 128)
+        except (OSError, yaml.YAMLError, ValueError, TypeError):
+            batch = 128
+    step = TrainStep(model, mask, objective, lr=opts.finetune_lr)
+    gen = torch.Generator(device).manual_seed(opts.seed)
+    train_x, train_y = splits.train_x.to(device), splits.train_y.to(device)
+    val_x, val_y = splits.val_x[:1000].to(device), splits.val_y[:1000].to(device)
+    val_cfg = PGDConfig(eps, step_size, opts.attack_steps or 10) if objective.robust else None
+    key = "robust_acc" if objective.robust else "clean_acc"
+
+    def validate():
+        return evaluate(model, val_x, val_y, val_cfg, generator=torch.Generator(device).manual_seed(opts.seed))
+
+    best = validate()
+    best_epoch, best_state = 0, {k: v.clone() for k, v in dense_state_dict(model).items()}
+    history = [{"epoch": 0, **best}]
+    batches = DeviceBatches(train_x, train_y, min(batch, len(train_y)), generator=gen, shuffle=True,
+                            augment_with=splits.info, drop_last=True)
+    total = max(1, opts.finetune * len(batches))
+    t = 0
+    for epoch in range(1, opts.finetune + 1):
+        model.train()
+        for xb, yb in batches:
+            lr = 0.5 * opts.finetune_lr * (1 + math.cos(math.pi * t / total))
+            loss, _ = step(xb, yb, lr, gen)
+            if not torch.isfinite(loss):
+                raise StructureError(f"fine-tuning diverged at epoch {epoch} (loss {loss.item()}); try a lower --finetune-lr")
+            t += 1
+        r = validate()
+        history.append({"epoch": epoch, **r})
+        log(f"finetune  epoch {epoch}/{opts.finetune}  val clean {r['clean_acc']:.3f}"
+            + (f" robust {r['robust_acc']:.3f}" if val_cfg else ""))
+        if r[key] > best[key]:
+            best, best_epoch = r, epoch
+            best_state = {k: v.clone() for k, v in dense_state_dict(model).items()}
+    summary = {"epochs": opts.finetune, "selected_epoch": best_epoch, "selected_on": "val", "lr": opts.finetune_lr,
+               "schedule": "cosine", "batch_size": batch, "objective": objective_name, "history": history, "note": note}
+    return {k: v.cpu() for k, v in best_state.items()}, summary
 
 
 def _accuracy(model, manifest, opts, splits) -> dict:
@@ -291,6 +379,9 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
         raise ArtifactError(f"{source}: {bad[0]}")
     if opts.k < 0:
         raise StructureError(f"--k must be >= 0, got {opts.k}")
+    if opts.finetune < 0 or opts.finetune_lr <= 0:
+        raise StructureError("--finetune must be >= 0 epochs and --finetune-lr > 0")
+    prune_block = parse_block(opts.prune_block) if opts.prune_block else None
     nm = parse_nm(opts.nm)
     blocks = [parse_block(b) for b in opts.blocks]
     if output.resolve() == source.resolve():
@@ -311,7 +402,7 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
             raise StructureError(f"--plot-layer {n!r} is not a conv/linear layer; layers: {', '.join(layer_names)}")
 
     splits = None
-    if opts.n_examples > 0:
+    if opts.n_examples > 0 or opts.finetune:
         from .data import load_dataset
 
         ds = manifest.get("dataset", {})
@@ -344,9 +435,10 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
         record("regroup", state, model, "channel permutations, function unchanged")
         for n in pictures:
             write_png(output / f"weights_{n.replace('.', '_')}_regrouped.png", weight_picture(state[f"{n}.weight"]))
-    state, pruned = prune_vectors(state, layer_names, opts.k)
+    state, pruned = prune_vectors(state, layer_names, opts.k, prune_block)
     model.load_state_dict(state)
-    record("prune", state, model, f"vectors with <= {opts.k} non-zeros zeroed ({pruned} weights)")
+    unit = "vectors" if prune_block is None else f"{prune_block[0]}x{prune_block[1]} blocks"
+    record("prune", state, model, f"{unit} with <= {opts.k} non-zeros zeroed ({pruned} weights)")
     state, new_kwargs, removed = shrink(state, groups, name, kwargs, model)
     small = build_model({"model": {"name": name, "kwargs": new_kwargs}})
     small.load_state_dict(state, strict=True)
@@ -357,6 +449,12 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
         state, nm_skipped = project_nm(state, layer_names, *nm)
         small.load_state_dict(state)
         record(f"nm {nm[0]}:{nm[1]}", state, small, f"skipped (width not a multiple of {nm[1]}): {nm_skipped}")
+    tuned = None
+    if opts.finetune:
+        state, tuned = finetune(small, manifest, splits, opts, source, log)
+        small.load_state_dict(state)
+        record("finetune", state, small, f"{opts.finetune} epochs, structure frozen, selected epoch "
+               f"{tuned['selected_epoch']} on validation")
 
     save_tensors(output / MODEL_FILE, state)
     analysis = {"steps": steps, "groups": [g.__dict__ for g in groups], "removed_channels": removed}
@@ -377,8 +475,9 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
         "sparsity": sparsity,
         "layers": layers,
         "params": {"before": _n_params(load_tensors(source / MODEL_FILE)), "after": _n_params(state)},
-        "structure": {"regroup": opts.regroup, "k": opts.k, "nm": opts.nm, "removed_channels": removed,
-                      "nm_skipped_layers": nm_skipped, "time_s": round(time.perf_counter() - t0, 3)},
+        "structure": {"regroup": opts.regroup, "k": opts.k, "prune_unit": opts.prune_block or "vector", "nm": opts.nm,
+                      "removed_channels": removed, "nm_skipped_layers": nm_skipped, "finetune": tuned,
+                      "time_s": round(time.perf_counter() - t0, 3)},
         "metrics": {"clean_acc": final.get("clean_acc"), "robust_acc": final.get("robust_acc"), "split": "test",
                     "n_test": final.get("n"), "attack": final.get("attack"),
                     "source_metrics": manifest.get("metrics")},

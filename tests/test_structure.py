@@ -98,13 +98,61 @@ def test_zero_filter_with_live_batchnorm_output_is_kept():
 
 
 def test_prune_k_zeroes_small_vectors_and_k0_changes_nothing():
-    w = torch.tensor([[[[1.0, 0, 0], [1, 2, 0], [0, 0, 0]]]])
+    # a vector is one (in, kh, kw) position across all output channels (the study's HWIO innermost axis)
+    w = torch.zeros(3, 1, 2, 2)
+    w[:, 0, 0, 0] = torch.tensor([1.0, 0, 0])  # 1 non-zero: pruned at k = 1
+    w[:, 0, 0, 1] = torch.tensor([1.0, 2, 0])  # 2 non-zeros: kept
+    w[:, 0, 1, 1] = torch.tensor([0.0, 0, 3])  # 1 non-zero: pruned
     state = {"c.weight": w}
     same, removed = prune_vectors(state, ["c"], 0)
     assert removed == 0 and torch.equal(same["c.weight"], w)
     out, removed = prune_vectors(state, ["c"], 1)
-    assert removed == 1
-    assert torch.equal(out["c.weight"], torch.tensor([[[[0.0, 0, 0], [1, 2, 0], [0, 0, 0]]]]))
+    assert removed == 2
+    expect = torch.zeros_like(w)
+    expect[:, 0, 0, 1] = torch.tensor([1.0, 2, 0])
+    assert torch.equal(out["c.weight"], expect)
+    assert analyse_layer(out["c.weight"])["zero_vectors"] == 0.75
+
+
+def test_block_pruning_zeroes_sparse_blocks_including_ragged_edges():
+    g = torch.zeros(6, 6)  # GEMM view of a 6 x 6 linear; 4x4 blocks leave ragged 2-wide edges
+    g[0, 0] = 1.0  # block (0,0): 1 non-zero -> pruned at k = 1
+    g[1, 4], g[0, 5] = 2.0, 3.0  # block (0,1), ragged: 2 non-zeros -> kept
+    g[5, 5] = 4.0  # block (1,1), ragged corner: 1 non-zero -> pruned
+    g[4, 0], g[5, 1], g[4, 2] = 5.0, 6.0, 7.0  # block (1,0): 3 -> kept
+    out, removed = prune_vectors({"l.weight": g}, ["l"], 1, block=(4, 4))
+    assert removed == 2
+    expect = g.clone()
+    expect[0, 0] = expect[5, 5] = 0.0
+    assert torch.equal(out["l.weight"], expect)
+    same, removed = prune_vectors({"l.weight": g}, ["l"], 0, block=(4, 4))
+    assert removed == 0 and torch.equal(same["l.weight"], g)
+
+
+def test_finetune_keeps_the_structure_frozen_and_selects_on_validation(tmp_path):
+    model = _sparse_model("small-cnn", {"in_channels": 1, "mean": [0.0], "std": [1.0]}, density=0.2)
+    src = _folder(tmp_path, model, "small-cnn")
+    manifest = read_manifest(src)  # natural objective: from random weights, fine-tuning must clearly help
+    write_manifest(src, {**manifest, "objective": "natural"}, ["model.safetensors"])
+    opts = StructureOptions(k=0, regroup=False, n_examples=64, attack_steps=2, finetune=2, finetune_lr=0.05,
+                            batch_size=128)
+    m = run(src, tmp_path / "s", opts, log=lambda *_: None)
+    ft = m["structure"]["finetune"]
+    assert ft["selected_on"] == "val" and [h["epoch"] for h in ft["history"]] == [0, 1, 2]
+    # the selected epoch is the best on validation robust accuracy
+    best = max(h["clean_acc"] for h in ft["history"])
+    assert ft["history"][ft["selected_epoch"]]["clean_acc"] == best and ft["selected_epoch"] > 0
+    steps = json.loads((tmp_path / "s" / "analysis.json").read_text())["steps"]
+    assert [s["step"] for s in steps][-1] == "finetune"
+    tuned = rsp.load_model(tmp_path / "s").state_dict()
+    for n, l in steps[-2]["analysis"]["layers"].items():
+        assert steps[-1]["analysis"]["layers"][n]["nonzero"] <= l["nonzero"]  # no connection appears
+    run(src, tmp_path / "s0", StructureOptions(k=0, regroup=False, n_examples=0), log=lambda *_: None)
+    plain = rsp.load_model(tmp_path / "s0").state_dict()
+    for n in steps[-1]["analysis"]["layers"]:  # weights moved, zeros stayed zeros
+        w0, w1 = plain[f"{n}.weight"], tuned[f"{n}.weight"]
+        assert torch.all(w1[w0 == 0] == 0)
+        assert not torch.equal(w0, w1)
 
 
 def test_nm_projection_really_is_2_of_4():
@@ -162,6 +210,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         (["structure", src, "--output", tmp_path / "o", "--block", "7x7"], "divides no layer"),
         (["structure", src, "--output", tmp_path / "o", "--block", "four"], "block shape"),
         (["structure", src, "--output", tmp_path / "o", "--nm", "4:2"], "--nm"),
+        (["structure", src, "--output", tmp_path / "o", "--prune-block", "0x4"], "block shape"),
+        (["structure", src, "--output", tmp_path / "o", "--finetune", "-1"], "--finetune"),
     ]
     for args, match in cases:
         r = rsp_cli(*args)
