@@ -469,6 +469,8 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
         "status": "complete",
         "rsp_version": __version__,
         "model": {"name": name, "kwargs": new_kwargs},
+        # the unshrunk architecture: verify builds it to time the dense original on the same runtime
+        "dense_reference": manifest.get("dense_reference") or {"name": name, "kwargs": kwargs},
         "source": {"path": str(source), "stage": manifest["stage"], "manifest_sha256": _sha(source / "manifest.json")},
         **{k: manifest[k] for k in ("dataset", "input", "normalization", "objective", "attack", "method", "target_sparsity")
            if k in manifest},

@@ -1,0 +1,363 @@
+"""rsp verify: robustness, parity and latency of the artifact that will ship, with CI gates.
+
+Order of work, so a CI job fails early and cheaply on bad input:
+  1. the bundle's files against the sha256 in its manifest (a changed or missing file: exit 2)
+  2. the runtimes: the PyTorch twin (weights of model.safetensors, the exact exported numbers) and
+     each requested artifact runtime (onnxruntime, the TVM VM)
+  3. parity: clean logits of every artifact vs the twin on the evaluation images
+  4. robustness: white-box attacks on the twin (attacks.py, the module training uses); the adversarial
+     examples are then classified by each artifact, and that is its robust accuracy; the black-box
+     Square attack queries the artifact itself. Worst case per example over attacks and restarts.
+  5. sanity checks of a careful evaluation (sanity.py); a failure marks the result unreliable
+  6. latency at batch 1 and a larger batch, the dense original timed on the same runtime in the same run
+  7. verify.json, report.md, PNG charts; gates -> exit 0 (pass) / 1 (a gate failed)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .artifacts import ArtifactError, atomic_write_text, build_model, check_files, load_model, read_manifest, write_json
+from .latency import compare
+from .runtimes import ONNX_FILE, TVM_FILE, Runtime, RuntimeUnavailable, onnx_runtime, torch_runtime, tvm_runtime
+
+BACKENDS = ("torch", "onnx", "tvm")
+GATES = ("min_clean_acc", "min_robust_acc", "max_latency_ms", "max_parity_error")
+
+
+class VerifyError(ArtifactError):
+    """Bad verify input: one line, exit code 2."""
+
+
+@dataclass
+class VerifyOptions:
+    output: str
+    backends: list[str] | None = None  # None: every artifact in the bundle that runs here (else the twin)
+    dataset: str | None = None
+    data_dir: str | None = None
+    attacks: list[str] = field(default_factory=lambda: ["pgd"])
+    eps: float | None = None
+    steps: int = 50
+    restarts: int = 10
+    n_examples: int = 1000
+    seed: int = 0
+    sanity: bool = True
+    latency_batches: tuple[int, ...] = (1, 32)
+    latency_runs: int = 100
+    latency_max_seconds: float = 20.0
+    device: str = "cpu"
+    threads: int | None = None
+    gates: dict = field(default_factory=dict)  # overrides of the manifest's gates
+
+
+def _chw(manifest: dict, model: torch.nn.Module) -> tuple[int, int, int]:
+    shape = (manifest.get("input") or {}).get("shape")
+    if shape and len(shape) == 3:
+        return tuple(int(v) for v in shape)
+    c = getattr(model, "rsp_config", {}).get("in_channels", 3)
+    return (c, 8, 8) if c == 1 else (c, 32, 32)
+
+
+def _runtimes(bundle: Path, manifest: dict, model, chw, opts: VerifyOptions, log) -> dict[str, Runtime]:
+    present = {"onnx": (bundle / ONNX_FILE).is_file(), "tvm": (bundle / TVM_FILE).is_file()}
+    wanted = opts.backends
+    if wanted is None:
+        wanted = [b for b in ("onnx", "tvm") if present[b]] or ["torch"]
+    for b in wanted:
+        if b not in BACKENDS:
+            raise VerifyError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    out = {}
+    for b in wanted:
+        if b == "torch":
+            out[b] = torch_runtime(model, chw, opts.device)
+        elif b == "onnx":
+            out[b] = onnx_runtime(bundle / ONNX_FILE, chw, opts.threads)
+        else:
+            tvm_batch = ((manifest.get("input") or {}).get("batch") or {}).get("tvm") or 1
+            try:
+                out[b] = tvm_runtime(bundle / TVM_FILE, chw, int(tvm_batch))
+            except RuntimeUnavailable as exc:
+                if opts.backends is not None:  # asked for explicitly: bad input
+                    raise
+                log(f"tvm: skipped ({exc})")
+    return out
+
+
+def _eval_data(manifest: dict, opts: VerifyOptions):
+    from .data import load_dataset, to_float
+
+    ds = manifest.get("dataset") or {}
+    name = opts.dataset or ds.get("dataset") or "digits"
+    splits = load_dataset(name, opts.data_dir, val_fraction=ds.get("val_fraction", 0.1), split_seed=ds.get("split_seed", 0))
+    n = min(opts.n_examples, len(splits.test_y)) if opts.n_examples > 0 else len(splits.test_y)
+    # the first N test images in file order: anyone can reproduce the subset
+    return to_float(splits.test_x[:n]), splits.test_y[:n], name, splits.info.num_classes
+
+
+def _parity(twin: Runtime, runtimes: dict[str, Runtime], x: torch.Tensor) -> dict:
+    ref = twin.predict(x)
+    out = {}
+    for name, rt in runtimes.items():
+        if name == "torch":
+            continue
+        logits = rt.predict(x)
+        out[name] = {"max_abs_err": (logits - ref).abs().max().item(),
+                     "prediction_agreement": (logits.argmax(1) == ref.argmax(1)).float().mean().item(), "n": len(x)}
+    return out
+
+
+def _robustness(model, runtimes: dict[str, Runtime], x, y, eps, opts: VerifyOptions, log) -> dict:
+    """White-box attacks on the twin, scored on every runtime; Square queries the first artifact runtime."""
+    from .attacks import PGDConfig, attack_mode, pgd
+
+    step = max(eps / 4, 2.5 * eps / max(1, opts.steps)) if eps > 0 else 0.0
+    gen = torch.Generator(opts.device).manual_seed(opts.seed)
+    dev = torch.device(opts.device)
+    x, y = x.to(dev), y.to(dev)
+    per_backend = {name: {"clean_ok": (rt.predict(x).argmax(1) == y.cpu())} for name, rt in runtimes.items()}
+    attacks = {}
+    for attack in opts.attacks:
+        t0 = time.perf_counter()
+        if attack == "pgd":
+            cfg = PGDConfig(eps, step, opts.steps, restarts=opts.restarts)
+            x_adv = torch.cat([pgd(model, x[i: i + 256], y[i: i + 256], cfg, gen) for i in range(0, len(y), 256)])
+            desc = f"pgd-{opts.steps}x{opts.restarts} ce step={step:.6g}"
+        else:
+            from . import attacks as attack_module
+
+            if not hasattr(attack_module, "ensemble_eval"):
+                raise VerifyError(f"attack {attack!r} is not available in this version; use --attacks pgd")
+            raise VerifyError(f"attack {attack!r} not wired yet")
+        with torch.no_grad(), attack_mode(model):
+            assert (x_adv - x).abs().max().item() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+        for name, rt in runtimes.items():
+            ok = rt.predict(x_adv.cpu()).argmax(1) == y.cpu()
+            per_backend[name][attack] = ok & per_backend[name]["clean_ok"]
+        attacks[attack] = {"description": desc, "time_s": round(time.perf_counter() - t0, 2)}
+        log(f"{attack}: " + ", ".join(f"{n} {per_backend[n][attack].float().mean().item():.4f}" for n in runtimes))
+    results = {}
+    for name, flags in per_backend.items():
+        worst = flags["clean_ok"].clone()
+        for a in opts.attacks:
+            worst &= flags[a]
+        results[name] = {"clean_acc": flags["clean_ok"].float().mean().item(),
+                         "robust_acc": worst.float().mean().item(),
+                         "per_attack": {a: flags[a].float().mean().item() for a in opts.attacks}}
+    return {"backends": results, "attacks": attacks}
+
+
+def _eps_sweep(model, x, y, eps, opts: VerifyOptions) -> list[tuple[float, float]]:
+    """Robust accuracy of the twin on a short eps sweep (PGD-20x1, same seed): for the plot and the checks."""
+    from .attacks import PGDConfig, evaluate
+
+    pts = []
+    for f in (0.0, 0.25, 0.5, 1.0, 2.0):
+        e = eps * f
+        cfg = PGDConfig(e, max(e / 4, 2.5 * e / 20), 20) if e > 0 else None
+        r = evaluate(model, x.to(opts.device), y.to(opts.device), cfg, generator=torch.Generator(opts.device).manual_seed(opts.seed))
+        pts.append((e, r["robust_acc"] if cfg else r["clean_acc"]))
+    return pts
+
+
+def _latency(runtimes: dict[str, Runtime], manifest: dict, chw, opts: VerifyOptions, log) -> dict:
+    """Each runtime against the dense original (the unshrunk architecture, dense weights) on the same runtime."""
+    ref_spec = manifest.get("dense_reference") or manifest["model"]
+    dense = build_model({"model": ref_spec}).eval()
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, rt in runtimes.items():
+            dense_rt = _dense_twin(name, dense, chw, Path(tmp), rt, opts, log)
+            for b in opts.latency_batches:
+                if rt.batches is not None and b not in rt.batches:
+                    continue
+                cands = {"artifact": rt.make_timer(b)}
+                if dense_rt is not None:
+                    cands["dense"] = dense_rt.make_timer(b)
+                res = compare(cands, b, warmup=5, runs=opts.latency_runs, max_seconds=opts.latency_max_seconds)
+                entry = {**res["artifact"], "runtime": rt.info.get("runtime")}
+                if "dense" in res:
+                    entry["dense_original"] = res["dense"]
+                    entry["speedup_vs_dense"] = res["dense"]["p50_ms"] / res["artifact"]["p50_ms"]
+                out[f"{name}/batch{b}"] = entry
+                log(f"latency {name} batch {b}: p50 {entry['p50_ms']:.3f} ms, p99 {entry['p99_ms']:.3f} ms"
+                    + (f", dense original p50 {entry['dense_original']['p50_ms']:.3f} ms "
+                       f"(speedup {entry['speedup_vs_dense']:.2f}x)" if "dense_original" in entry else ""))
+    return out
+
+
+def _dense_twin(name, dense, chw, tmp: Path, rt: Runtime, opts: VerifyOptions, log) -> Runtime | None:
+    try:
+        if name == "torch":
+            return torch_runtime(dense, chw, opts.device, "torch-dense")
+        if name == "onnx":
+            from .export import export_onnx
+
+            path = tmp / "dense.onnx"
+            path.write_bytes(export_onnx(dense, chw, "fp32", 17, {}))
+            return onnx_runtime(path, chw, opts.threads, "onnx-dense")
+        if name == "tvm":
+            from .targets import get_target
+            from .tvm_build import build
+
+            path = tmp / "dense.tvm.so"
+            build(dense, chw, get_target("x86-cpu"), path, batch=rt.batches[0], log=lambda *_: None)
+            return tvm_runtime(path, chw, rt.batches[0], "tvm-dense")
+    except Exception as exc:  # the ratio is a bonus: never fail verify because the dense twin cannot build
+        log(f"latency: no dense original on {name} ({str(exc).splitlines()[0][:120]})")
+    return None
+
+
+def _system_info(opts: VerifyOptions) -> dict:
+    info = {"machine": platform.machine(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "device": opts.device}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    nv = Path("/etc/nv_tegra_release")
+    if nv.is_file():  # a Jetson: record the L4T release and the power mode
+        info["l4t"] = nv.read_text().splitlines()[0][:120]
+        try:
+            import subprocess
+
+            info["power_mode"] = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            info["power_mode"] = "unknown (nvpmodel not found)"
+    return info
+
+
+def evaluate_gates(summary: dict, gates: dict) -> list[dict]:
+    """Each gate that is set -> {gate, limit, value, passed}."""
+    checks = []
+    lat = summary.get("latency_p50_ms")
+    values = {"min_clean_acc": summary.get("clean_acc"), "min_robust_acc": summary.get("robust_acc"),
+              "max_latency_ms": lat, "max_parity_error": summary.get("max_parity_error")}
+    for gate in GATES:
+        limit = gates.get(gate)
+        if limit is None:
+            continue
+        value = values[gate]
+        ok = value is not None and (value >= limit if gate.startswith("min_") else value <= limit)
+        checks.append({"gate": gate, "limit": limit, "value": value, "passed": bool(ok)})
+    return checks
+
+
+def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
+    from .attacks import parse_eps  # noqa: F401  (eps parsing lives with the attacks)
+
+    bundle, output = Path(bundle), Path(opts.output)
+    manifest = read_manifest(bundle)
+    bad = check_files(bundle, manifest)
+    if bad:
+        raise VerifyError(f"{bundle}: {bad[0]}")
+    if opts.n_examples < 0 or opts.steps < 1 or opts.restarts < 1:
+        raise VerifyError("--n-examples must be >= 0, --steps and --restarts >= 1")
+    for g, v in opts.gates.items():
+        if g not in GATES:
+            raise VerifyError(f"unknown gate {g!r}")
+    gates = {**(manifest.get("gates") or {}), **{k: v for k, v in opts.gates.items() if v is not None}}
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    t0 = time.perf_counter()
+    model = load_model(bundle, device=opts.device)
+    chw = _chw(manifest, model)
+    runtimes = _runtimes(bundle, manifest, model, chw, opts, log)
+    x, y, dataset, num_classes = _eval_data(manifest, opts)
+    eps = opts.eps if opts.eps is not None else (manifest.get("attack") or {}).get("eps", 8 / 255)
+    log(f"verify {bundle} ({manifest['stage']}, {manifest['model']['name']}) on {', '.join(runtimes)}: "
+        f"{len(y)} {dataset} test images, eps {eps:.6g}")
+    twin = torch_runtime(model, chw, opts.device)
+    parity = _parity(twin, runtimes, x)
+    robust = _robustness(model, runtimes, x, y, eps, opts, log)
+    sweep = _eps_sweep(model, x, y, eps, opts)
+    sanity = {"checks": [], "unreliable": None, "note": "not run"}
+    if opts.sanity:
+        from .sanity import run_sanity_checks
+
+        sanity = run_sanity_checks(model, x, y, eps, runtimes=runtimes, robust=robust, sweep=sweep,
+                                   num_classes=num_classes, seed=opts.seed, device=opts.device)
+    latency = _latency(runtimes, manifest, chw, opts, log)
+
+    primary = next(iter(runtimes))
+    prim = robust["backends"][primary]
+    lat_b1 = latency.get(f"{primary}/batch1", {})
+    summary = {"clean_acc": prim["clean_acc"], "robust_acc": prim["robust_acc"], "backend": primary,
+               "max_parity_error": max((p["max_abs_err"] for p in parity.values()), default=0.0),
+               "latency_p50_ms": lat_b1.get("p50_ms")}
+    gate_results = evaluate_gates(summary, gates)
+    passed = all(g["passed"] for g in gate_results) and not sanity.get("unreliable")
+    result = {
+        "rsp_version": __version__, "bundle": str(bundle), "bundle_stage": manifest["stage"],
+        "bundle_manifest_files": manifest.get("files", {}),
+        "model": manifest["model"], "target": (manifest.get("target") or {}).get("name"),
+        "clean_acc": summary["clean_acc"], "robust_acc": summary["robust_acc"],
+        "threat_model": "Linf", "eps": eps, "n_examples": len(y), "dataset": dataset, "seed": opts.seed,
+        "evaluation_images": "the first n_examples test images in file order",
+        "attacks": robust["attacks"], "backends": robust["backends"], "eps_sweep": sweep,
+        "unreliable": bool(sanity.get("unreliable")), "sanity": sanity,
+        "parity": parity, "latency": latency, "gates": gate_results, "passed": passed,
+        "selection_note": "the model was selected in rsp train on a validation split cut from the training data; "
+                          "the test images are used here only",
+        "system": _system_info(opts), "time_s": round(time.perf_counter() - t0, 2),
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "verify.json", result)
+    _report(output, result, num_classes, log)
+    return result
+
+
+def _report(output: Path, r: dict, num_classes: int, log) -> None:
+    from .report_plots import latency_bars, robust_vs_eps
+
+    plots = []
+    if robust_vs_eps(output / "robust_vs_eps.png", {"PyTorch twin (PGD-20)": r["eps_sweep"]}, r["eps"], 1.0 / num_classes):
+        plots.append("robust_vs_eps.png")
+    rows = []
+    for k, v in r["latency"].items():
+        rows.append((k, v["p50_ms"], v["p99_ms"]))
+        if "dense_original" in v:
+            rows.append((k + " dense original", v["dense_original"]["p50_ms"], v["dense_original"]["p99_ms"]))
+    if latency_bars(output / "latency.png", rows):
+        plots.append("latency.png")
+    lines = ["# rsp verify report", "",
+             f"Bundle `{r['bundle']}` ({r['bundle_stage']}, {r['model']['name']}, target {r['target']}); "
+             f"{r['n_examples']} {r['dataset']} test images ({r['evaluation_images']}); Linf eps = {r['eps']:.6g} "
+             f"({r['eps'] * 255:.3g}/255); seed {r['seed']}.", "",
+             f"**clean {r['clean_acc']:.4f}, robust {r['robust_acc']:.4f}** on `{next(iter(r['backends']))}`"
+             + (" — **UNRELIABLE** (a sanity check failed)" if r["unreliable"] else ""), "",
+             "| backend | clean | robust (worst case) | " + " | ".join(r["attacks"]) + " |",
+             "|---|---|---|" + "---|" * len(r["attacks"])]
+    for name, b in r["backends"].items():
+        lines.append(f"| {name} | {b['clean_acc']:.4f} | {b['robust_acc']:.4f} | "
+                     + " | ".join(f"{b['per_attack'][a]:.4f}" for a in r["attacks"]) + " |")
+    lines += ["", "Attacks: " + "; ".join(f"{a}: {v['description']}" for a, v in r["attacks"].items()), ""]
+    if r["parity"]:
+        lines += ["## Parity (clean logits vs the PyTorch twin)", "", "| artifact | max abs diff | prediction agreement |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {v['max_abs_err']:.3g} | {v['prediction_agreement']:.4f} |" for k, v in r["parity"].items()]
+        lines.append("")
+    lines += ["## Sanity checks", ""]
+    for c in r["sanity"].get("checks", []):
+        lines.append(f"- {'PASS' if c.get('passed') else 'FAIL'} `{c.get('name')}`: {c.get('detail', '')}")
+    if not r["sanity"].get("checks"):
+        lines.append(f"- {r['sanity'].get('note', 'none')}")
+    lines += ["", "## Latency", "", "| runtime / batch | p50 ms | p90 ms | p99 ms | images/s | dense original p50 ms | speedup |",
+              "|---|---|---|---|---|---|---|"]
+    for k, v in r["latency"].items():
+        d = v.get("dense_original")
+        lines.append(f"| {k} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} | {v['p99_ms']:.3f} | {v['throughput_ips']:.1f} | "
+                     + (f"{d['p50_ms']:.3f} | {v['speedup_vs_dense']:.2f}x |" if d else "| |"))
+    lines += ["", "## Gates", ""]
+    lines += [f"- {'PASS' if g['passed'] else 'FAIL'} {g['gate']}: value {g['value']}, limit {g['limit']}" for g in r["gates"]] \
+        or ["- none set"]
+    lines += ["", "## System", "", "```", json.dumps(r["system"], indent=1), "```", ""]
+    lines += [f"![robust accuracy vs eps]({p})" for p in plots]
+    atomic_write_text(output / "report.md", "\n".join(lines) + "\n")
