@@ -181,6 +181,70 @@ def structure(
                f"sparsity {manifest['sparsity']:.4f}; report {output}/report.md")
 
 
+@app.command(
+    epilog="Examples:\n\n"
+    "  rsp export --list-targets\n\n"
+    "  rsp export runs/v99-s --target jetson-orin-nano --data-dir ~/data --output out/orin   # ONNX + TVM (sm_87 fatbin) + TensorRT settings\n\n"
+    "  rsp export runs/demo --target x86-cpu --output out/x86 --tune-trials 256             # tuned CPU library\n\n"
+    "  rsp export runs/demo --target cuda --format onnx --precision fp16 --output out/onnx16",
+)
+def export(
+    run_dir: Optional[str] = typer.Argument(None, help="A train or structure folder."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Registry target (rsp export --list-targets)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Bundle folder (default: exports/<run>-<target>)."),
+    format: Optional[list[str]] = typer.Option(None, "--format", "-f", help="onnx | tvm | tensorrt; repeat for several (default: the target's)."),
+    precision: Optional[str] = typer.Option(None, help="ONNX numbers: fp32 | fp16 (default: the target's)."),
+    trt_precision: Optional[str] = typer.Option(None, "--trt-precision", help="TensorRT engine: fp32 | fp16 | int8 (default: the target's)."),
+    opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
+    batch: int = typer.Option(1, help="Static batch of the TVM library (the ONNX model's batch is dynamic)."),
+    tune_trials: int = typer.Option(0, "--tune-trials", help="MetaSchedule trials for the TVM CPU library (0: untuned); records are cached and reused."),
+    tune_cache: Optional[str] = typer.Option(None, "--tune-cache", help="Tuning record folder (default: ~/.cache/rsp/tvm-tuning/<target>)."),
+    nvcc: Optional[str] = typer.Option(None, "--nvcc", help="nvcc that compiles the TVM CUDA kernels into a fatbin (default: nvcc on PATH)."),
+    data_dir: Optional[str] = typer.Option(None, help="Data folder of the run's data set, for the parity images (not needed for digits)."),
+    parity_images: int = typer.Option(256, "--parity-images", help="Test images on which exported logits are compared with PyTorch."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch and onnxruntime."),
+    list_targets: bool = typer.Option(False, "--list-targets", help="Print the target registry and exit."),
+) -> None:
+    """Turn a train or structure folder into a deployable bundle for a target device.
+
+    ONNX (opset >= 17, dynamic batch, sparsity in the metadata), an Apache TVM 0.27 library compiled for the
+    target (CUDA kernels precompiled into a fatbin, aarch64 host code cross-linked for Jetsons), and TensorRT
+    build settings (engines are built on the device by rsp verify). Logits of every artifact that runs here
+    are compared with PyTorch on real test images; manifest.json records the parity, hashes of every file,
+    the target, and model.safetensors so rsp.load_model works on the bundle.
+    """
+    from .targets import describe, targets
+
+    if list_targets:
+        for t in targets().values():
+            typer.echo(describe(t))
+        return
+    try:
+        from .export import ExportOptions, ParityError, run as run_export
+        from .tvm_build import TVMCompileError
+
+        if not target:
+            from .targets import target_names
+
+            _fail(f"--target is required; targets: {', '.join(target_names())}")
+        if not run_dir:
+            _fail("missing RUN_DIR: the train or structure folder to export")
+        import pathlib
+
+        out = output or f"exports/{pathlib.Path(run_dir).resolve().name}-{target}"
+        opts = ExportOptions(target=target, formats=format or None, precision=precision, trt_precision=trt_precision,
+                             opset=opset, batch=batch, tune_trials=tune_trials, tune_cache=tune_cache, nvcc=nvcc,
+                             data_dir=data_dir, parity_images=parity_images, threads=threads)
+        manifest = run_export(run_dir, out, opts, log=lambda m: typer.echo(m, err=True))
+    except _bad_input_types() as exc:
+        _fail(str(exc))
+    except (ParityError, TVMCompileError) as exc:
+        _fail(str(exc), code=1)
+    par = ", ".join(f"{k} {v['max_abs_err']:.1e}" for k, v in manifest["parity"].items() if v.get("passed") is not None)
+    typer.echo(f"{out}: {manifest['target']['name']} {'+'.join(manifest['formats'])}"
+               + (f"; parity max |diff| {par}" if par else "") + f"; manifest {out}/manifest.json")
+
+
 @app.command()
 def models() -> None:
     """List the model registry."""

@@ -1,0 +1,557 @@
+"""rsp export: a train or structure folder -> a deployable bundle for a registry target (rsp.targets).
+
+Formats (the target's defaults unless --format says otherwise):
+  onnx      model.onnx: the (shrunk) model, fp32 or fp16, opset >= 17, dynamic batch, sparsity in its metadata;
+            onnxruntime logits are checked against PyTorch on real test images as part of the command
+  tvm       model.tvm.so: Apache TVM 0.27 Relax library for the target (tvm_build.py); CUDA kernels are
+            compiled here into a fatbin, Jetson host code is cross-linked for aarch64; CPU libraries built
+            for this machine's architecture are checked against PyTorch like the ONNX model
+  tensorrt  TensorRT engines must be built on the device that runs them: the bundle carries the ONNX model,
+            tensorrt.json (precision, 2:4 layers, shapes) and the matching trtexec command; `rsp verify`
+            builds and caches the engine where the tensorrt package and a GPU are present
+            (build_tensorrt_engine below)
+The bundle keeps the train-folder contract (model.safetensors + model kwargs: rsp.load_model works on it) so
+that verification attacks exactly the exported numbers. manifest.json (stage "export") is written last.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .artifacts import (MANIFEST, MODEL_FILE, ArtifactError, atomic_write_bytes, atomic_write_text, build_model,
+                        check_files, load_tensors, read_manifest, save_tensors, sha256_file, write_manifest)
+from .targets import FORMATS, PRECISIONS, TRT_PRECISIONS, Target, get_target
+
+ONNX_FILE = "model.onnx"
+TVM_FILE = "model.tvm.so"
+TRT_FILE = "tensorrt.json"
+CALIBRATION_FILE = "calibration.safetensors"
+MIN_OPSET = 17
+TVM_PARITY_IMAGES = 64
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+SOURCE_STAGES = ("train", "structure")
+
+
+class ExportError(ArtifactError):
+    """Bad export options or source folder: one line, exit code 2."""
+
+
+class ParityError(RuntimeError):
+    """An exported artifact disagrees with PyTorch beyond tolerance: exit code 1 (the bundle is kept, its
+    manifest says status "parity_failed")."""
+
+
+@dataclass
+class ExportOptions:
+    target: str
+    formats: list[str] | None = None  # None: the target's defaults
+    precision: str | None = None  # ONNX numbers: fp32 | fp16 (None: the target's)
+    trt_precision: str | None = None  # fp32 | fp16 | int8 (None: the target's)
+    opset: int = MIN_OPSET
+    batch: int = 1  # static batch of the TVM library
+    tune_trials: int = 0
+    tune_cache: str | None = None
+    nvcc: str | None = None
+    data_dir: str | None = None
+    parity_images: int = 256
+    tolerance: float = 1e-4  # fp32 max |logit difference|
+    threads: int | None = None
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def _check_source(source: Path) -> dict:
+    manifest = read_manifest(source)
+    if manifest["stage"] not in SOURCE_STAGES:
+        raise ExportError(f"{source} is a {manifest['stage']!r} folder; rsp export reads a train or structure folder")
+    if manifest.get("status", "complete") != "complete":
+        raise ExportError(f"{source} is not complete (status {manifest.get('status')!r}): finish or resume the run first")
+    if "model.safetensors" not in manifest.get("files", {}):
+        raise ExportError(f"{source}/manifest.json lists no {MODEL_FILE}")
+    bad = check_files(source, manifest)
+    if bad:
+        raise ArtifactError(f"{source}: {bad[0]}")
+    return manifest
+
+
+def _formats(opts: ExportOptions, target: Target) -> list[str]:
+    formats = list(dict.fromkeys(opts.formats or target.formats))
+    for f in formats:
+        if f not in FORMATS:
+            raise ExportError(f"unknown format {f!r}; formats: {', '.join(FORMATS)}")
+    if "tensorrt" in formats and not target.tensorrt:
+        raise ExportError(f"target {target.name} has no NVIDIA GPU: the tensorrt format needs one")
+    return formats
+
+
+def _parity_images(manifest: dict, opts: ExportOptions) -> tuple[torch.Tensor, dict]:
+    """The first N test images of the run's data set, float NCHW in [0, 1] (what the model takes)."""
+    from .data import load_dataset, to_float
+
+    ds = manifest.get("dataset") or {}
+    name = ds.get("dataset", "digits")
+    splits = load_dataset(name, opts.data_dir, val_fraction=ds.get("val_fraction", 0.1),
+                          split_seed=ds.get("split_seed", 0))
+    x = to_float(splits.test_x[: opts.parity_images])
+    return x, {"dataset": name, "split": "test", "n": len(x), "first": 0}
+
+
+def _chw(manifest: dict, model: torch.nn.Module, images: torch.Tensor) -> tuple[int, int, int]:
+    shape = (manifest.get("input") or {}).get("shape")
+    if shape and len(shape) == 3:
+        return tuple(int(v) for v in shape)
+    return tuple(images.shape[1:])
+
+
+def _compare(ref: np.ndarray, out: np.ndarray, tol: float, precision: str) -> dict:
+    err = np.abs(ref.astype(np.float64) - out.astype(np.float64))
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    # fp16 has an 11-bit significand: ~1e-3 relative per operation; judge it relative to the logit scale
+    limit = tol if precision == "fp32" else 1e-2 * max(1.0, scale)
+    return {"max_abs_err": float(err.max()) if err.size else 0.0, "mean_abs_err": float(err.mean()) if err.size else 0.0,
+            "tolerance": limit, "criterion": "max |logit difference| <= tolerance" + ("" if precision == "fp32" else
+                                                                                        " (1e-2 x max(1, max |logit|) for fp16)"),
+            "argmax_agreement": float((ref.argmax(1) == out.argmax(1)).mean()) if ref.size else 1.0,
+            "max_abs_logit": scale, "passed": bool(err.size == 0 or err.max() <= limit)}
+
+
+def _layer_names(model: torch.nn.Module) -> list[str]:
+    from .sparse import sparsifiable_layers
+
+    return [n for n, _ in sparsifiable_layers(model)]
+
+
+def _trt_24_layers(state: dict, names: list[str]) -> dict[str, bool]:
+    """Which layers TensorRT would run as 2:4 sparse: it wants 2 zeros in every 4 consecutive *input channels*
+    for each (output channel, kernel position). rsp structure's --nm groups the GEMM row (in, kh, kw) with kw
+    fastest, which is the same only for 1x1 convs and linear layers."""
+    out = {}
+    for n in names:
+        w = state[f"{n}.weight"]
+        w = w.permute(0, 2, 3, 1) if w.dim() == 4 else w  # (K, R, S, C): input channels innermost
+        c = w.shape[-1]
+        out[n] = bool(c % 4 == 0 and ((w.reshape(-1, 4) != 0).sum(1) <= 2).all())
+    return out
+
+
+def _planner():
+    """rsp.kernels' per-layer planner (costmodel.plan_model), if that sibling module provides one yet."""
+    try:
+        from .kernels import costmodel
+
+        return getattr(costmodel, "plan_model", None)
+    except Exception:  # absent or half-written: export must not depend on it
+        return None
+
+
+def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names: list[str], batch: int) -> dict:
+    """Per-layer kernel choice for the manifest: rsp.kernels.costmodel.plan_model(model, input_shape, arch=,
+    batch=) where it exists and the target has a GPU; otherwise "dense" with the reason. The TVM library
+    itself is built with TVM's dense kernels either way ("linked": false) until the BSR kernels are linked."""
+    plan = _planner()
+    if not target.has_cuda:
+        reason = "rsp's sparse kernels are CUDA kernels; this target has no GPU"
+    elif plan is None:
+        reason = "sparse kernels not linked yet"
+    else:
+        try:
+            try:
+                rows = plan(model, (batch, *chw), arch=target.cuda_arch[0], batch=batch)
+            except TypeError:
+                rows = plan(model, (batch, *chw))
+            if isinstance(rows, dict):
+                rows = [{"layer": k, **dict(v)} for k, v in rows.items()]
+            rows = [dict(r) for r in rows]
+            for r in rows:
+                r.setdefault("layer", r.get("name"))
+            if rows and all(r.get("layer") and "kernel" in r for r in rows):
+                return {"planner": "rsp.kernels.costmodel.plan_model", "linked": False, "layers": rows,
+                        "note": "the plan; model.tvm.so still runs TVM's dense kernels"}
+            reason = "rsp.kernels.costmodel.plan_model returned no per-layer choice"
+        except Exception as exc:
+            reason = f"rsp.kernels.costmodel.plan_model failed ({type(exc).__name__}: {str(exc)[:120]})"
+    layers = []
+    for n in names:
+        w = state[f"{n}.weight"]
+        layers.append({"layer": n, "shape": list(w.shape), "density": float((w != 0).float().mean()),
+                       "kernel": "dense", "reason": reason})
+    return {"planner": None, "linked": False, "layers": layers}
+
+
+# --- ONNX ---------------------------------------------------------------------------------------------
+
+
+def export_onnx(model: torch.nn.Module, chw, precision: str, opset: int, metadata: dict[str, str]) -> bytes:
+    """ONNX bytes of the model with a dynamic batch axis, checked by onnx.checker."""
+    import copy
+
+    import onnx
+
+    model = copy.deepcopy(model).eval()
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    model = model.to(dtype)
+    example = torch.rand(2, *chw, dtype=dtype)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # TorchScript-based exporter (dynamo=False): the dynamo one needs onnxscript, a dependency rsp avoids
+        torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          do_constant_folding=True)
+    proto = onnx.load_from_string(buf.getvalue())
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name, proto.producer_version = "rsp", __version__
+    data = proto.SerializeToString()
+    try:
+        onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"the exported ONNX model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    return data
+
+
+def onnx_summary(data: bytes) -> dict:
+    """Opset, I/O shapes and the measured sparsity of the Conv/Gemm weights inside an ONNX model."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_from_string(data)
+    inits = {i.name: i for i in proto.graph.initializer}
+    zeros = total = 0
+    for node in proto.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
+            w = numpy_helper.to_array(inits[node.input[1]])
+            zeros += int((w == 0).sum())
+            total += w.size
+
+    def dims(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    return {"opset": opset, "inputs": {v.name: dims(v) for v in proto.graph.input if v.name not in inits},
+            "outputs": {v.name: dims(v) for v in proto.graph.output},
+            "weight_sparsity": zeros / total if total else 0.0, "nodes": len(proto.graph.node),
+            "metadata": {p.key: p.value for p in proto.metadata_props}}
+
+
+def onnx_session(data: bytes | str, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or torch.get_num_threads()
+    so.log_severity_level = 3
+    return ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, x: np.ndarray) -> np.ndarray:
+    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+    return session.run(None, {session.get_inputs()[0].name: x.astype(dtype)})[0].astype(np.float32)
+
+
+def _median_seconds(fn, repeat: int = 5, min_s: float = 0.1) -> float:
+    """Median seconds per call; each repeat runs >= min_s (as TVM's time_evaluator does)."""
+    t = time.perf_counter()
+    fn()
+    number = max(1, int(min_s / max(time.perf_counter() - t, 1e-6)))
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - t) / number)
+    return float(sorted(times)[len(times) // 2])
+
+
+# --- TensorRT -----------------------------------------------------------------------------------------
+
+
+def tensorrt_settings(target: Target, precision: str, chw, trt24: dict[str, bool], onnx_file: str) -> dict:
+    trt = target.tensorrt or {}
+    opt, mx = int(trt.get("opt_batch", 1)), int(trt.get("max_batch", 8))
+    shape = "x".join(str(v) for v in chw)
+    engine = f"model.{target.name}.{precision}.engine"
+    sparse = sorted(n for n, ok in trt24.items() if ok)
+    cmd = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={engine}",
+           f"--minShapes={INPUT_NAME}:1x{shape}", f"--optShapes={INPUT_NAME}:{opt}x{shape}",
+           f"--maxShapes={INPUT_NAME}:{mx}x{shape}", f"--memPoolSize=workspace:{int(trt.get('workspace_mib', 1024))}"]
+    if precision == "fp16":
+        cmd.append("--fp16")
+    elif precision == "int8":
+        cmd += ["--int8", "--fp16"]  # fp16 fallback for layers without int8 kernels
+    if sparse:
+        cmd.append("--sparsity=enable")
+    if trt.get("dla"):
+        cmd += ["--useDLACore=0", "--allowGPUFallback"]
+    return {"onnx": onnx_file, "engine": engine, "precision": precision, "input": INPUT_NAME, "output": OUTPUT_NAME,
+            "shapes": {"min": [1, *chw], "opt": [opt, *chw], "max": [mx, *chw]},
+            "workspace_mib": int(trt.get("workspace_mib", 1024)), "dla": bool(trt.get("dla")),
+            "sparsity": bool(sparse), "sparse_2_4_layers": sparse,
+            "sparsity_rule": "TensorRT uses 2:4 sparse tensor cores where every 4 consecutive input channels of a "
+                             "(output channel, kernel position) hold at most 2 non-zeros",
+            "calibration": CALIBRATION_FILE if precision == "int8" else None,
+            "trtexec": " ".join(cmd),
+            "note": ("int8 from trtexec without a calibration cache uses placeholder scales (timing only); "
+                     "build_tensorrt_engine calibrates with calibration.safetensors" if precision == "int8" else
+                     "build the engine on the device that runs it (TensorRT engines are not portable)")}
+
+
+def build_tensorrt_engine(bundle: str | Path, cache_dir: str | Path | None = None, log=print) -> Path:
+    """Build (or reuse) the TensorRT engine of an export bundle on this machine; for `rsp verify`.
+
+    Needs the tensorrt package and an NVIDIA GPU. Engines are cached under cache_dir (default
+    BUNDLE/engines) by a key of the ONNX hash, the settings, the TensorRT version and the GPU name.
+    """
+    import hashlib
+
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise ExportError("building a TensorRT engine needs the tensorrt package (NVIDIA's wheels or JetPack)") from None
+    if not torch.cuda.is_available():
+        raise ExportError("building a TensorRT engine needs an NVIDIA GPU on this machine")
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle, stage="export")
+    settings = json.loads((bundle / TRT_FILE).read_text())
+    onnx_path = bundle / settings["onnx"]
+    gpu = torch.cuda.get_device_name()
+    key = hashlib.sha256(json.dumps([sha256_file(onnx_path), settings, trt.__version__, gpu]).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) if cache_dir else bundle / "engines"
+    engine_path = cache / f"{Path(settings['engine']).stem}.{key}.engine"
+    if engine_path.is_file():
+        return engine_path
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)  # TensorRT 8 needs it, 10 ignores it
+    network = builder.create_network(0 if flag is None else 1 << int(flag))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        raise ExportError(f"TensorRT cannot parse {onnx_path}: {parser.get_error(0)}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings["workspace_mib"] << 20)
+    if settings["precision"] in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if settings["sparsity"]:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(settings["input"], *(tuple(settings["shapes"][k]) for k in ("min", "opt", "max")))
+    config.add_optimization_profile(profile)
+    if settings["precision"] == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.int8_calibrator = _calibrator(trt, load_tensors(bundle / settings["calibration"])["images"],
+                                             settings["shapes"]["opt"][0])
+        config.set_calibration_profile(profile)
+    t = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError("TensorRT failed to build the engine (see its log above)")
+    atomic_write_bytes(engine_path, bytes(serialized))
+    log(f"tensorrt: built {engine_path} in {time.perf_counter() - t:.1f} s for {gpu} ({manifest['target']['name']})")
+    return engine_path
+
+
+def _calibrator(trt, images: torch.Tensor, batch: int):
+    class Calibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            super().__init__()
+            self.batches = [images[i: i + batch].float().cuda().contiguous() for i in range(0, len(images) - batch + 1, batch)]
+            self.i = 0
+
+        def get_batch_size(self):
+            return batch
+
+        def get_batch(self, names):
+            if self.i >= len(self.batches):
+                return None
+            self.i += 1
+            return [int(self.batches[self.i - 1].data_ptr())]
+
+        def read_calibration_cache(self):
+            return None
+
+        def write_calibration_cache(self, cache):
+            return None
+
+    return Calibrator()
+
+
+# --- the stage ----------------------------------------------------------------------------------------
+
+
+def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) -> dict:
+    source, output = Path(source), Path(output)
+    t0 = time.perf_counter()
+    target = get_target(opts.target)
+    formats = _formats(opts, target)
+    precision = opts.precision or target.precision
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    trt_precision = opts.trt_precision or (target.tensorrt or {}).get("precision", "fp16")
+    if trt_precision not in TRT_PRECISIONS:
+        raise ExportError(f"--trt-precision must be one of {', '.join(TRT_PRECISIONS)}, got {trt_precision!r}")
+    if opts.opset < MIN_OPSET:
+        raise ExportError(f"--opset must be >= {MIN_OPSET}, got {opts.opset}")
+    if opts.parity_images < 1:
+        raise ExportError(f"--parity-images must be >= 1, got {opts.parity_images}")
+    if opts.batch < 1 or opts.tune_trials < 0:
+        raise ExportError("--batch must be >= 1 and --tune-trials >= 0")
+    if "tvm" in formats:
+        from .tvm_build import require_tvm
+
+        require_tvm()  # fail in one line before any work when TVM is absent
+    elif opts.tune_trials:
+        raise ExportError("--tune-trials tunes the TVM library: add --format tvm")
+    if any(f in formats for f in ("onnx", "tensorrt")):
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise ExportError(f"the onnx format needs onnx and onnxruntime (pip install 'rsp[export]'): {exc}") from None
+    manifest = _check_source(source)
+    if output.resolve() == source.resolve():
+        raise ExportError("--output must differ from the source folder")
+    if (output / MANIFEST).is_file():
+        raise ExportError(f"{output} already holds an rsp folder: choose another --output")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+
+    model = build_model(manifest)
+    state = load_tensors(source / MODEL_FILE)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{source / MODEL_FILE} does not fit model {manifest['model']['name']}: "
+                            f"{str(exc).strip().splitlines()[-1]}") from None
+    model.eval()
+    images, image_info = _parity_images(manifest, opts)
+    chw = _chw(manifest, model, images)
+    if tuple(images.shape[1:]) != tuple(chw):
+        raise ExportError(f"test images are {tuple(images.shape[1:])} but the manifest's input is {tuple(chw)}")
+    with torch.no_grad():
+        reference = model(images).numpy()
+    names = _layer_names(model)
+    from .sparse import layer_report
+
+    layers, sparsity = layer_report(state, names)
+    output.mkdir(parents=True, exist_ok=True)
+    files = [MODEL_FILE]
+    # the exact reference numbers, byte for byte: verify attacks what was exported
+    atomic_write_bytes(output / MODEL_FILE, (source / MODEL_FILE).read_bytes())
+    artifacts, parity, latency = {}, {}, {}
+    source_sha = sha256_file(source / MANIFEST)
+    x_np = images.numpy()
+
+    if "onnx" in formats or "tensorrt" in formats:
+        t = time.perf_counter()
+        meta = {"rsp.version": __version__, "rsp.model": json.dumps(manifest["model"]), "rsp.sparsity": f"{sparsity:.6f}",
+                "rsp.layers": json.dumps([{k: r[k] for k in ("name", "nonzero", "numel")} for r in layers]),
+                "rsp.input": json.dumps({"shape": ["batch", *chw], "range": [0.0, 1.0], "layout": "NCHW"}),
+                "rsp.normalization": json.dumps(manifest.get("normalization") or {"inside_model": True}),
+                "rsp.target": target.name, "rsp.precision": precision, "rsp.source_manifest_sha256": source_sha}
+        data = export_onnx(model, chw, precision, opts.opset, meta)
+        atomic_write_bytes(output / ONNX_FILE, data)
+        files.append(ONNX_FILE)
+        summary = onnx_summary(data)
+        session = onnx_session(data, opts.threads)
+        out = run_onnx(session, x_np)
+        one = run_onnx(session, x_np[:1])  # a second batch size: the batch axis really is dynamic
+        parity["onnx"] = {**_compare(reference, out, opts.tolerance, precision), "runtime": "onnxruntime CPU",
+                          "batch_1_max_abs_err": float(np.abs(one - reference[:1]).max()), "images": image_info}
+        parity["onnx"]["passed"] &= parity["onnx"]["batch_1_max_abs_err"] <= parity["onnx"]["tolerance"]
+        latency["onnxruntime_cpu_batch_%d_s" % opts.batch] = _median_seconds(lambda: run_onnx(session, x_np[: opts.batch]))
+        artifacts["onnx"] = {"file": ONNX_FILE, "precision": precision, "opset": summary["opset"],
+                             "dynamic_batch": True, "input": INPUT_NAME, "output": OUTPUT_NAME,
+                             "inputs": summary["inputs"], "outputs": summary["outputs"], "nodes": summary["nodes"],
+                             "weight_sparsity": summary["weight_sparsity"], "checker": "onnx.checker full_check passed",
+                             "exporter": f"torch.onnx (TorchScript) {torch.__version__}",
+                             "note": "BatchNorm is folded into the convolutions; zeros stay zeros",
+                             "time_s": round(time.perf_counter() - t, 2)}
+        log(f"onnx: {ONNX_FILE} opset {summary['opset']} {precision}, weight sparsity {summary['weight_sparsity']:.4f}, "
+            f"parity max |diff| {parity['onnx']['max_abs_err']:.2e} on {len(x_np)} images")
+
+    if "tvm" in formats:
+        from . import tvm_build
+
+        cache = Path(opts.tune_cache) if opts.tune_cache else None
+        result = tvm_build.build(model, chw, target, output / TVM_FILE, batch=opts.batch, nvcc=opts.nvcc,
+                                 tune_trials=opts.tune_trials, tune_cache=cache, log=log)
+        files.append(TVM_FILE)
+        artifacts["tvm"] = result.info
+        if not target.has_cuda and target.arch == os.uname().machine:
+            # the library runs one static batch per call, untuned CPU code slowly (0.3 s per image for an
+            # untuned VGG-16): 64 real images are plenty to catch a wrong kernel
+            n = min(len(x_np), TVM_PARITY_IMAGES)
+            out = tvm_build.run_library(output / TVM_FILE, x_np[:n], opts.batch)
+            parity["tvm"] = {**_compare(reference[:n], out, opts.tolerance, "fp32"), "runtime": "tvm relax VM, CPU",
+                             "images": {**image_info, "n": n}}
+            latency["tvm_cpu_batch_%d_s" % opts.batch] = tvm_build.time_library(output / TVM_FILE, opts.batch, chw)
+            log(f"tvm: {TVM_FILE} parity max |diff| {parity['tvm']['max_abs_err']:.2e}; "
+                f"{latency['tvm_cpu_batch_%d_s' % opts.batch] * 1e3:.3f} ms/batch "
+                + (f"(onnxruntime {latency['onnxruntime_cpu_batch_%d_s' % opts.batch] * 1e3:.3f} ms)"
+                   if "onnxruntime_cpu_batch_%d_s" % opts.batch in latency else ""))
+        else:
+            parity["tvm"] = {"passed": None, "status": "not run",
+                             "reason": f"the library is for {target.triple}" + (f" + CUDA {','.join(target.cuda_arch)}"
+                                                                                if target.has_cuda else "")
+                             + "; `rsp verify` checks it on the device"}
+            log(f"tvm: {TVM_FILE} for {target.triple} ({result.info['library']['elf_machine']}), "
+                + (f"SASS {','.join(result.info['library']['sass'])}, no CUDA source" if target.has_cuda else ""))
+
+    trt24 = _trt_24_layers(state, names)
+    if "tensorrt" in formats:
+        settings = tensorrt_settings(target, trt_precision, chw, trt24, ONNX_FILE)
+        atomic_write_text(output / TRT_FILE, json.dumps(settings, indent=1) + "\n")
+        files.append(TRT_FILE)
+        if trt_precision == "int8":
+            save_tensors(output / CALIBRATION_FILE, {"images": (images[:512] * 255).round().to(torch.uint8)},
+                         metadata={"layout": "NCHW uint8; divide by 255 for the model's [0, 1] input"})
+            files.append(CALIBRATION_FILE)
+        artifacts["tensorrt"] = {"settings": TRT_FILE, "trtexec": settings["trtexec"], "precision": trt_precision,
+                                 "sparse_2_4_layers": settings["sparse_2_4_layers"], "engine_built": False,
+                                 "reason": "engines are built on the device (rsp verify; tensorrt package + GPU)"}
+        log(f"tensorrt: {TRT_FILE} ({trt_precision}{', 2:4 sparse layers' if settings['sparsity'] else ''}): "
+            f"{settings['trtexec']}")
+
+    checked = [p["passed"] for p in parity.values() if p.get("passed") is not None]
+    out_manifest = {
+        "stage": "export",
+        "status": "complete" if all(checked) else "parity_failed",
+        "rsp_version": __version__,
+        "model": manifest["model"],
+        "dense_reference": manifest.get("dense_reference") or manifest["model"],
+        "source": {"path": str(source), "stage": manifest["stage"], "manifest_sha256": source_sha},
+        **{k: manifest[k] for k in ("dataset", "normalization", "objective", "attack", "method", "target_sparsity")
+           if k in manifest},
+        "input": {**(manifest.get("input") or {}), "shape": list(chw), "range": [0.0, 1.0], "layout": "NCHW",
+                  "batch": {"onnx": "dynamic" if "onnx" in artifacts else None,
+                            "tvm": opts.batch if "tvm" in artifacts else None},
+                  "normalization_inside_model": True},
+        "sparsity": sparsity,
+        "layers": [{**r, "trt_2_4": trt24[r["name"][: -len(".weight")]]} for r in layers],
+        "metrics": manifest.get("metrics"),
+        "target": {"name": target.name, "description": target.description, "registry": target.as_dict()},
+        "formats": formats,
+        "artifacts": artifacts,
+        "parity": parity,
+        "latency_here": {k: round(v, 7) for k, v in latency.items()} | {"machine": os.uname().machine,
+                                                                        "threads": torch.get_num_threads()},
+        "kernels": kernel_plan(model, chw, target, state, names, opts.batch),
+        "export": {"options": {k: v for k, v in opts.__dict__.items()}, "time_s": round(time.perf_counter() - t0, 2)},
+    }
+    written = write_manifest(output, out_manifest, files)
+    failed = [f"{k} max |diff| {v['max_abs_err']:.3g} > {v['tolerance']:.3g}" for k, v in parity.items()
+              if v.get("passed") is False]
+    if failed:
+        raise ParityError(f"parity check failed: {'; '.join(failed)} (bundle kept in {output}, status parity_failed)")
+    return written
