@@ -134,8 +134,7 @@ def _layer_names(model: torch.nn.Module) -> list[str]:
 
 def _trt_24_layers(state: dict, names: list[str]) -> dict[str, bool]:
     """Which layers TensorRT would run as 2:4 sparse: it wants 2 zeros in every 4 consecutive *input channels*
-    for each (output channel, kernel position). rsp structure's --nm groups the GEMM row (in, kh, kw) with kw
-    fastest, which is the same only for 1x1 convs and linear layers."""
+    for each (output channel, kernel position): the grouping `rsp structure --nm 2:4` projects onto."""
     out = {}
     for n in names:
         w = state[f"{n}.weight"]

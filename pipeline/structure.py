@@ -82,11 +82,25 @@ def zero_block_share(w: torch.Tensor, block: tuple[int, int]) -> float | None:
     return 1.0 - nz.float().mean().item()
 
 
+def nm_view(w: torch.Tensor) -> torch.Tensor:
+    """out x (kh * kw * in): the GEMM view with input channels innermost (NHWC implicit GEMM). N:M groups
+    are M consecutive *input channels* at one (out, kh, kw), the layout sparse tensor cores (cuSPARSELt,
+    TensorRT's 2:4) require."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w
+
+
+def _from_nm_view(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if len(shape) == 4:
+        o, i, kh, kw = shape
+        return g.reshape(o, kh, kw, i).permute(0, 3, 1, 2).contiguous()
+    return g.reshape(shape)
+
+
 def nm_compliance(w: torch.Tensor, n: int = 2, m: int = 4) -> float | None:
-    g = gemm_view(w)
-    if g.shape[1] % m:
+    in_ch = w.shape[1]
+    if in_ch % m:
         return None
-    counts = (g != 0).reshape(g.shape[0], -1, m).sum(2)
+    counts = (nm_view(w) != 0).reshape(w.shape[0], -1, m).sum(2)
     return (counts <= n).float().mean().item()
 
 
@@ -162,20 +176,20 @@ def prune_vectors(state: dict[str, torch.Tensor], layer_names: list[str], k: int
 
 
 def project_nm(state: dict[str, torch.Tensor], layer_names: list[str], n: int, m: int) -> tuple[dict, list[str]]:
-    """Keep the n largest of every m consecutive weights along the GEMM row; layers that m does not divide
-    are left as they are and listed."""
+    """Keep the n largest of every m consecutive input channels at each (out, kh, kw) (see nm_view); layers
+    whose input width m does not divide (e.g. the RGB stem) are left as they are and listed."""
     state = dict(state)
     skipped = []
     for name in layer_names:
         w = state[f"{name}.weight"]
-        g = gemm_view(w)
-        if g.shape[1] % m:
+        if w.shape[1] % m:
             skipped.append(name)
             continue
+        g = nm_view(w)
         groups = g.reshape(g.shape[0], -1, m)
         top = groups.abs().topk(n, dim=2).indices
         keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, top, True)
-        state[f"{name}.weight"] = (groups * keep).reshape(w.shape)
+        state[f"{name}.weight"] = _from_nm_view((groups * keep).reshape(g.shape), w.shape)
     return state, skipped
 
 

@@ -155,18 +155,20 @@ def test_finetune_keeps_the_structure_frozen_and_selects_on_validation(tmp_path)
         assert not torch.equal(w0, w1)
 
 
-def test_nm_projection_really_is_2_of_4():
+def test_nm_projection_really_is_2_of_4_along_input_channels():
     torch.manual_seed(0)
-    state = {"a.weight": torch.randn(8, 16, 3, 3), "b.weight": torch.randn(10, 30)}
-    out, skipped = project_nm(state, ["a", "b"], 2, 4)
-    assert skipped == ["b"] and torch.equal(out["b.weight"], state["b.weight"])
-    g = out["a.weight"].reshape(8, -1, 4)
-    assert torch.all((g != 0).sum(2) == 2)
-    # the kept two are the largest magnitudes of each group
-    orig = state["a.weight"].reshape(8, -1, 4).abs()
-    kept_min = torch.where(g != 0, orig, torch.full_like(orig, float("inf"))).amin(2)
-    dropped_max = torch.where(g == 0, orig, torch.zeros_like(orig)).amax(2)
-    assert torch.all(kept_min >= dropped_max)
+    state = {"a.weight": torch.randn(8, 16, 3, 3), "b.weight": torch.randn(10, 30), "c.weight": torch.randn(6, 3, 3, 3)}
+    out, skipped = project_nm(state, ["a", "b", "c"], 2, 4)
+    assert skipped == ["b", "c"] and torch.equal(out["b.weight"], state["b.weight"])
+    # sparse tensor cores' rule: every 4 consecutive input channels at one (out, kh, kw) hold <= 2 non-zeros
+    g = out["a.weight"].permute(0, 2, 3, 1).reshape(8, 3, 3, 4, 4)
+    assert torch.all((g != 0).sum(-1) == 2)
+    orig = state["a.weight"].permute(0, 2, 3, 1).reshape(8, 3, 3, 4, 4).abs()
+    kept_min = torch.where(g != 0, orig, torch.full_like(orig, float("inf"))).amin(-1)
+    dropped_max = torch.where(g == 0, orig, torch.zeros_like(orig)).amax(-1)
+    assert torch.all(kept_min >= dropped_max)  # the kept two are the largest of each group
+    kept = out["a.weight"] != 0
+    assert torch.equal(out["a.weight"][kept], state["a.weight"][kept])  # survivors keep their values and place
     assert analyse_layer(out["a.weight"])["nm_2_4_compliance"] == 1.0
 
 
@@ -220,3 +222,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     (src / "model.safetensors").write_bytes(b"tampered")
     r = rsp_cli("structure", src, "--output", tmp_path / "o2")
     assert r.returncode == 2 and "changed" in r.stderr
+
+
+def test_nm_output_is_what_tensorrt_accepts_as_2_4():
+    from rsp.export import _trt_24_layers
+
+    torch.manual_seed(1)
+    state = {"a.weight": torch.randn(8, 16, 3, 3), "l.weight": torch.randn(10, 32)}
+    assert not any(_trt_24_layers(state, ["a", "l"]).values())
+    out, _ = project_nm(state, ["a", "l"], 2, 4)
+    assert all(_trt_24_layers(out, ["a", "l"]).values())
