@@ -245,6 +245,156 @@ def export(
                + (f"; parity max |diff| {par}" if par else "") + f"; manifest {out}/manifest.json")
 
 
+@app.command(
+    epilog="Examples:\n\n"
+    "  rsp verify out/orin --data-dir ~/data --min-robust-acc 0.45 --max-latency-ms 5    # a CI gate on the device\n\n"
+    "  rsp verify out/x86 --backend onnx --backend tvm --attacks pgd --n-examples 500\n\n"
+    "  rsp verify runs/v99-s --backend torch --eps 4/255 --steps 100 --restarts 20",
+)
+def verify(
+    bundle: str = typer.Argument(..., help="An export bundle (or any rsp stage folder: then the PyTorch twin is run)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Report folder: verify.json, report.md, PNG charts (default: BUNDLE/verify)."),
+    backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="torch | onnx | tvm; repeat for several (default: every artifact in the bundle that runs here)."),
+    dataset: Optional[str] = typer.Option(None, help="Evaluation data set (default: the bundle's)."),
+    data_dir: Optional[str] = typer.Option(None, help="Data folder (as in rsp train; not needed for digits)."),
+    attacks: Optional[list[str]] = typer.Option(None, "--attacks", help="pgd (default); repeat for several."),
+    eps: Optional[str] = typer.Option(None, help="Linf radius; fractions allowed (default: the bundle's, 8/255)."),
+    steps: int = typer.Option(50, help="Attack steps."),
+    restarts: int = typer.Option(10, help="Random restarts; an example is robust only if it survives all."),
+    n_examples: int = typer.Option(1000, "--n-examples", help="The first N test images in file order (0: all)."),
+    seed: int = typer.Option(0, help="Seed of the attacks (recorded)."),
+    sanity: bool = typer.Option(True, "--sanity/--no-sanity", help="Sanity checks of the evaluation; a failure marks it unreliable and fails the run."),
+    latency_runs: int = typer.Option(100, "--latency-runs", help="Timed runs per batch size (after warm-up)."),
+    min_clean_acc: Optional[float] = typer.Option(None, "--min-clean-acc", help="Gate: fail (exit 1) below this clean accuracy.", rich_help_panel="Gates"),
+    min_robust_acc: Optional[float] = typer.Option(None, "--min-robust-acc", help="Gate: fail below this robust accuracy.", rich_help_panel="Gates"),
+    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Gate: fail above this p50 latency at batch 1.", rich_help_panel="Gates"),
+    max_parity_error: Optional[float] = typer.Option(None, "--max-parity-error", help="Gate: fail above this max |logit difference| vs PyTorch.", rich_help_panel="Gates"),
+    device: str = typer.Option("cpu", help="cpu | cuda (the PyTorch twin and the attacks)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch and onnxruntime."),
+) -> None:
+    """Check the artifact that will ship: robust, accurate, fast; exit 1 when a gate fails.
+
+    The sha256 of every bundle file is checked first (a changed file: exit 2). White-box attacks run on
+    the PyTorch twin of the exported weights; the adversarial examples are then classified by each
+    artifact runtime, and that is the robust accuracy reported (worst case over attacks and restarts).
+    Latency (p50/p90/p99, images/s at batch 1 and 32) is measured against the dense original on the same
+    runtime in the same run. Gates come from the flags or the bundle manifest.
+    """
+    import pathlib
+
+    from .attacks import parse_eps
+
+    try:
+        from .verify import VerifyOptions, run as run_verify
+
+        gates = {"min_clean_acc": min_clean_acc, "min_robust_acc": min_robust_acc, "max_latency_ms": max_latency_ms,
+                 "max_parity_error": max_parity_error}
+        opts = VerifyOptions(output=output or str(pathlib.Path(bundle) / "verify"), backends=backend or None,
+                             dataset=dataset, data_dir=data_dir, attacks=attacks or ["pgd"],
+                             eps=parse_eps(eps) if eps is not None else None, steps=steps, restarts=restarts,
+                             n_examples=n_examples, seed=seed, sanity=sanity, latency_runs=latency_runs,
+                             device=device, threads=threads, gates={k: v for k, v in gates.items() if v is not None})
+        result = run_verify(bundle, opts, log=lambda m: typer.echo(m, err=True))
+    except _bad_input_types() as exc:
+        _fail(str(exc))
+    except ValueError as exc:  # e.g. an eps that does not parse
+        _fail(str(exc))
+    b1 = result["latency"].get(f"{next(iter(result['backends']))}/batch1", {})
+    typer.echo(f"{bundle}: clean {result['clean_acc']:.4f}, robust {result['robust_acc']:.4f} "
+               f"(eps {result['eps'] * 255:.3g}/255, {result['n_examples']} images)"
+               + (f", p50 {b1['p50_ms']:.3f} ms at batch 1" if b1 else "")
+               + (", UNRELIABLE" if result["unreliable"] else "")
+               + ("; gates passed" if result["passed"] else "; FAILED: " + (", ".join(
+                   g["gate"] for g in result["gates"] if not g["passed"]) or "sanity checks")))
+    typer.echo(f"report: {opts.output}/report.md")
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  rsp pipeline --output runs/demo        # embedded digits, small CNN, 90 %: the whole chain in minutes on a CPU\n\n"
+    "  rsp pipeline --config cifar10-vgg16-99-trades --data-dir ~/data --target jetson-orin-nano --output runs/v99\n\n"
+    "  rsp pipeline --output runs/demo        # again after an interruption: resumes at the stage it was in",
+)
+def pipeline(
+    output: str = typer.Option(..., "--output", "-o", help="Folder for train/, structure/, export/, verify/."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Training recipe (YAML or shipped name); flags override it.", rich_help_panel="train"),
+    dataset: Optional[str] = typer.Option(None, help="digits (embedded) | cifar10 | cifar100 | svhn.", rich_help_panel="train"),
+    data_dir: Optional[str] = typer.Option(None, help="Data folder (all stages).", rich_help_panel="train"),
+    model: Optional[str] = typer.Option(None, help="Registry model.", rich_help_panel="train"),
+    sparsity: Optional[float] = typer.Option(None, help="Weight sparsity fixed from step one.", rich_help_panel="train"),
+    method: Optional[str] = typer.Option(None, help="bcs | fixed | dense.", rich_help_panel="train"),
+    regrow: Optional[str] = typer.Option(None, help="BCS rebirth rule: random | l2 | l2-weighted.", rich_help_panel="train"),
+    objective: Optional[str] = typer.Option(None, help="natural | pgd-at | mixed-at | trades | mart | rst.", rich_help_panel="train"),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs.", rich_help_panel="train"),
+    max_steps: Optional[int] = typer.Option(None, help="Stop training after N steps (smoke runs).", rich_help_panel="train"),
+    seed: Optional[int] = typer.Option(None, help="Seed (training, fine-tuning, attacks).", rich_help_panel="train"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | auto.", rich_help_panel="train"),
+    k: int = typer.Option(1, "--k", help="Prune vectors with <= k non-zeros (0: exact changes only).", rich_help_panel="structure"),
+    finetune: int = typer.Option(0, "--finetune", help="Robust fine-tune epochs after pruning.", rich_help_panel="structure"),
+    nm: Optional[str] = typer.Option(None, "--nm", help="N:M projection, e.g. 2:4.", rich_help_panel="structure"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Export target (default: this machine's, e.g. x86-cpu).", rich_help_panel="export"),
+    format: Optional[list[str]] = typer.Option(None, "--format", "-f", help="onnx | tvm | tensorrt (default: the target's).", rich_help_panel="export"),
+    tune_trials: int = typer.Option(0, "--tune-trials", help="MetaSchedule trials for a CPU TVM library.", rich_help_panel="export"),
+    attacks: Optional[list[str]] = typer.Option(None, "--attacks", help="Verify attacks (default: pgd).", rich_help_panel="verify"),
+    steps: int = typer.Option(50, help="Verify attack steps.", rich_help_panel="verify"),
+    restarts: int = typer.Option(10, help="Verify restarts.", rich_help_panel="verify"),
+    n_examples: int = typer.Option(1000, "--n-examples", help="Verify on the first N test images.", rich_help_panel="verify"),
+    min_clean_acc: Optional[float] = typer.Option(None, "--min-clean-acc", rich_help_panel="verify"),
+    min_robust_acc: Optional[float] = typer.Option(None, "--min-robust-acc", rich_help_panel="verify"),
+    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", rich_help_panel="verify"),
+    max_parity_error: Optional[float] = typer.Option(None, "--max-parity-error", rich_help_panel="verify"),
+) -> None:
+    """Run train -> structure -> export -> verify into one folder; resumes where it stopped.
+
+    With no flags: the embedded digits data set, a small CNN at 90 % sparsity trained with PGD-AT, k = 1
+    structuring, ONNX + TVM for this machine, and PGD-50x10 verification with the sanity checks; a few
+    minutes on two CPU cores. Exit 0 when verify passes, 1 when a gate fails, 2 for bad input.
+    """
+    try:
+        from . import workflow
+        from .config import read_recipe, resolve
+        from .export import ExportOptions, ParityError
+        from .structure import StructureOptions
+        from .train import TrainingError
+        from .tvm_build import TVMCompileError
+        from .verify import VerifyOptions
+
+        overrides = {k_: v for k_, v in dict(dataset=dataset, data_dir=data_dir, model=model, sparsity=sparsity,
+                                             method=method, regrow=regrow, objective=objective, epochs=epochs,
+                                             max_steps=max_steps, seed=seed, device=device).items() if v is not None}
+        import pathlib
+
+        saved = pathlib.Path(output) / "train" / "config.yaml"
+        recipe = read_recipe(config) if config else (read_recipe(str(saved)) if saved.is_file() else None)
+        cfg = resolve(recipe, overrides)
+        dev = "cuda" if cfg.device == "cuda" else "cpu"
+        s_opts = StructureOptions(k=k, nm=nm, finetune=finetune, data_dir=cfg.data_dir, device=dev, seed=cfg.seed,
+                                  n_examples=500, attack_steps=20)
+        e_opts = ExportOptions(target=target or workflow.host_target(), formats=format or None, tune_trials=tune_trials,
+                               data_dir=cfg.data_dir)
+        gates = {"min_clean_acc": min_clean_acc, "min_robust_acc": min_robust_acc, "max_latency_ms": max_latency_ms,
+                 "max_parity_error": max_parity_error}
+        v_opts = VerifyOptions(output="", data_dir=cfg.data_dir, attacks=attacks or ["pgd"], steps=steps,
+                               restarts=restarts, n_examples=n_examples, seed=cfg.seed, device=dev,
+                               gates={g: v for g, v in gates.items() if v is not None})
+        result = workflow.run(output, cfg, s_opts, e_opts, v_opts, log=lambda m: typer.echo(m, err=True))
+    except _bad_input_types() as exc:
+        _fail(str(exc))
+    except (TrainingError, ParityError, TVMCompileError) as exc:
+        _fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        _fail("interrupted; run the same command again to resume", code=130)
+    r = result["verify"]
+    typer.echo(f"{output}: clean {r['clean_acc']:.4f}, robust {r['robust_acc']:.4f} (PGD-{steps}x{restarts}, "
+               f"eps {r['eps'] * 255:.3g}/255) on {next(iter(r['backends']))}"
+               + (", UNRELIABLE" if r["unreliable"] else "") + ("; gates passed" if r["passed"] else "; FAILED")
+               + f"; report {result['stages']['verify']}/report.md")
+    if not r["passed"]:
+        raise typer.Exit(1)
+
+
 @app.command()
 def models() -> None:
     """List the model registry."""

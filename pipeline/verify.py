@@ -115,44 +115,53 @@ def _parity(twin: Runtime, runtimes: dict[str, Runtime], x: torch.Tensor) -> dic
     return out
 
 
-def _robustness(model, runtimes: dict[str, Runtime], x, y, eps, opts: VerifyOptions, log) -> dict:
-    """White-box attacks on the twin, scored on every runtime; Square queries the first artifact runtime."""
-    from .attacks import PGDConfig, attack_mode, pgd
+ATTACK_ALIASES = {"autoattack": ["apgd-ce", "apgd-t", "square"], "all": ["pgd", "apgd-ce", "apgd-t", "square"]}
 
-    step = max(eps / 4, 2.5 * eps / max(1, opts.steps)) if eps > 0 else 0.0
-    gen = torch.Generator(opts.device).manual_seed(opts.seed)
+
+def expand_attacks(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        for a in ATTACK_ALIASES.get(n, [n]):
+            if a not in out:
+                out.append(a)
+    return out
+
+
+def _robustness(model, runtimes: dict[str, Runtime], x, y, eps, opts: VerifyOptions, log) -> dict:
+    """attacks.ensemble_eval on the twin, judged by the primary runtime (Square queries it); the adversarial
+    examples of every attack are then judged by each other runtime too. Worst case per example."""
+    from .attacks import ensemble_eval, latent_vulnerability
+
     dev = torch.device(opts.device)
     x, y = x.to(dev), y.to(dev)
-    per_backend = {name: {"clean_ok": (rt.predict(x).argmax(1) == y.cpu())} for name, rt in runtimes.items()}
-    attacks = {}
-    for attack in opts.attacks:
-        t0 = time.perf_counter()
-        if attack == "pgd":
-            cfg = PGDConfig(eps, step, opts.steps, restarts=opts.restarts)
-            x_adv = torch.cat([pgd(model, x[i: i + 256], y[i: i + 256], cfg, gen) for i in range(0, len(y), 256)])
-            desc = f"pgd-{opts.steps}x{opts.restarts} ce step={step:.6g}"
-        else:
-            from . import attacks as attack_module
-
-            if not hasattr(attack_module, "ensemble_eval"):
-                raise VerifyError(f"attack {attack!r} is not available in this version; use --attacks pgd")
-            raise VerifyError(f"attack {attack!r} not wired yet")
-        with torch.no_grad(), attack_mode(model):
-            assert (x_adv - x).abs().max().item() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
-        for name, rt in runtimes.items():
-            ok = rt.predict(x_adv.cpu()).argmax(1) == y.cpu()
-            per_backend[name][attack] = ok & per_backend[name]["clean_ok"]
-        attacks[attack] = {"description": desc, "time_s": round(time.perf_counter() - t0, 2)}
-        log(f"{attack}: " + ", ".join(f"{n} {per_backend[n][attack].float().mean().item():.4f}" for n in runtimes))
-    results = {}
-    for name, flags in per_backend.items():
-        worst = flags["clean_ok"].clone()
-        for a in opts.attacks:
-            worst &= flags[a]
-        results[name] = {"clean_acc": flags["clean_ok"].float().mean().item(),
-                         "robust_acc": worst.float().mean().item(),
-                         "per_attack": {a: flags[a].float().mean().item() for a in opts.attacks}}
-    return {"backends": results, "attacks": attacks}
+    primary_name, primary = next(iter(runtimes.items()))
+    judge = None if primary_name == "torch" else (lambda xb: primary.predict(xb).to(dev))
+    try:
+        ens = ensemble_eval(model, x, y, attacks=opts.attacks, eps=eps, steps=opts.steps, restarts=opts.restarts,
+                            seed=opts.seed, predict=judge)
+    except ValueError as exc:
+        raise VerifyError(str(exc)) from None
+    backends = {primary_name: {"clean_acc": ens["clean_acc"], "robust_acc": ens["robust_acc"],
+                               "per_attack": {a: v["robust_acc"] for a, v in ens["per_attack"].items()}}}
+    for name, rt in runtimes.items():
+        if name == primary_name:
+            continue
+        clean = rt.predict(x.cpu()).argmax(1) == y.cpu()
+        worst, per = clean.clone(), {}
+        for a in ens["attacks"]:
+            ok = clean & (rt.predict(ens["x_adv_by_attack"][a].cpu()).argmax(1) == y.cpu())
+            per[a], worst = ok.float().mean().item(), worst & ok
+        backends[name] = {"clean_acc": clean.float().mean().item(), "robust_acc": worst.float().mean().item(),
+                          "per_attack": per, "note": f"adversarial examples crafted for {primary_name}"
+                          + (" (Square queried it)" if "square" in ens["attacks"] else "")}
+    for name, b in backends.items():
+        log(f"{name}: clean {b['clean_acc']:.4f}, robust {b['robust_acc']:.4f} ("
+            + ", ".join(f"{a} {v:.4f}" for a, v in b["per_attack"].items()) + ")")
+    attacks = {a: {"description": json.dumps(v["config"], default=str) if v.get("config") else a,
+                   "time_s": round(v["seconds"], 2), "model_robust_acc": v["model_robust_acc"], "seed": v["seed"]}
+               for a, v in ens["per_attack"].items()}
+    latent = latent_vulnerability(model, x, ens["x_adv"])
+    return {"backends": backends, "attacks": attacks, "ensemble": ens, "latent_vulnerability": latent}
 
 
 def _eps_sweep(model, x, y, eps, opts: VerifyOptions) -> list[tuple[float, float]]:
@@ -234,6 +243,17 @@ def _system_info(opts: VerifyOptions) -> dict:
     return info
 
 
+def _plain(obj):
+    """JSON-ready: tensors become lists or numbers."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    return obj
+
+
 def evaluate_gates(summary: dict, gates: dict) -> list[dict]:
     """Each gate that is set -> {gate, limit, value, passed}."""
     checks = []
@@ -271,6 +291,7 @@ def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
     chw = _chw(manifest, model)
     runtimes = _runtimes(bundle, manifest, model, chw, opts, log)
     x, y, dataset, num_classes = _eval_data(manifest, opts)
+    opts.attacks = expand_attacks(opts.attacks)
     eps = opts.eps if opts.eps is not None else (manifest.get("attack") or {}).get("eps", 8 / 255)
     log(f"verify {bundle} ({manifest['stage']}, {manifest['model']['name']}) on {', '.join(runtimes)}: "
         f"{len(y)} {dataset} test images, eps {eps:.6g}")
@@ -282,8 +303,13 @@ def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
     if opts.sanity:
         from .sanity import run_sanity_checks
 
-        sanity = run_sanity_checks(model, x, y, eps, runtimes=runtimes, robust=robust, sweep=sweep,
-                                   num_classes=num_classes, seed=opts.seed, device=opts.device)
+        primary_name, primary = next(iter(runtimes.items()))
+        judge = None if primary_name == "torch" else (lambda xb: primary.predict(xb).to(opts.device))
+        sanity = run_sanity_checks(model, x.to(opts.device), y.to(opts.device), eps, seed=opts.seed, predict=judge,
+                                   ensemble=robust["ensemble"])
+        sanity["unreliable"] = not sanity["reliable"]
+        for c in sanity["checks"]:
+            log(f"sanity {'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c.get('detail', '')}")
     latency = _latency(runtimes, manifest, chw, opts, log)
 
     primary = next(iter(runtimes))
@@ -302,7 +328,8 @@ def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
         "threat_model": "Linf", "eps": eps, "n_examples": len(y), "dataset": dataset, "seed": opts.seed,
         "evaluation_images": "the first n_examples test images in file order",
         "attacks": robust["attacks"], "backends": robust["backends"], "eps_sweep": sweep,
-        "unreliable": bool(sanity.get("unreliable")), "sanity": sanity,
+        "latent_vulnerability": _plain(robust["latent_vulnerability"]),
+        "unreliable": bool(sanity.get("unreliable")), "sanity": _plain(sanity),
         "parity": parity, "latency": latency, "gates": gate_results, "passed": passed,
         "selection_note": "the model was selected in rsp train on a validation split cut from the training data; "
                           "the test images are used here only",
