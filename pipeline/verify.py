@@ -283,6 +283,12 @@ def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
     for g, v in opts.gates.items():
         if g not in GATES:
             raise VerifyError(f"unknown gate {g!r}")
+    opts.attacks = expand_attacks(opts.attacks)
+    known = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square")
+    bad_attacks = [a for a in opts.attacks if a not in known]
+    if bad_attacks or not opts.attacks:
+        raise VerifyError(f"unknown attack(s) {', '.join(bad_attacks) or '(none)'}; choose from {', '.join(known)}, "
+                          f"or {', '.join(ATTACK_ALIASES)}")
     gates = {**(manifest.get("gates") or {}), **{k: v for k, v in opts.gates.items() if v is not None}}
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -291,7 +297,6 @@ def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
     chw = _chw(manifest, model)
     runtimes = _runtimes(bundle, manifest, model, chw, opts, log)
     x, y, dataset, num_classes = _eval_data(manifest, opts)
-    opts.attacks = expand_attacks(opts.attacks)
     eps = opts.eps if opts.eps is not None else (manifest.get("attack") or {}).get("eps", 8 / 255)
     log(f"verify {bundle} ({manifest['stage']}, {manifest['model']['name']}) on {', '.join(runtimes)}: "
         f"{len(y)} {dataset} test images, eps {eps:.6g}")

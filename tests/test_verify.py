@@ -1,0 +1,103 @@
+"""rsp verify: the artifact is what is scored, the report is written, gates and bad input give the right exit codes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rsp.latency import compare, percentile
+from rsp.verify import evaluate_gates, expand_attacks
+
+
+def rsp_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "rsp.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    root = tmp_path_factory.mktemp("verify")
+    r = rsp_cli("train", "--epochs", "2", "--attack-steps", "2", "--eval-attack-steps", "2", "--test-attack-steps", "2",
+                "--threads", "1", "--output", root / "run")
+    assert r.returncode == 0, r.stderr
+    r = rsp_cli("export", root / "run", "--target", "x86-cpu", "--format", "onnx", "--output", root / "bundle")
+    assert r.returncode == 0, r.stderr
+    return root / "bundle"
+
+
+FAST = ["--backend", "onnx", "--n-examples", "64", "--steps", "5", "--restarts", "2", "--latency-runs", "5", "--threads", "1"]
+
+
+def test_verify_scores_the_artifact_writes_the_report_and_passes_gates(onnx_bundle, tmp_path):
+    r = rsp_cli("verify", onnx_bundle, *FAST, "--no-sanity", "--min-clean-acc", "0.0", "--output", tmp_path / "v")
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "v" / "verify.json").read_text())
+    assert 0.0 <= out["robust_acc"] <= out["clean_acc"] <= 1.0
+    assert out["backends"]["onnx"]["robust_acc"] == out["robust_acc"] and out["n_examples"] == 64
+    assert out["parity"]["onnx"]["max_abs_err"] < 1e-4
+    assert out["latency"]["onnx/batch1"]["p50_ms"] > 0 and "dense_original" in out["latency"]["onnx/batch1"]
+    sweep = [a for _, a in out["eps_sweep"]]
+    assert sweep[0] == pytest.approx(out["backends"]["onnx"]["clean_acc"], abs=0.05)  # eps 0 is clean (twin vs artifact)
+    for name in ("report.md", "robust_vs_eps.png", "latency.png"):
+        assert (tmp_path / "v" / name).is_file()
+
+
+def test_a_failing_gate_exits_1(onnx_bundle, tmp_path):
+    r = rsp_cli("verify", onnx_bundle, *FAST, "--no-sanity", "--min-robust-acc", "1.01", "--output", tmp_path / "v")
+    assert r.returncode == 1, r.stderr
+    assert "FAILED" in r.stdout and "min_robust_acc" in r.stdout
+    gates = json.loads((tmp_path / "v" / "verify.json").read_text())["gates"]
+    assert gates == [{"gate": "min_robust_acc", "limit": 1.01, "value": gates[0]["value"], "passed": False}]
+
+
+def test_bad_input_exits_2_in_one_line(onnx_bundle, tmp_path):
+    cases = [
+        (["verify", tmp_path], "not an rsp run folder"),
+        (["verify", onnx_bundle, "--backend", "tensorflow"], "unknown backend"),
+        (["verify", onnx_bundle, "--eps", "9"], "outside [0, 1]"),
+        (["verify", onnx_bundle, "--attacks", "fgsm", "--no-sanity", "--n-examples", "8"], "unknown attack"),
+    ]
+    for args, match in cases:
+        r = rsp_cli(*args, "--output", tmp_path / "o")
+        assert r.returncode == 2, (args, r.stderr)
+        assert match in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    import shutil
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(onnx_bundle, tampered)
+    (tampered / "model.onnx").write_bytes(b"not the exported model")
+    r = rsp_cli("verify", tampered, "--output", tmp_path / "o2")
+    assert r.returncode == 2 and "model.onnx changed" in r.stderr
+
+
+def test_gates_and_helpers():
+    summary = {"clean_acc": 0.9, "robust_acc": 0.5, "latency_p50_ms": 3.0, "max_parity_error": 2e-5}
+    res = evaluate_gates(summary, {"min_clean_acc": 0.8, "min_robust_acc": 0.6, "max_latency_ms": 5, "max_parity_error": 1e-4})
+    assert [g["passed"] for g in res] == [True, False, True, True]
+    assert evaluate_gates(summary, {}) == []
+    assert expand_attacks(["pgd", "autoattack"]) == ["pgd", "apgd-ce", "apgd-t", "square"]
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and percentile([5.0], 99) == 5.0
+    ticks = iter(range(100))
+    res = compare({"a": lambda: 1.0, "b": lambda: 2.0}, batch=4, warmup=1, runs=10)
+    assert res["a"]["p50_ms"] == 1000.0 and res["b"]["throughput_ips"] == pytest.approx(2.0)
+
+
+def test_pipeline_runs_all_stages_and_resumes_where_it_stopped(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "p"
+    args = ["pipeline", "--output", out, "--epochs", "1", "--max-steps", "3", "--format", "onnx", "--steps", "2",
+            "--restarts", "1", "--n-examples", "32"]
+    r = rsp_cli(*args)
+    assert r.returncode == 0, r.stderr
+    for stage in ("train", "structure", "export"):
+        assert json.loads((out / stage / "manifest.json").read_text())["status"] == "complete"
+    assert (out / "verify" / "verify.json").is_file()
+    train_model = (out / "train" / "model.safetensors").read_bytes()
+    # an export that died half-way (no manifest): the next run keeps train and structure, rebuilds export
+    (out / "export" / "manifest.json").unlink()
+    r = rsp_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "train: " in r.stderr and "is complete, kept" in r.stderr and "[3/4] export ->" in r.stderr
+    assert (out / "train" / "model.safetensors").read_bytes() == train_model
