@@ -343,6 +343,19 @@ def _confirm(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, logits: torch
     return m, fooled
 
 
+def _keep_best_rows(tracker: _Tracker, owners: torch.Tensor, ids: torch.Tensor, cur: torch.Tensor, m: torch.Tensor,
+                    fooled: torch.Tensor, row_best: torch.Tensor, row_x: torch.Tensor) -> None:
+    """Rows `ids` (of examples `owners`) keep their lowest-margin iterate; a fooling iterate is pinned at -inf and
+    breaks its example, unless that example keeps attacking (tracker.stop false)."""
+    fooled = fooled & tracker.stop[owners]
+    m = torch.where(fooled, torch.full_like(m, float("-inf")), m)
+    better = m < row_best[ids]
+    row_best[ids[better]] = m[better]
+    row_x[ids[better]] = cur[better]
+    if fooled.any():
+        tracker.broken[owners[fooled]] = True
+
+
 def _first_per_owner(owner: torch.Tensor) -> torch.Tensor:
     """Row mask: the first row of each owner."""
     pos = torch.arange(len(owner), device=owner.device)
@@ -404,13 +417,7 @@ def _pgd_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, owner: torch.T
             logits = logits.detach()
             work += len(cur)
         m, fooled = _confirm(model, cur, ys, logits, bf16 and not last)
-        fooled &= tracker.stop[owner[ids]]
-        m = torch.where(fooled, torch.full_like(m, float("-inf")), m)
-        better = m < row_best[ids]
-        row_best[ids[better]] = m[better]
-        row_x[ids[better]] = cur[better]
-        if fooled.any():
-            tracker.broken[owner[ids[fooled]]] = True
+        _keep_best_rows(tracker, owner[ids], ids, cur, m, fooled, row_best, row_x)
         if last:
             break
         live = ~tracker.broken[owner[ids]]
@@ -505,13 +512,7 @@ def _apgd_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ex: torch.Ten
         work += len(cur)
         cur = cur.detach()
         m, fooled = _confirm(model, cur, ys, logits.detach(), bf16)
-        fooled &= tracker.stop[ex[ids]]
-        m = torch.where(fooled, torch.full_like(m, float("-inf")), m)
-        better = m < row_best[ids]
-        row_best[ids[better]] = m[better]
-        row_x[ids[better]] = cur[better]
-        if fooled.any():
-            tracker.broken[ex[ids[fooled]]] = True
+        _keep_best_rows(tracker, ex[ids], ids, cur, m, fooled, row_best, row_x)
         return loss_i.detach().float(), grad
 
     s = {"xs": x, "ys": y, "tg": target if target is not None else y}

@@ -30,6 +30,7 @@ import torch
 from . import __version__
 from .artifacts import (MANIFEST, MODEL_FILE, ArtifactError, atomic_write_bytes, atomic_write_text, build_model,
                         check_files, load_tensors, read_manifest, save_tensors, sha256_file, write_manifest)
+from .runtimes import onnx_session, run_onnx
 from .targets import FORMATS, PRECISIONS, TRT_PRECISIONS, Target, get_target
 
 ONNX_FILE = "model.onnx"
@@ -243,20 +244,6 @@ def onnx_summary(data: bytes) -> dict:
             "outputs": {v.name: dims(v) for v in proto.graph.output},
             "weight_sparsity": zeros / total if total else 0.0, "nodes": len(proto.graph.node),
             "metadata": {p.key: p.value for p in proto.metadata_props}}
-
-
-def onnx_session(data: bytes | str, threads: int | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or torch.get_num_threads()
-    so.log_severity_level = 3
-    return ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(session, x: np.ndarray) -> np.ndarray:
-    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
-    return session.run(None, {session.get_inputs()[0].name: x.astype(dtype)})[0].astype(np.float32)
 
 
 def _median_seconds(fn, repeat: int = 5, min_s: float = 0.1) -> float:

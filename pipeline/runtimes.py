@@ -55,6 +55,24 @@ def torch_runtime(model: torch.nn.Module, chw: tuple[int, int, int], device: str
     return Runtime(label, predict, make_timer, info)
 
 
+def onnx_session(data: bytes | str, threads: int | None = None, gpu: bool = False):
+    """An onnxruntime session from a file path or the model bytes (CPU; CUDA first when gpu and available)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or torch.get_num_threads()
+    so.log_severity_level = 3
+    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider") if gpu else ("CPUExecutionProvider",)
+    providers = [p for p in wanted if p in ort.get_available_providers()]
+    return ort.InferenceSession(data, sess_options=so, providers=providers)
+
+
+def run_onnx(session, x: np.ndarray) -> np.ndarray:
+    """Logits (float32) of a session for float images x; an fp16 model gets fp16 input."""
+    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+    return session.run(None, {session.get_inputs()[0].name: x.astype(dtype)})[0].astype(np.float32)
+
+
 def onnx_runtime(path: Path, chw: tuple[int, int, int], threads: int | None = None, label: str = "onnx") -> Runtime:
     if not Path(path).is_file():
         raise RuntimeUnavailable(f"{path} not found: export with --format onnx")
@@ -62,18 +80,13 @@ def onnx_runtime(path: Path, chw: tuple[int, int, int], threads: int | None = No
         import onnxruntime as ort
     except ImportError:
         raise RuntimeUnavailable("the onnx backend needs onnxruntime: pip install 'rsp[export]'") from None
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or torch.get_num_threads()
-    so.log_severity_level = 3
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    sess = onnx_session(str(path), threads, gpu=True)
     inp = sess.get_inputs()[0]
     dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        xs = x.detach().cpu().numpy().astype(dtype)
-        return torch.cat([torch.from_numpy(sess.run(None, {inp.name: xs[i: i + 256]})[0].astype(np.float32))
-                          for i in range(0, len(xs), 256)])
+        xs = x.detach().cpu().numpy()
+        return torch.cat([torch.from_numpy(run_onnx(sess, xs[i: i + 256])) for i in range(0, len(xs), 256)])
 
     def make_timer(batch: int):
         feed = {inp.name: np.random.default_rng(0).random((batch, *chw), dtype=np.float32).astype(dtype)}

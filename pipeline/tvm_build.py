@@ -675,21 +675,10 @@ def default_tune_cache(target: Target) -> Path:
 
 def run_library(path: str | Path, x: np.ndarray, batch: int) -> np.ndarray:
     """Logits of a CPU library for images `x` (N, C, H, W), fed in static batches (the last one padded)."""
-    tvm = require_tvm()
-    from tvm import relax
+    from .runtimes import tvm_runtime
 
-    lib = tvm.runtime.load_module(str(path))
-    vm = relax.VirtualMachine(lib, tvm.cpu())
-    outs = []
-    for i in range(0, len(x), batch):
-        chunk = x[i: i + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), dtype=chunk.dtype)])
-        res = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(chunk, dtype=np.float32)))
-        res = res[0] if not hasattr(res, "numpy") else res
-        outs.append(res.numpy()[:n])
-    return np.concatenate(outs)
+    require_tvm()
+    return tvm_runtime(Path(path), tuple(x.shape[1:]), batch).predict(torch.from_numpy(np.asarray(x, np.float32))).numpy()
 
 
 def time_library(path: str | Path, batch: int, chw, repeat: int = 5) -> float:

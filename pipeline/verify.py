@@ -127,15 +127,14 @@ def expand_attacks(names: list[str]) -> list[str]:
     return out
 
 
-def _robustness(model, runtimes: dict[str, Runtime], x, y, eps, opts: VerifyOptions, log) -> dict:
+def _robustness(model, runtimes: dict[str, Runtime], judge, x, y, eps, opts: VerifyOptions, log) -> dict:
     """attacks.ensemble_eval on the twin, judged by the primary runtime (Square queries it); the adversarial
     examples of every attack are then judged by each other runtime too. Worst case per example."""
     from .attacks import ensemble_eval, latent_vulnerability
 
     dev = torch.device(opts.device)
     x, y = x.to(dev), y.to(dev)
-    primary_name, primary = next(iter(runtimes.items()))
-    judge = None if primary_name == "torch" else (lambda xb: primary.predict(xb).to(dev))
+    primary_name = next(iter(runtimes))
     try:
         ens = ensemble_eval(model, x, y, attacks=opts.attacks, eps=eps, steps=opts.steps, restarts=opts.restarts,
                             seed=opts.seed, predict=judge)
@@ -162,19 +161,6 @@ def _robustness(model, runtimes: dict[str, Runtime], x, y, eps, opts: VerifyOpti
                for a, v in ens["per_attack"].items()}
     latent = latent_vulnerability(model, x, ens["x_adv"])
     return {"backends": backends, "attacks": attacks, "ensemble": ens, "latent_vulnerability": latent}
-
-
-def _eps_sweep(model, x, y, eps, opts: VerifyOptions) -> list[tuple[float, float]]:
-    """Robust accuracy of the twin on a short eps sweep (PGD-20x1, same seed): for the plot and the checks."""
-    from .attacks import PGDConfig, evaluate
-
-    pts = []
-    for f in (0.0, 0.25, 0.5, 1.0, 2.0):
-        e = eps * f
-        cfg = PGDConfig(e, max(e / 4, 2.5 * e / 20), 20) if e > 0 else None
-        r = evaluate(model, x.to(opts.device), y.to(opts.device), cfg, generator=torch.Generator(opts.device).manual_seed(opts.seed))
-        pts.append((e, r["robust_acc"] if cfg else r["clean_acc"]))
-    return pts
 
 
 def _latency(runtimes: dict[str, Runtime], manifest: dict, chw, opts: VerifyOptions, log) -> dict:
@@ -271,8 +257,6 @@ def evaluate_gates(summary: dict, gates: dict) -> list[dict]:
 
 
 def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
-    from .attacks import parse_eps  # noqa: F401  (eps parsing lives with the attacks)
-
     bundle, output = Path(bundle), Path(opts.output)
     manifest = read_manifest(bundle)
     bad = check_files(bundle, manifest)
@@ -300,21 +284,25 @@ def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
     eps = opts.eps if opts.eps is not None else (manifest.get("attack") or {}).get("eps", 8 / 255)
     log(f"verify {bundle} ({manifest['stage']}, {manifest['model']['name']}) on {', '.join(runtimes)}: "
         f"{len(y)} {dataset} test images, eps {eps:.6g}")
+    from .sanity import check_eps_monotone, run_sanity_checks
+
     twin = torch_runtime(model, chw, opts.device)
     parity = _parity(twin, runtimes, x)
-    robust = _robustness(model, runtimes, x, y, eps, opts, log)
-    sweep = _eps_sweep(model, x, y, eps, opts)
+    # the primary runtime judges every attack (and Square queries it); the twin only when no artifact runs here
+    primary_name, primary = next(iter(runtimes.items()))
+    judge = None if primary_name == "torch" else (lambda xb: primary.predict(xb).to(opts.device))
+    robust = _robustness(model, runtimes, judge, x, y, eps, opts, log)
+    xd, yd = x.to(opts.device), y.to(opts.device)
     sanity = {"checks": [], "unreliable": None, "note": "not run"}
     if opts.sanity:
-        from .sanity import run_sanity_checks
-
-        primary_name, primary = next(iter(runtimes.items()))
-        judge = None if primary_name == "torch" else (lambda xb: primary.predict(xb).to(opts.device))
-        sanity = run_sanity_checks(model, x.to(opts.device), y.to(opts.device), eps, seed=opts.seed, predict=judge,
-                                   ensemble=robust["ensemble"])
+        sanity = run_sanity_checks(model, xd, yd, eps, seed=opts.seed, predict=judge, ensemble=robust["ensemble"])
         sanity["unreliable"] = not sanity["reliable"]
         for c in sanity["checks"]:
             log(f"sanity {'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c.get('detail', '')}")
+    # the robust-vs-eps plot reuses the monotonicity check's sweep (run alone under --no-sanity)
+    mono = next((c for c in sanity["checks"] if c["name"] == "eps_monotone"), None) \
+        or check_eps_monotone(model, xd[:200], yd[:200], eps, seed=opts.seed, predict=judge)
+    sweep = list(zip(mono["figures"]["eps"], mono["figures"]["robust_acc"]))
     latency = _latency(runtimes, manifest, chw, opts, log)
 
     primary = next(iter(runtimes))
@@ -350,7 +338,7 @@ def _report(output: Path, r: dict, num_classes: int, log) -> None:
     from .report_plots import latency_bars, robust_vs_eps
 
     plots = []
-    if robust_vs_eps(output / "robust_vs_eps.png", {"PyTorch twin (PGD-20)": r["eps_sweep"]}, r["eps"], 1.0 / num_classes):
+    if robust_vs_eps(output / "robust_vs_eps.png", {f"{next(iter(r['backends']))} (PGD-20x2, first 200 images)": r["eps_sweep"]}, r["eps"], 1.0 / num_classes):
         plots.append("robust_vs_eps.png")
     rows = []
     for k, v in r["latency"].items():
