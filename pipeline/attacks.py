@@ -775,6 +775,55 @@ def ensemble_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: S
             "x_adv": x_adv, "x_adv_by_attack": x_by, "worst_attack": worst}
 
 
+def feature_sites(model: nn.Module, sites: str = "auto") -> tuple[list[tuple[str, nn.Module]], str]:
+    """The latent features z of ANP-VS: outputs of the model's nn.ReLU modules (sites='relu', or 'auto' when
+    it has any), else of its conv/linear layers (sites='layers')."""
+    if sites not in ("auto", "relu", "layers"):
+        raise ValueError(f"sites must be auto, relu or layers, not {sites!r}")
+    relus = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    if sites == "relu" or (sites == "auto" and relus):
+        chosen, used = relus, "relu"
+    else:
+        chosen, used = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))], "layers"
+    if not chosen:
+        raise ValueError(f"the model has no {'nn.ReLU' if used == 'relu' else 'conv/linear'} modules to hook")
+    return chosen, used
+
+
+@contextlib.contextmanager
+def capture_features(model: nn.Module, sites: str = "auto", detach: bool = True) -> Iterator[list]:
+    """Collect (site name, output) of every feature site during the forward passes run inside the block, in
+    call order (a module called twice gives two entries, "name" and "name#1"). The list is yielded; clear it
+    between passes. detach=False keeps the graph (the VS training loss)."""
+    chosen, _ = feature_sites(model, sites)
+    captured: list[tuple[str, torch.Tensor]] = []
+
+    def make_hook(name):
+        def hook(_m, _inp, out):
+            calls = sum(1 for k, _ in captured if k.split("#")[0] == name)
+            captured.append((f"{name}#{calls}" if calls else name, out.detach().float() if detach else out.float()))
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in chosen]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def vulnerability_loss(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    """The ANP-VS vulnerability suppression term, differentiable: mean over feature sites of
+    mean |z(x) - z(x_adv)|, in the model's current mode (train mode in training)."""
+    with capture_features(model, detach=False) as z:
+        model(x)
+        clean = list(z)
+        z.clear()
+        model(x_adv)
+        terms = [(zc - za).abs().mean() for (_, zc), (_, za) in zip(clean, z)]
+    return torch.stack(terms).mean()
+
+
 def latent_vulnerability(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, *, batch_size: int = 256,
                          sites: str = "auto") -> dict:
     """ANP-VS latent-feature vulnerability (Madaan et al. 2020): mean over layers of mean |z(x) - z(x_adv)|.
@@ -784,40 +833,19 @@ def latent_vulnerability(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor,
     without nn.ReLU modules, the conv/linear outputs themselves. Per layer the mean runs over examples and
     features; the result is the plain mean over layers. Eval mode, no gradients.
     """
-    if sites not in ("auto", "relu", "layers"):
-        raise ValueError(f"sites must be auto, relu or layers, not {sites!r}")
     x, x_adv = _as_float_images(x), _as_float_images(x_adv)
-    relus = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
-    if sites == "relu" or (sites == "auto" and relus):
-        chosen, used = relus, "relu"
-    else:
-        chosen, used = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))], "layers"
-    if not chosen:
-        raise ValueError(f"the model has no {'nn.ReLU' if used == 'relu' else 'conv/linear'} modules to hook")
-    captured: list[tuple[str, torch.Tensor]] = []
-
-    def make_hook(name):
-        def hook(_m, _inp, out):
-            calls = sum(1 for k, _ in captured if k.split("#")[0] == name)
-            captured.append((f"{name}#{calls}" if calls else name, out.detach().float()))
-        return hook
-
+    _, used = feature_sites(model, sites)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in chosen]
-    try:
-        with attack_mode(model), torch.no_grad():
-            for s in range(0, len(x), batch_size):
-                captured.clear()
-                model(x[s:s + batch_size])
-                clean_z = list(captured)
-                captured.clear()
-                model(x_adv[s:s + batch_size])
-                for (key, zc), (_, za) in zip(clean_z, captured):
-                    sums[key] = sums.get(key, 0.0) + (zc - za).abs().sum().item()
-                    counts[key] = counts.get(key, 0) + zc.numel()
-    finally:
-        for h in handles:
-            h.remove()
+    with capture_features(model, sites) as captured, attack_mode(model), torch.no_grad():
+        for s in range(0, len(x), batch_size):
+            captured.clear()
+            model(x[s:s + batch_size])
+            clean_z = list(captured)
+            captured.clear()
+            model(x_adv[s:s + batch_size])
+            for (key, zc), (_, za) in zip(clean_z, captured):
+                sums[key] = sums.get(key, 0.0) + (zc - za).abs().sum().item()
+                counts[key] = counts.get(key, 0) + zc.numel()
     layers = {k: sums[k] / max(1, counts[k]) for k in sums}
     return {"vulnerability": sum(layers.values()) / max(1, len(layers)), "layers": layers, "sites": used}

@@ -53,7 +53,10 @@ def train(
     extra_data: Optional[str] = typer.Option(None, help="RST: .npz/.safetensors of pseudo-labelled images (images, labels), mixed 50/50 into each batch.", rich_help_panel="Data"),
     model: Optional[str] = typer.Option(None, help="Registry name (rsp models lists them) [default: the data set's: small-cnn, vgg16].", rich_help_panel="Model"),
     sparsity: Optional[float] = typer.Option(None, help="Share of conv/linear weights that are zero, fixed from step one [default: 0.9].", rich_help_panel="Model"),
-    method: Optional[str] = typer.Option(None, help="bcs (Bayesian connectivity sampling) | fixed (random static mask) | dense [default: bcs].", rich_help_panel="Model"),
+    method: Optional[str] = typer.Option(None, help="bcs (Bayesian connectivity sampling, sparse from step one) | fixed (random static mask) | dense; "
+                                         "baselines that prune a dense robust model: magnitude | lth | hydra | admm | anp-vs; edge-popup (scores on random weights). "
+                                         "--epochs is a method's whole budget, split over its phases (see the manifest) [default: bcs].", rich_help_panel="Model"),
+    method_option: Optional[list[str]] = typer.Option(None, "--method-option", help="KEY=VALUE (YAML value) for the method's recipe, e.g. rounds=3; repeatable.", rich_help_panel="Model"),
     rewire_every: Optional[int] = typer.Option(None, help="BCS: rebirth dead connections every N steps [default: 1].", rich_help_panel="Model"),
     regrow: Optional[str] = typer.Option(None, help="BCS rebirth rule: random | l2 (nearest dormant to random active seeds) | l2-weighted (seeds: largest |theta|) [default: random].", rich_help_panel="Model"),
     sigma: Optional[float] = typer.Option(None, help="BCS: noise std is lr * sigma [default: 1e-6].", rich_help_panel="Model"),
@@ -64,6 +67,7 @@ def train(
     attack_step_size: Optional[str] = typer.Option(None, help="PGD step size [default: 2/255].", rich_help_panel="Robustness"),
     attack_steps: Optional[int] = typer.Option(None, help="PGD steps while training [default: 10].", rich_help_panel="Robustness"),
     beta: Optional[float] = typer.Option(None, help="TRADES/MART/RST robust-loss weight [default: 6].", rich_help_panel="Robustness"),
+    vs_lambda: Optional[float] = typer.Option(None, help="ANP-VS vulnerability suppression, any method: + lambda * mean |z(x) - z(x_adv)| over ReLU features [default: 0].", rich_help_panel="Robustness"),
     eval_attack_steps: Optional[int] = typer.Option(None, help="PGD steps of the per-epoch validation attack (model selection) [default: 10].", rich_help_panel="Robustness"),
     test_attack_steps: Optional[int] = typer.Option(None, help="PGD steps of the final test-set attack [default: 20].", rich_help_panel="Robustness"),
     epochs: Optional[int] = typer.Option(None, help="Epochs [default: 30].", rich_help_panel="Optimisation"),
@@ -101,9 +105,19 @@ def train(
         dataset=dataset, data_dir=data_dir, val_fraction=val_fraction, extra_data=extra_data, model=model,
         sparsity=sparsity, method=method, rewire_every=rewire_every, regrow=regrow, sigma=sigma, alpha=alpha, temperature=temperature,
         objective=objective, eps=eps, attack_step_size=attack_step_size, attack_steps=attack_steps, beta=beta,
-        eval_attack_steps=eval_attack_steps, test_attack_steps=test_attack_steps,
+        vs_lambda=vs_lambda, eval_attack_steps=eval_attack_steps, test_attack_steps=test_attack_steps,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
         device=device, bf16=bf16, compile=compile, threads=threads).items() if v is not None}
+    if method_option:
+        import yaml
+
+        opts = {}
+        for item in method_option:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                _fail(f"--method-option {item!r}: expected KEY=VALUE")
+            opts[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        overrides["method_options"] = opts
     try:
         from .train import CONFIG_FILE, TrainingError, run
 

@@ -31,7 +31,8 @@ class TrainConfig:
     # model and sparsity
     model: str | None = None  # None: the data set's default (small-cnn for digits, vgg16 for CIFAR)
     model_kwargs: dict = field(default_factory=dict)
-    method: str = "bcs"
+    method: str = "bcs"  # bcs | fixed | dense | magnitude | lth | hydra | edge-popup | admm | anp-vs (rsp.methods)
+    method_options: dict = field(default_factory=dict)  # the method's recipe knobs (phase split, rho, ...)
     sparsity: float = 0.9
     rewire_every: int = 1
     regrow: str = "random"  # BCS rebirth rule: random | l2 | l2-weighted (structured regrowth)
@@ -44,6 +45,7 @@ class TrainConfig:
     attack_step_size: float = 2 / 255
     attack_steps: int = 10
     beta: float = 6.0
+    vs_lambda: float = 0.0  # ANP-VS vulnerability suppression: + lambda * mean |z(x) - z(x_adv)| (any method)
     # optimisation
     epochs: int = 30
     max_steps: int | None = None
@@ -138,8 +140,14 @@ def validate(cfg: TrainConfig) -> None:
 
     if cfg.regrow not in REGROW:
         bad(f"unknown regrow rule {cfg.regrow!r}; choose one of {', '.join(REGROW)}")
-    if cfg.method not in ("bcs", "fixed", "dense"):
-        bad(f"unknown method {cfg.method!r}; choose one of bcs, fixed, dense")
+    from .methods import list_methods
+
+    if cfg.method not in list_methods():
+        bad(f"unknown method {cfg.method!r}; choose one of {', '.join(list_methods())}")
+    if not isinstance(cfg.method_options, dict):
+        bad("method_options must be a mapping of option: value")
+    if cfg.vs_lambda < 0:
+        bad("--vs-lambda must be >= 0")
     if cfg.objective not in OBJECTIVES:
         bad(f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if not isinstance(cfg.sparsity, (int, float)) or not 0.0 <= cfg.sparsity < 1.0:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import PGDConfig, pgd
+from .attacks import PGDConfig, pgd, vulnerability_loss
 
 OBJECTIVES = ("natural", "pgd-at", "mixed-at", "trades", "mart", "rst")
 
@@ -42,6 +42,7 @@ class Objective:
     name: str
     attack: PGDConfig
     beta: float = 6.0
+    vs_lambda: float = 0.0  # ANP-VS: + vs_lambda * mean |z(x) - z(x_adv)| over the ReLU features
 
     @property
     def robust(self) -> bool:
@@ -49,24 +50,32 @@ class Objective:
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, logits, x_adv = self._loss(model, x, y, generator)
+        if self.vs_lambda and x_adv is not None:
+            loss = loss + self.vs_lambda * vulnerability_loss(model, x, x_adv)
+        return loss, logits
+
+    def _loss(self, model, x, y, generator):
+        """(loss, logits for the running accuracy, the adversarial batch or None)."""
         name = self.name
         if name == "natural":
             logits = model(x)
-            return F.cross_entropy(logits.float(), y), logits
+            return F.cross_entropy(logits.float(), y), logits, None
         if name == "pgd-at":
-            logits = model(pgd(model, x, y, self.attack, generator))
-            return F.cross_entropy(logits.float(), y), logits
+            x_adv = pgd(model, x, y, self.attack, generator)
+            logits = model(x_adv)
+            return F.cross_entropy(logits.float(), y), logits, x_adv
         if name == "mixed-at":  # half the batch adversarial, half clean, in one forward pass
             h = len(y) // 2
             x_mix = torch.cat([x[:h], pgd(model, x[h:], y[h:], self.attack, generator)])
             logits = model(x_mix)
-            return F.cross_entropy(logits.float(), y), logits
+            return F.cross_entropy(logits.float(), y), logits, x_mix
         if name in ("trades", "rst"):
             x_adv = pgd(model, x, y, PGDConfig(**{**self.attack.__dict__, "loss": "kl", "restarts": 1}), generator)
             logits, logits_adv = model(x), model(x_adv)
-            return trades_loss(logits.float(), logits_adv.float(), y, self.beta), logits_adv
+            return trades_loss(logits.float(), logits_adv.float(), y, self.beta), logits_adv, x_adv
         if name == "mart":
             x_adv = pgd(model, x, y, self.attack, generator)
             logits, logits_adv = model(x), model(x_adv)
-            return mart_loss(logits.float(), logits_adv.float(), y, self.beta), logits_adv
+            return mart_loss(logits.float(), logits_adv.float(), y, self.beta), logits_adv, x_adv
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")

@@ -1,10 +1,13 @@
 """Sparse layers and Bayesian connectivity sampling (BCS).
 
-Two parametrisations of a conv/linear weight, each a layer whose `forward` shows the math:
+Parametrisations of a conv/linear weight, each a layer whose `forward` shows the math:
 
-  bcs   w = sign * relu(theta)   sign in {-1, +1} drawn once per position and never changed;
-                                 theta <= 0 is a dormant connection: w = 0 and relu passes no gradient.
-  mask  w = weight * mask        a fixed binary mask (the `fixed` baseline and pruning methods).
+  bcs   w = sign * relu(theta)       sign in {-1, +1} drawn once per position and never changed;
+                                     theta <= 0 is a dormant connection: w = 0 and relu passes no gradient.
+  mask  w = weight * mask            a fixed binary mask (the `fixed` baseline and pruning methods).
+  score w = weight * topk(|score|, k) the k largest |scores| pick the connections; the gradient reaches the
+                                     scores straight through (HYDRA, edge-popup; rsp.methods).
+  gate  w = weight * mask * g[out]   a per-output-unit gate module g (ANP-VS's beta-Bernoulli masks).
 
 `BayesianRewiring` owns one flat theta (and sign, gradient, momentum) for all sparsified layers; each
 layer's parameter is a view into it, so the whole update — SGDW, noise, death, rebirth — is a few
@@ -35,12 +38,22 @@ class SparseMixin:
     def effective_weight(self) -> torch.Tensor:
         if self._frozen_weight is not None:
             return self._frozen_weight
-        if self.parametrization == "bcs":
+        p = self.parametrization
+        if p == "bcs":
             return self.sign * F.relu(self.theta)
+        if p == "score":
+            return self.weight * TopKStraightThrough.apply(self.score.abs(), self.k)
+        if p == "gate":
+            return self.weight * self.mask * self.gate().view(-1, *([1] * (self.weight.dim() - 1)))
         return self.weight * self.mask
 
     def active_mask(self) -> torch.Tensor:
-        return self.theta > 0 if self.parametrization == "bcs" else self.mask.bool()
+        p = self.parametrization
+        if p == "bcs":
+            return self.theta > 0
+        if p == "score":
+            return topk_mask(self.score.detach().abs(), self.k).bool()
+        return self.mask.bool()
 
     @property
     def weight_shape(self) -> torch.Size:
@@ -58,6 +71,29 @@ class SparseLinear(SparseMixin, nn.Linear):
 
 
 _SPARSE_CLASS = {nn.Conv2d: SparseConv2d, nn.Linear: SparseLinear}
+_DENSE_CLASS = {v: k for k, v in _SPARSE_CLASS.items()}
+
+
+def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """1 at the k largest entries of score, 0 elsewhere (ties broken by position, deterministic)."""
+    flat = score.reshape(-1)
+    out = torch.zeros_like(flat)
+    if k > 0:
+        out[flat.topk(min(k, flat.numel()), sorted=False).indices] = 1
+    return out.view_as(score)
+
+
+class TopKStraightThrough(torch.autograd.Function):
+    """Forward: the top-k mask of the scores. Backward: the gradient w.r.t. the mask passes to the scores
+    unchanged (straight-through estimator, as in edge-popup and HYDRA)."""
+
+    @staticmethod
+    def forward(ctx, score: torch.Tensor, k: int) -> torch.Tensor:
+        return topk_mask(score, k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 def sparsifiable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -85,11 +121,10 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in model.state_dict().items():
         layer, _, leaf = key.rpartition(".")
-        if layer in sparse:
-            if leaf in ("theta", "sign", "mask"):
-                continue
-            if leaf == "weight":  # the mask parametrisation's raw weight
-                continue
+        # a sparse layer keeps only its bias: weight/theta/sign/mask/score and gate modules are folded below
+        owner = next((n for n in sparse if key.startswith(n + ".")), None) if sparse else None
+        if owner is not None and key != f"{owner}.bias":
+            continue
         out[key] = value.detach()
     with torch.no_grad():
         for name, m in sparse.items():
@@ -109,6 +144,38 @@ def frozen_weights(model: nn.Module) -> Iterator[None]:
     finally:
         for m in layers:
             m._frozen_weight = None
+
+
+def to_dense(model: nn.Module) -> nn.Module:
+    """Fold every sparse layer back into a plain conv/linear whose weight is its effective weight (zeros
+    where inactive), dropping theta/sign/mask/score/gate: the start of each phase of a multi-phase method."""
+    for _, m in sparse_layers(model):
+        with torch.no_grad():
+            w = m.effective_weight().detach().clone()
+        for attr in ("theta", "weight", "score", "sign", "mask", "gate"):
+            if attr in m._parameters or attr in m._buffers or attr in m._modules:
+                delattr(m, attr)
+        for attr in ("k", "parametrization", "_frozen_weight"):
+            m.__dict__.pop(attr, None)
+        m.__class__ = _DENSE_CLASS[type(m)]
+        m.weight = nn.Parameter(w)
+    return model
+
+
+def global_magnitude_masks(model: nn.Module, keep: int) -> dict[str, torch.Tensor]:
+    """Masks keeping the `keep` largest |w| over all conv/linear layers together (one global threshold).
+    Exact count: ties at the threshold are broken by position."""
+    layers = sparsifiable_layers(model)
+    flat = torch.cat([(m.effective_weight() if isinstance(m, SparseMixin) else m.weight).detach().abs().reshape(-1)
+                      for _, m in layers])
+    keep_flat = topk_mask(flat, keep)
+    out, start = {}, 0
+    for name, m in layers:
+        n = m.weight_shape.numel() if isinstance(m, SparseMixin) else m.weight.numel()
+        shape = m.weight_shape if isinstance(m, SparseMixin) else m.weight.shape
+        out[name] = keep_flat[start:start + n].view(shape).clone()
+        start += n
+    return out
 
 
 # --- initial connectivity -----------------------------------------------------------------------
@@ -171,6 +238,14 @@ class SparseMethod:
     def weight_params(self) -> list[nn.Parameter]:
         raise NotImplementedError
 
+    def decayed_params(self) -> list[torch.Tensor]:
+        """What the trainer's decoupled weight decay shrinks (BCS decays theta itself: none)."""
+        return self.weight_params()
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A term added to the objective's loss before backward (ADMM's penalty, ANP's KL), or None."""
+        return None
+
     def step(self, lr: float, decay_scale: float) -> None:
         """Called after backward. decay_scale: the schedule multiplier lr_t / lr_0 (SGDW)."""
 
@@ -220,6 +295,25 @@ class FixedMask(SparseMethod):
             layer = _convert(m, "mask")
             layer.register_buffer("mask", mask)
             self.layers.append((name, layer))
+        self.budget = int(sum(m.mask.sum().item() for _, m in self.layers))
+        return self
+
+    @classmethod
+    def from_masks(cls, model: nn.Module, masks: dict[str, torch.Tensor], name: str = "fixed") -> "FixedMask":
+        """A mask per conv/linear layer (by module name) on a dense model; weights outside it are zeroed
+        now, so the effective weight and the stored weight agree."""
+        self = cls.__new__(cls)
+        self.name = name
+        dense = sparsifiable_layers(model)
+        self.total = sum(m.weight.numel() for _, m in dense)
+        self.layers = []
+        for lname, m in dense:
+            mask = masks[lname].to(m.weight.device, m.weight.dtype)
+            with torch.no_grad():
+                m.weight.mul_(mask)
+            layer = _convert(m, "mask")
+            layer.register_buffer("mask", mask)
+            self.layers.append((lname, layer))
         self.budget = int(sum(m.mask.sum().item() for _, m in self.layers))
         return self
 
@@ -318,6 +412,9 @@ class BayesianRewiring(SparseMethod):
 
     def weight_params(self):
         return [m.theta for _, m in self.layers]
+
+    def decayed_params(self):
+        return []  # theta's decay is part of step()
 
     def _bind_grads(self):
         for (_, m), (start, s) in zip(self.layers, self._offsets):

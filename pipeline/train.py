@@ -30,7 +30,8 @@ from .config import ConfigError, TrainConfig, dump_yaml
 from .data import DeviceBatches, Splits, load_dataset, load_extra_data
 from .models import create_model
 from .objectives import Objective
-from .sparse import dense_state_dict, layer_report, make_sparse, sparsifiable_layers
+from .methods import Phase, PhaseContext, create_method, split_steps
+from .sparse import dense_state_dict, layer_report, sparsifiable_layers, to_dense
 
 STATE_FILE = "train_state.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -74,10 +75,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_at(cfg: TrainConfig, epoch: float) -> float:
-    """Step schedule: lr * gamma^(milestones passed); milestones are fractions of the epochs."""
-    passed = sum(epoch >= m * cfg.epochs for m in cfg.lr_milestones)
-    return cfg.lr * cfg.lr_gamma**passed
+def lr_at(cfg: TrainConfig, phase: Phase, progress: float) -> float:
+    """The learning rate at `progress` in [0, 1) of a phase. step: lr * gamma^(milestones passed), the
+    milestones being fractions of the phase; cosine: half a cosine from lr to 0; constant."""
+    lr = cfg.lr if phase.lr is None else phase.lr
+    if phase.schedule == "cosine":
+        return 0.5 * lr * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    if phase.schedule == "constant":
+        return lr
+    passed = sum(progress >= m for m in cfg.lr_milestones)
+    return lr * cfg.lr_gamma**passed
 
 
 def _gen_state(gens: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
@@ -99,10 +106,10 @@ class TrainStep:
         self.lr0, self.weight_decay, self.bf16, self.allreduce = lr, weight_decay, bf16, allreduce
         self.forward_model = forward_model or model
         bcs = sparse is not None and sparse.name == "bcs"
-        self.decayed = [] if bcs else (sparse.weight_params() if sparse else
-                                       [m.weight for _, m in sparsifiable_layers(model)])
+        self.decayed = (sparse.decayed_params() if sparse else [m.weight for _, m in sparsifiable_layers(model)])
+        # BCS updates theta itself; frozen parameters (score phases) are not trained
         theta_ids = {id(p) for p in sparse.weight_params()} if bcs else set()
-        self.sgd_params = [p for p in model.parameters() if id(p) not in theta_ids]
+        self.sgd_params = [p for p in model.parameters() if id(p) not in theta_ids and p.requires_grad]
         self.opt = torch.optim.SGD(self.sgd_params, lr=lr, momentum=momentum, weight_decay=0.0)
 
     def autocast(self):
@@ -114,7 +121,8 @@ class TrainStep:
             self.sparse.zero_grad()
         with self.autocast():
             loss, logits = self.objective(self.forward_model, x, y, generator)
-        loss.backward()
+        extra = self.sparse.extra_loss() if self.sparse is not None else None
+        (loss if extra is None else loss + extra).backward()
         if self.allreduce is not None:
             self.allreduce()
         decay_scale = lr / self.lr0
@@ -160,35 +168,61 @@ class Trainer:
         self.layer_names = [n for n, _ in sparsifiable_layers(self.model)]
         if self.channels_last and cfg.method == "dense":
             self.model = self.model.to(memory_format=torch.channels_last)  # sparse weights are views: keep them
+        total = sum(m.weight.numel() for _, m in sparsifiable_layers(self.model))
+        self.budget = round((1.0 - cfg.sparsity) * total) if cfg.method != "dense" else total
 
         # Separate streams of randomness, all checkpointed: data order/augmentation, attacks, rewiring.
         self.gens = {k: torch.Generator(self.device).manual_seed(cfg.seed * 1000 + i + (100 * self.dist.rank if k == "attack" else 0))
                      for i, k in enumerate(("data", "attack", "sparse"))}
-        bcs_options = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, sigma=cfg.sigma, alpha=cfg.alpha,
-                           temperature=cfg.temperature, rewire_every=cfg.rewire_every,
-                           regrow=cfg.regrow) if cfg.method == "bcs" else {}
-        self.sparse = make_sparse(cfg.method, self.model, cfg.sparsity, self.gens["sparse"], model_name=self.model_name,
-                                  **bcs_options)
-        self.objective = Objective(cfg.objective, PGDConfig(cfg.eps, cfg.attack_step_size, cfg.attack_steps), cfg.beta)
-        self.train_step = TrainStep(self.model, self.sparse, self.objective, lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay, bf16=self.bf16,
-                                    forward_model=torch.compile(self.model) if cfg.compile else None,
-                                    allreduce=self._allreduce_grads if self.dist.world > 1 else None)
-        self.opt, self.sgd_params = self.train_step.opt, self.train_step.sgd_params
+        self.objective = Objective(cfg.objective, PGDConfig(cfg.eps, cfg.attack_step_size, cfg.attack_steps), cfg.beta,
+                                   vs_lambda=cfg.vs_lambda)
 
-        self.epoch = 0  # completed epochs
+        # The method's phases share --epochs (in optimizer steps); --max-steps caps each phase.
+        self.method = create_method(cfg.method, **cfg.method_options)
+        self.phases = self.method.phases(cfg)
+        self.steps_per_epoch = max(1, len(self.splits.train_y) // (cfg.batch_size // 2 if self.extra is not None
+                                                                   else cfg.batch_size))
+        self.phase_steps = split_steps(self.phases, cfg.epochs * self.steps_per_epoch)  # the plan: lr schedules
+        # where each phase stops: --max-steps cuts a phase short without changing its schedule (smoke runs)
+        self.phase_limits = [n if cfg.max_steps is None else min(n, cfg.max_steps) for n in self.phase_steps]
+        self.phase = 0
+        self.phase_step = 0  # optimizer steps done in the current phase
+
+        self.epoch = 0  # completed data epochs
         self.step = 0
-        self.epoch_step = 0  # batches done in the current epoch (non-zero only after a --max-steps stop)
+        self.epoch_step = 0  # batches done in the current data epoch (non-zero after a phase or --max-steps stop)
         self.data_epoch_state = self.gens["data"].get_state()
         self.best = {"score": -1.0, "epoch": -1, "val_clean_acc": None, "val_robust_acc": None}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.time_s = 0.0
-        if resume and (self.out / STATE_FILE).is_file():
+        resuming = resume and (self.out / STATE_FILE).is_file()
+        if resuming:
+            self._load_position()
+        self._enter_phase(self.phase, resuming=resuming)
+        if resuming:
             self._load_state()
         elif self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / CONFIG_FILE, dump_yaml(cfg))
             (self.out / METRICS_FILE).unlink(missing_ok=True)
+
+    def _enter_phase(self, index: int, resuming: bool) -> None:
+        """Let the method transform the model for phase `index` and build a fresh optimizer step for it."""
+        cfg = self.cfg
+        if index > 0:
+            to_dense(self.model)
+        ctx = PhaseContext(cfg=cfg, model_name=self.model_name, generator=self.gens["sparse"], device=self.device,
+                           resuming=resuming, steps=self.phase_steps[index], log=self.log,
+                           n_train=len(self.splits.train_y))
+        self.sparse = self.method.enter(index, self.model, ctx)
+        self.model.to(self.device)
+        self.train_step = TrainStep(self.model, self.sparse, self.objective, lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay, bf16=self.bf16,
+                                    forward_model=torch.compile(self.model) if cfg.compile else None,
+                                    allreduce=self._allreduce_grads if self.dist.world > 1 else None)
+        self.opt, self.sgd_params = self.train_step.opt, self.train_step.sgd_params
+        if len(self.phases) > 1 and not resuming:
+            self.log(f"phase {index + 1}/{len(self.phases)} {self.phases[index].name}: {self.phase_steps[index]} steps")
 
     # --- folder handling ---------------------------------------------------------------------
 
@@ -221,6 +255,7 @@ class Trainer:
             buf = self.opt.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
                 state[f"opt.{i}"] = buf
+        state.update({f"method.{k}": v for k, v in self.method.state_tensors().items()})
         state.update(_gen_state(self.gens))
         state["rng.data_epoch_start"] = self.data_epoch_state
         if self.best_state is not None:
@@ -229,6 +264,7 @@ class Trainer:
 
     def _save_checkpoint(self, record: dict | None) -> None:
         meta = {"epoch": str(self.epoch), "step": str(self.step), "epoch_step": str(self.epoch_step), "best": json.dumps(self.best),
+                "phase": str(self.phase), "phase_step": str(self.phase_step),
                 "time_s": repr(self.time_s), "record": json.dumps(record) if record else ""}
         save_tensors(self.out / STATE_FILE, self._state_tensors(), metadata=meta)
         if self.best_state is not None:
@@ -237,12 +273,20 @@ class Trainer:
         if record is not None:
             append_line(self.out / METRICS_FILE, json.dumps(record))
 
-    def _load_state(self) -> None:
+    def _load_position(self) -> None:
+        """Before the phase is built: which phase the checkpoint is in, and the method's own state."""
         path = self.out / STATE_FILE
         try:
             meta = tensors_metadata(path)
         except Exception as exc:
             raise ArtifactError(f"cannot read {path}: {exc}") from None
+        self.phase, self.phase_step = int(meta.get("phase", 0)), int(meta.get("phase_step", meta["step"]))
+        state = load_tensors(path, device=self.device)
+        self.method.load_state_tensors({k[7:]: v for k, v in state.items() if k.startswith("method.")})
+
+    def _load_state(self) -> None:
+        path = self.out / STATE_FILE
+        meta = tensors_metadata(path)
         state = load_tensors(path, device=self.device)
         model_state = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
         self.model.load_state_dict(model_state, strict=True)  # copies into the views: flat buffers stay bound
@@ -314,14 +358,18 @@ class Trainer:
     def _prepare(self, x):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def train_epoch(self, bar=None) -> dict:
+    def train_epoch(self, bar=None, limit: int | None = None) -> dict:
+        """Train to the end of the current data epoch, or for `limit` steps (the end of the phase)."""
         cfg = self.cfg
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
         t0 = time.perf_counter()
-        steps_per_epoch = len(self.splits.train_y) // (cfg.batch_size // 2 if self.extra is not None else cfg.batch_size)
+        steps_per_epoch = self.steps_per_epoch
+        phase, phase_total = self.phases[self.phase], self.phase_steps[self.phase]
+        lr = lr_at(cfg, phase, self.phase_step / phase_total)
+        done = 0
         data_gen = self.gens["data"]
         if self.epoch_step == 0:
             self.data_epoch_state = data_gen.get_state()
@@ -331,13 +379,15 @@ class Trainer:
         for i, (x, y) in enumerate(self._batches()):
             if i < skip:
                 continue
-            if cfg.max_steps is not None and self.step >= cfg.max_steps:
+            if limit is not None and done >= limit:
                 break
             if self.dist.world > 1:  # the same global batch on every rank; each takes its slice
                 x, y = x[self.dist.rank :: self.dist.world], y[self.dist.rank :: self.dist.world]
-            lr = lr_at(cfg, self.epoch + i / max(1, steps_per_epoch))
+            lr = lr_at(cfg, phase, self.phase_step / phase_total)
             loss, logits = self.train_step(self._prepare(x), y, lr, self.gens["attack"])
             self.step += 1
+            self.phase_step += 1
+            done += 1
             self.epoch_step = i + 1
             loss_sum += loss * len(y)
             correct += (logits.argmax(1) == y).sum()
@@ -351,7 +401,7 @@ class Trainer:
         if self.epoch_step >= steps_per_epoch:
             self.epoch_step = 0  # the epoch is complete
         return {"train_loss": loss_sum.item() / max(1, seen), "train_acc": correct.item() / max(1, seen),
-                "images_per_s": seen * self.dist.world / max(dt, 1e-9), "epoch_time_s": dt, "lr": lr_at(cfg, self.epoch)}
+                "images_per_s": seen * self.dist.world / max(dt, 1e-9), "epoch_time_s": dt, "lr": lr}
 
     def _eval_attack(self, steps: int) -> PGDConfig | None:
         if not self.objective.robust and steps == 0:
@@ -364,7 +414,7 @@ class Trainer:
             return evaluate(self.model, x, y, self._eval_attack(steps), batch_size=self.cfg.eval_batch_size, generator=gen)
 
     def sparsity_now(self) -> tuple[float, int]:
-        if self.sparse is None:
+        if self.sparse is None or self.sparse.name != "bcs":  # count the effective weights' non-zeros
             state = dense_state_dict(self.model)
             _, s = layer_report(state, self.layer_names)
             return s, sum(int(torch.count_nonzero(state[f"{n}.weight"])) for n in self.layer_names)
@@ -373,33 +423,40 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        done_steps = cfg.max_steps is not None and self.step >= cfg.max_steps
         progress_ctx = _Progress(cfg.epochs) if self.progress else nullcontext(None)
         with progress_ctx as prog:
-            while self.epoch < cfg.epochs and not done_steps:
+            while True:
+                if self.phase_step >= self.phase_limits[self.phase]:
+                    if self.phase + 1 >= len(self.phases):
+                        break
+                    self.phase, self.phase_step = self.phase + 1, 0
+                    self._enter_phase(self.phase, resuming=False)
                 t_epoch = time.perf_counter()
                 bar = prog.bar(self.epoch) if prog else None
-                rec = self.train_epoch(bar)
-                done_steps = cfg.max_steps is not None and self.step >= cfg.max_steps
-                partial = self.epoch_step > 0  # stopped by --max-steps inside the epoch
+                rec = self.train_epoch(bar, limit=self.phase_limits[self.phase] - self.phase_step)
+                partial = self.epoch_step > 0  # stopped inside the data epoch (end of a phase, --max-steps)
                 if not partial:
                     self.epoch += 1
+                phase = self.phases[self.phase]
                 record = None
                 if self.dist.main:
                     val = self._eval(self.splits.val_x, self.splits.val_y, cfg.eval_attack_steps if self.objective.robust else 0,
                                      seed=cfg.seed + 7919 * self.epoch + self.epoch_step) if len(self.splits.val_y) else {"clean_acc": 0.0}
                     score = val.get("robust_acc", val["clean_acc"]) if self.objective.robust else val["clean_acc"]
-                    selected = score > self.best["score"]
+                    sparsity, active = self.sparsity_now()
+                    # only weights at the budget may be selected (a dense pre-training epoch never is)
+                    selected = phase.at_budget and active <= self.budget and score > self.best["score"]
                     if selected:
                         self.best = {"score": score, "epoch": self.epoch, "val_clean_acc": val["clean_acc"],
                                      "val_robust_acc": val.get("robust_acc")}
                         self.best_state = {k: v.detach().clone() for k, v in dense_state_dict(self.model).items()}
-                    sparsity, active = self.sparsity_now()
                     self.time_s += time.perf_counter() - t_epoch
                     record = {"epoch": self.epoch, "step": self.step, "partial": partial, **rec, "val_clean_acc": val["clean_acc"],
                               "val_robust_acc": val.get("robust_acc"), "sparsity": sparsity, "active": active,
-                              "budget": self.sparse.budget if self.sparse else None, "selected": selected,
+                              "budget": self.budget if cfg.method != "dense" else None, "selected": selected,
                               "time_s": self.time_s}
+                    if len(self.phases) > 1:
+                        record.update(phase=phase.name, phase_step=self.phase_step)
                     self._save_checkpoint(record)
                     self._tensorboard(record)
                     if prog:
@@ -434,6 +491,10 @@ class Trainer:
         cfg = self.cfg
         if self.best_state is None:
             raise TrainingError("no epoch finished: nothing to save")
+        nonzero = sum(int(torch.count_nonzero(self.best_state[f"{n}.weight"])) for n in self.layer_names)
+        if cfg.method != "dense" and nonzero > self.budget:  # a method bug, never a user error
+            raise TrainingError(f"method {cfg.method} selected a model with {nonzero} non-zero weights, over the "
+                                f"budget of {self.budget}")
         eval_model = create_model(self.model_name, **self.model_kwargs).to(self.device)
         eval_model.load_state_dict(self.best_state)
         self.model, live = eval_model, self.model  # evaluate the selected plain weights, exactly as saved
@@ -487,13 +548,25 @@ class Trainer:
         return write_manifest(self.out, manifest, files)
 
     def _method_config(self) -> dict:
-        if self.sparse is None:
-            return {"name": "dense"}
-        out = {"name": self.sparse.name, "budget": self.sparse.budget, "total": self.sparse.total,
-               "initial_density_profile": "vgg16-reference" if self.model_name == "vgg16" else "first/last>=0.6"}
-        if self.sparse.name == "bcs":
-            out.update({"rewire_every": self.cfg.rewire_every, "regrow": self.cfg.regrow, "sigma": self.cfg.sigma, "alpha": self.cfg.alpha,
-                        "temperature": self.cfg.temperature, "optimizer": "SGDW momentum 0.9, decoupled decay"})
+        cfg = self.cfg
+        out = {"name": cfg.method, "budget": self.budget,
+               "total": sum(m.weight_shape.numel() if hasattr(m, "weight_shape") else m.weight.numel()
+                            for _, m in sparsifiable_layers(self.model)),
+               "budget_rule": "non-zero conv+linear weights <= round((1 - sparsity) * all conv+linear weights)"}
+        if cfg.method in ("bcs", "fixed"):
+            out["initial_density_profile"] = "vgg16-reference" if self.model_name == "vgg16" else "first/last>=0.6"
+        if cfg.method == "bcs":
+            out.update({"rewire_every": cfg.rewire_every, "regrow": cfg.regrow, "sigma": cfg.sigma, "alpha": cfg.alpha,
+                        "temperature": cfg.temperature, "optimizer": "SGDW momentum 0.9, decoupled decay"})
+        if len(self.phases) > 1 or cfg.method_options:
+            out["phases"] = [{"name": p.name, "fraction": p.fraction, "steps": n,
+                              "lr": cfg.lr if p.lr is None else p.lr, "schedule": p.schedule, "at_budget": p.at_budget}
+                             for p, n in zip(self.phases, self.phase_steps)]
+            out["epochs_budget"] = cfg.epochs
+            out["options"] = dict(cfg.method_options)
+        out.update(self.method.config())
+        if cfg.vs_lambda:
+            out["vs_lambda"] = cfg.vs_lambda
         return out
 
 
