@@ -36,8 +36,8 @@ def draw_weight(weight: torch.Tensor, how: str, generator: torch.Generator) -> t
 
 
 def draw_score(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Their SubnetConv scores: kaiming_uniform_(a=sqrt(5)); stored as |.| since they rank |score|."""
-    return nn.init.kaiming_uniform_(torch.empty_like(weight), a=math.sqrt(5), generator=generator).abs()
+    """Their SubnetConv scores: kaiming_uniform_(a=sqrt(5)); the mask ranks |score|."""
+    return nn.init.kaiming_uniform_(torch.empty_like(weight), a=math.sqrt(5), generator=generator)
 
 
 @register("edge-popup")

@@ -12,10 +12,8 @@ Scores start from the scaled weight magnitudes (`scaled_score_init`): s = sqrt(6
 layer, so the first mask is layer-wise magnitude pruning and the search starts from it. Top-k is per layer
 with k_l = floor((1 - sparsity) * n_l), at least 1, so the total never exceeds the budget K (rsp.methods).
 
-Their layers rank |s| (GetSubnet(popup_scores.abs())); rsp.sparse ranks the score itself, so rsp stores
-|s| from the start. The two agree step for step while no score crosses zero (d|s|/ds = sign(s), folded into
-the stored value); a score that reaches zero is at the bottom of its layer's ranking in both, pruned either
-way. `ScoreMask` (the score parametrisation of all conv/linear layers) is shared with `edge-popup`.
+As in their layers (GetSubnet(popup_scores.abs())), rsp.sparse's score parametrisation ranks |s|.
+`ScoreMask` (the score parametrisation of all conv/linear layers) is shared with `edge-popup`.
 """
 
 from __future__ import annotations
@@ -142,8 +140,7 @@ class Hydra(Method):
             return None  # dense robust pre-training
         sparsity = ctx.cfg.sparsity
         if index == 1:
-            # |scaled init|: rsp ranks the stored score, HYDRA ranks |score| (module docstring)
-            init = None if ctx.resuming else (lambda _, m: scaled_score_init(m.weight).abs())
+            init = None if ctx.resuming else (lambda _, m: scaled_score_init(m.weight))
             sparse = ScoreMask(model, sparsity, init, name="hydra")
             # kept past to_dense (which drops them from the layers); a resume's load_state_dict fills them in place
             self._scores = {n: (m.score, m.k) for n, m in sparse.layers}
@@ -152,7 +149,7 @@ class Hydra(Method):
             raise ValueError(f"hydra has 3 phases, not {index + 1}")
         layers = sparsifiable_layers(model)
         if self._scores is not None:
-            masks = {n: topk_mask(s.detach(), k) for n, (s, k) in self._scores.items()}
+            masks = {n: topk_mask(s.detach().abs(), k) for n, (s, k) in self._scores.items()}
         else:
             # no search in this process: resuming (the checkpoint holds the mask) or the score phase was skipped.
             # to_dense zeroed all but the top-k, so per-layer top-k of |w| recovers that mask (and is at budget).
@@ -172,8 +169,7 @@ class Hydra(Method):
                 "split": self.split, "paper_split_epochs": [100, 20, 100],
                 "lr": {"pretrain": lr[0], "scores": lr[1], "finetune": lr[2]},
                 "schedule": {"pretrain": self.schedules[0], "scores": self.schedules[1], "finetune": self.schedules[2]},
-                "score_init": "|sqrt(6 / fan_in) * w / max|w|| per layer (HYDRA scaled_score_init; |.| as their "
-                              "GetSubnet ranks |score|)",
+                "score_init": "sqrt(6 / fan_in) * w / max|w| per layer (HYDRA scaled_score_init); top-k of |score|",
                 "topk": "per layer, k_l = floor((1 - sparsity) * n_l) >= 1, straight-through gradient to the scores",
                 "score_phase_trainable": "scores and BatchNorm; conv/linear weights and biases frozen",
                 "score_decay": "the trainer's decoupled weight decay on the scores",
