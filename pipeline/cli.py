@@ -338,7 +338,7 @@ def pipeline(
     data_dir: Optional[str] = typer.Option(None, help="Data folder (all stages).", rich_help_panel="train"),
     model: Optional[str] = typer.Option(None, help="Registry model.", rich_help_panel="train"),
     sparsity: Optional[float] = typer.Option(None, help="Weight sparsity fixed from step one.", rich_help_panel="train"),
-    method: Optional[str] = typer.Option(None, help="bcs | fixed | dense.", rich_help_panel="train"),
+    method: Optional[str] = typer.Option(None, help="bcs | fixed | dense | magnitude | lth | hydra | edge-popup | admm | anp-vs (see rsp train --help).", rich_help_panel="train"),
     regrow: Optional[str] = typer.Option(None, help="BCS rebirth rule: random | l2 | l2-weighted.", rich_help_panel="train"),
     objective: Optional[str] = typer.Option(None, help="natural | pgd-at | mixed-at | trades | mart | rst.", rich_help_panel="train"),
     epochs: Optional[int] = typer.Option(None, help="Training epochs.", rich_help_panel="train"),

@@ -146,6 +146,12 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"unknown method {cfg.method!r}; choose one of {', '.join(list_methods())}")
     if not isinstance(cfg.method_options, dict):
         bad("method_options must be a mapping of option: value")
+    from .methods import create_method
+
+    try:
+        create_method(cfg.method, **cfg.method_options).phases(cfg)
+    except ValueError as exc:
+        bad(str(exc))
     if cfg.vs_lambda < 0:
         bad("--vs-lambda must be >= 0")
     if cfg.objective not in OBJECTIVES:

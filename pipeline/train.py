@@ -214,9 +214,15 @@ class Trainer:
         ctx = PhaseContext(cfg=cfg, model_name=self.model_name, generator=self.gens["sparse"], device=self.device,
                            resuming=resuming, steps=self.phase_steps[index], log=self.log,
                            n_train=len(self.splits.train_y))
-        self.sparse = self.method.enter(index, self.model, ctx)
+        try:
+            self.sparse = self.method.enter(index, self.model, ctx)
+        except ValueError as exc:  # a recipe that does not fit this model (e.g. ratios for unknown layers)
+            raise ConfigError(f"--method {cfg.method}: {exc}") from None
         self.model.to(self.device)
-        self.train_step = TrainStep(self.model, self.sparse, self.objective, lr=cfg.lr, momentum=cfg.momentum,
+        phase = self.phases[index]
+        # lr: the phase's base, so decoupled decay follows the phase's own schedule multiplier
+        self.train_step = TrainStep(self.model, self.sparse, self.objective, lr=cfg.lr if phase.lr is None else phase.lr,
+                                    momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay, bf16=self.bf16,
                                     forward_model=torch.compile(self.model) if cfg.compile else None,
                                     allreduce=self._allreduce_grads if self.dist.world > 1 else None)
@@ -455,8 +461,7 @@ class Trainer:
                               "val_robust_acc": val.get("robust_acc"), "sparsity": sparsity, "active": active,
                               "budget": self.budget if cfg.method != "dense" else None, "selected": selected,
                               "time_s": self.time_s}
-                    if len(self.phases) > 1:
-                        record.update(phase=phase.name, phase_step=self.phase_step)
+                    record.update(phase=phase.name, phase_step=self.phase_step)
                     self._save_checkpoint(record)
                     self._tensorboard(record)
                     if prog:
@@ -558,13 +563,13 @@ class Trainer:
         if cfg.method == "bcs":
             out.update({"rewire_every": cfg.rewire_every, "regrow": cfg.regrow, "sigma": cfg.sigma, "alpha": cfg.alpha,
                         "temperature": cfg.temperature, "optimizer": "SGDW momentum 0.9, decoupled decay"})
-        if len(self.phases) > 1 or cfg.method_options:
+        if len(self.phases) > 1 or cfg.method_options or cfg.method not in ("bcs", "fixed", "dense"):
             out["phases"] = [{"name": p.name, "fraction": p.fraction, "steps": n,
                               "lr": cfg.lr if p.lr is None else p.lr, "schedule": p.schedule, "at_budget": p.at_budget}
                              for p, n in zip(self.phases, self.phase_steps)]
             out["epochs_budget"] = cfg.epochs
             out["options"] = dict(cfg.method_options)
-        out.update(self.method.config())
+        out.update({k: v for k, v in self.method.config().items() if k not in out})  # the trainer's phases win
         if cfg.vs_lambda:
             out["vs_lambda"] = cfg.vs_lambda
         return out

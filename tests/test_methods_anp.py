@@ -55,7 +55,7 @@ def _train(model, sparse, steps, gen, lr=0.05, wd=5e-4):
     loss = robust objective + extra_loss, then sparse.step."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    decayed = sparse.decayed_params() if sparse is not None else []
+    decayed = sparse.decayed_params() if sparse is not None else [m.weight for _, m in sparsifiable_layers(model)]
     model.train()
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -105,12 +105,15 @@ def test_kumaraswamy_sample_in_unit_interval_with_the_analytic_mean(a, b):
     assert mean == pytest.approx(b * math.exp(math.lgamma(1 + 1 / a) + math.lgamma(b) - math.lgamma(1 + 1 / a + b)))
     se = float(pi.std()) / math.sqrt(len(pi))
     assert abs(float(pi.mean()) - mean) < 5 * se
-    # the float32 sampler of the gate module, too: one pi per unit per draw, all inside (0, 1)
+    # the gate module's float32 sampler: one pi per unit per draw, in [0, 1] (float32 rounds 1 - 1e-10 to 1),
+    # the same mean, and finite gradients everywhere
     g = BetaBernoulliGate(4096, a_uc_init=math.log(math.expm1(a)), b_uc_init=math.log(math.expm1(b)),
                           generator=torch.Generator().manual_seed(1))
     draws = torch.stack([g.sample_pi() for _ in range(20)])
-    assert bool(((draws > 0) & (draws < 1)).all())
-    assert float(draws.mean()) == pytest.approx(mean, abs=0.01)
+    assert bool(((draws >= 0) & (draws <= 1)).all())
+    assert float(draws.detach().mean()) == pytest.approx(mean, abs=0.01)
+    g.sample(8).sum().backward()
+    assert bool(torch.isfinite(g.a_uc.grad).all() & torch.isfinite(g.b_uc.grad).all())
 
 
 def _kl_monte_carlo(a, b, alpha, n=400_000, seed=0):
@@ -150,8 +153,9 @@ def test_kl_is_nonnegative_zero_at_the_prior_and_decreases_towards_it():
         assert bool((path_b[1:] < path_b[:-1]).all())
     # the gate's kl() is the sum over its units, with their parametrisation (Euler's constant = -digamma(1))
     g = BetaBernoulliGate(5, a_uc_init=0.3, b_uc_init=-0.2)
-    ga, gb = softplus_params(g.a_uc, g.b_uc)
-    assert float(g.kl()) == pytest.approx(float(kl_kumaraswamy_beta(ga, gb, ALPHA).sum()), rel=1e-6)
+    with torch.no_grad():
+        ga, gb = softplus_params(g.a_uc, g.b_uc)
+        assert float(g.kl()) == pytest.approx(float(kl_kumaraswamy_beta(ga, gb, ALPHA).sum()), rel=1e-6)
     assert EULER == pytest.approx(-float(torch.digamma(torch.tensor(1.0, dtype=torch.float64))), abs=1e-14)
 
 
@@ -175,10 +179,11 @@ def test_gates_on_every_layer_but_the_classifier():
         assert m.parametrization == "gate" and m.gate.n == m.weight.shape[0]
         assert torch.equal(m.mask, torch.ones_like(m.weight))
     # their inits: conv a_uc 2.0 (E[pi] = a / (a + 1) at b = 1), linear -1.0
-    e = sparse.gates["0"].keep_probability()
+    e = sparse.gates["0"].keep_probability().detach()
     a = F.softplus(torch.tensor(2.0))
     assert torch.allclose(e, torch.full_like(e, float(a / (a + 1))), atol=1e-4)
-    assert float(sparse.gates["8"].keep_probability()[0]) == pytest.approx(float(F.softplus(torch.tensor(-1.0)) / (F.softplus(torch.tensor(-1.0)) + 1)), abs=1e-4)
+    a = F.softplus(torch.tensor(-1.0))
+    assert float(sparse.gates["8"].keep_probability().detach()[0]) == pytest.approx(float(a / (a + 1)), abs=1e-4)
     # state_dict carries the gate parameters (resume), dense_state_dict only plain weights
     keys = model.state_dict().keys()
     assert {"0.gate.a_uc", "0.gate.b_uc", "0.mask", "8.gate.a_uc"} <= set(keys)
@@ -250,16 +255,17 @@ def test_gradient_reaches_the_gates_and_the_gates_train(gate_optimizer):
 
 
 def test_per_example_masks_survive_batchnorm():
-    """Why one mask per example: a per-batch channel scale before train-mode BatchNorm is divided out."""
+    """Why one mask per example: train-mode BatchNorm divides out a channel scale shared by the batch, so a
+    per-batch gate on the first conv gets (almost) no data gradient; per-example masks get a real one."""
     grads = {}
     for per_example in (False, True):
-        torch.manual_seed(0)
         model, sparse = _gated(per_example, gate_optimizer="sgd")
+        model[1].eps = 1e-12  # what is left with one mask per batch comes only through BatchNorm's eps
         model.train()
         x, y = _batch(torch.Generator().manual_seed(0), n=32)
         F.cross_entropy(model(x), y).backward()  # no KL: the data gradient only
         grads[per_example] = float(sparse.gates["0"].a_uc.grad.abs().mean())
-    assert grads[True] > 100 * grads[False]
+    assert grads[True] > 1000 * grads[False]
 
 
 # --- the phases ------------------------------------------------------------------------------------------
@@ -289,7 +295,8 @@ def test_unit_pruning_zero_rows_and_budget():
     assert conf["unit_sparsity"] == pytest.approx(7 / 36)
     assert conf["unit_sparsity_per_layer"]["3"] == {"units": 16, "pruned": 4, "unit_sparsity": 0.25}
     assert "10" not in conf["unit_sparsity_per_layer"]  # the classifier has no gate
-    assert conf["weight_sparsity_final"] >= cfg.sparsity - 1e-9
+    assert conf["nonzero_final"] == _nonzero(model) <= keep == conf["budget"]
+    assert conf["weight_sparsity_final"] == pytest.approx(1 - conf["nonzero_final"] / total)
     assert conf["weight_sparsity_after_unit_pruning"] < cfg.sparsity
     assert not any(m._forward_hooks for _, m in sparsifiable_layers(model))  # the gate hooks are gone
 
@@ -332,7 +339,7 @@ def test_kl_weight_and_n_train():
     assert method.kl_weight == 2.0 and method.default_vs_lambda == 1e-4
     sparse = method.enter(0, _net(), _ctx(cfg, 10))
     assert sparse.kl_scale == pytest.approx(2.0 / 64)
-    assert float(sparse.extra_loss()) == pytest.approx(float(sparse.kl()) * 2.0 / 64)
+    assert float(sparse.extra_loss().detach()) == pytest.approx(float(sparse.kl().detach()) * 2.0 / 64)
     m2 = create_method("anp-vs", kl_weight=0.5)
     m2.phases(_cfg(dataset="digits"))
     ctx = _ctx(cfg, 10)
@@ -402,5 +409,5 @@ def test_resume_rebuilds_and_loads_strictly():
     assert method_c.config()["unit_sparsity_per_layer"] == method_a.config()["unit_sparsity_per_layer"]
     assert method_c.config()["finished_with_global_magnitude"] is True
     assert float(dc["3.weight"][:3].abs().sum()) == 0
-    assert sparse_c.budget == sparse_a2.budget <= budget_of(model_c, cfg.sparsity)[0]
+    assert int(sparse_c.active_count()) == int(sparse_a2.active_count()) <= budget_of(model_c, cfg.sparsity)[0]
     assert len(sparse_layers(model_c)) == len(sparsifiable_layers(model_c))

@@ -165,7 +165,7 @@ def test_hydra_three_phases_end_within_budget_and_finetune_keeps_the_mask():
     assert [p.at_budget for p in phases] == [False, True, True]
     assert [p.fraction for p in phases] == pytest.approx([0.4, 0.2, 0.4])
     assert [p.lr for p in phases] == [None, 0.1, 0.01]
-    assert method.config()["phases"] == pytest.approx({"pretrain": 0.4, "scores": 0.2, "finetune": 0.4})
+    assert method.config()["fractions"] == pytest.approx({"pretrain": 0.4, "scores": 0.2, "finetune": 0.4})
     budget, total = budget_of(model, 0.85)
     for i, phase in enumerate(phases):
         if i:

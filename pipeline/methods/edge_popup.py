@@ -79,7 +79,7 @@ class EdgePopup(Method):
         return sparse
 
     def config(self):
-        return {"phases": {"scores": 1.0}, "lr": "--lr" if self.lr is None else self.lr, "schedule": self.schedule,
+        return {"lr": "--lr" if self.lr is None else self.lr, "schedule": self.schedule,
                 "weight_init": self.weight_init + " (fan_in, ReLU gain), drawn once from the run's sparse stream, "
                                                   "never trained",
                 "score_init": "|kaiming_uniform(a=sqrt(5))| per layer (edge-popup's SubnetConv; |.| as they rank "

@@ -165,7 +165,7 @@ class Hydra(Method):
     def config(self):
         f = self.fractions()
         lr = ["--lr" if x is None else x for x in self.lrs]
-        return {"phases": {"pretrain": f[0], "scores": f[1], "finetune": f[2]},
+        return {"fractions": {"pretrain": f[0], "scores": f[1], "finetune": f[2]},
                 "split": self.split, "paper_split_epochs": [100, 20, 100],
                 "lr": {"pretrain": lr[0], "scores": lr[1], "finetune": lr[2]},
                 "schedule": {"pretrain": self.schedules[0], "scores": self.schedules[1], "finetune": self.schedules[2]},
