@@ -263,12 +263,13 @@ def export(
     epilog="Examples:\n\n"
     "  rsp verify out/orin --data-dir ~/data --min-robust-acc 0.45 --max-latency-ms 5    # a CI gate on the device\n\n"
     "  rsp verify out/x86 --backend onnx --backend tvm --attacks pgd --n-examples 500\n\n"
-    "  rsp verify runs/v99-s --backend torch --eps 4/255 --steps 100 --restarts 20",
+    "  rsp verify runs/v99-s --backend torch --eps 4/255 --steps 100 --restarts 20\n\n"
+    "  rsp verify out/orin --rpc 192.168.1.20:9090 --max-latency-ms 5    # the TVM library on a Jetson's RPC server",
 )
 def verify(
     bundle: str = typer.Argument(..., help="An export bundle (or any rsp stage folder: then the PyTorch twin is run)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Report folder: verify.json, report.md, PNG charts (default: BUNDLE/verify)."),
-    backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="torch | onnx | tvm; repeat for several (default: every artifact in the bundle that runs here)."),
+    backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="torch | onnx | tvm | tvm-rpc | tensorrt; repeat for several (default: every artifact in the bundle that runs here; tvm-rpc first with --rpc)."),
     dataset: Optional[str] = typer.Option(None, help="Evaluation data set (default: the bundle's)."),
     data_dir: Optional[str] = typer.Option(None, help="Data folder (as in rsp train; not needed for digits)."),
     attacks: Optional[list[str]] = typer.Option(None, "--attacks", help="pgd (default); repeat for several."),
@@ -285,6 +286,8 @@ def verify(
     max_parity_error: Optional[float] = typer.Option(None, "--max-parity-error", help="Gate: fail above this max |logit difference| vs PyTorch.", rich_help_panel="Gates"),
     device: str = typer.Option("cpu", help="cpu | cuda (the PyTorch twin and the attacks)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch and onnxruntime."),
+    rpc: Optional[str] = typer.Option(None, "--rpc", help="HOST:PORT of a TVM RPC server on the device (python -m tvm.exec.rpc_server): the TVM library runs, is scored and timed there (backend tvm-rpc).", rich_help_panel="Remote device"),
+    rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="Device key at a TVM RPC tracker; --rpc is then the tracker's HOST:PORT.", rich_help_panel="Remote device"),
 ) -> None:
     """Check the artifact that will ship: robust, accurate, fast; exit 1 when a gate fails.
 
@@ -307,7 +310,8 @@ def verify(
                              dataset=dataset, data_dir=data_dir, attacks=attacks or ["pgd"],
                              eps=parse_eps(eps) if eps is not None else None, steps=steps, restarts=restarts,
                              n_examples=n_examples, seed=seed, sanity=sanity, latency_runs=latency_runs,
-                             device=device, threads=threads, gates={k: v for k, v in gates.items() if v is not None})
+                             device=device, threads=threads, gates={k: v for k, v in gates.items() if v is not None},
+                             rpc=rpc, rpc_key=rpc_key)
         result = run_verify(bundle, opts, log=lambda m: typer.echo(m, err=True))
     except _bad_input_types() as exc:
         _fail(str(exc))

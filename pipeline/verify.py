@@ -3,7 +3,8 @@
 Order of work, so a CI job fails early and cheaply on bad input:
   1. the bundle's files against the sha256 in its manifest (a changed or missing file: exit 2)
   2. the runtimes: the PyTorch twin (weights of model.safetensors, the exact exported numbers) and
-     each requested artifact runtime (onnxruntime, the TVM VM)
+     each requested artifact runtime (onnxruntime, the TVM VM here or on a remote device over TVM RPC,
+     a TensorRT engine built and cached on this GPU)
   3. parity: clean logits of every artifact vs the twin on the evaluation images
   4. robustness: white-box attacks on the twin (attacks.py, the module training uses); the adversarial
      examples are then classified by each artifact, and that is its robust accuracy; the black-box
@@ -28,9 +29,10 @@ import torch
 from . import __version__
 from .artifacts import ArtifactError, atomic_write_text, build_model, check_files, load_model, read_manifest, write_json
 from .latency import compare
-from .runtimes import ONNX_FILE, TVM_FILE, Runtime, RuntimeUnavailable, onnx_runtime, torch_runtime, tvm_runtime
+from .runtimes import (ONNX_FILE, TRT_FILE, TVM_FILE, Runtime, RuntimeUnavailable, onnx_runtime, torch_runtime,
+                       tvm_runtime)
 
-BACKENDS = ("torch", "onnx", "tvm")
+BACKENDS = ("torch", "onnx", "tvm", "tvm-rpc", "tensorrt")
 GATES = ("min_clean_acc", "min_robust_acc", "max_latency_ms", "max_parity_error")
 
 
@@ -57,6 +59,8 @@ class VerifyOptions:
     device: str = "cpu"
     threads: int | None = None
     gates: dict = field(default_factory=dict)  # overrides of the manifest's gates
+    rpc: str | None = None  # HOST:PORT of a TVM RPC server (or tracker, with rpc_key): backend tvm-rpc runs there
+    rpc_key: str | None = None
 
 
 def _chw(manifest: dict, model: torch.nn.Module) -> tuple[int, int, int]:
@@ -67,28 +71,87 @@ def _chw(manifest: dict, model: torch.nn.Module) -> tuple[int, int, int]:
     return (c, 8, 8) if c == 1 else (c, 32, 32)
 
 
+def _target_has_cuda(manifest: dict) -> bool:
+    return bool(((manifest.get("target") or {}).get("registry") or {}).get("cuda"))
+
+
+def _tvm_batch(manifest: dict) -> int:
+    return int(((manifest.get("input") or {}).get("batch") or {}).get("tvm") or 1)
+
+
+def _tensorrt(bundle: Path, manifest: dict, chw, opts: VerifyOptions, log) -> Runtime:
+    """Build (or reuse) the engine of the bundle's ONNX with its tensorrt.json settings, cached in OUTPUT/engines."""
+    from .runtimes import build_tensorrt_engine, tensorrt_missing, tensorrt_runtime
+
+    if not (bundle / TRT_FILE).is_file():
+        raise RuntimeUnavailable(f"{bundle / TRT_FILE} not found: export with --format tensorrt")
+    missing = tensorrt_missing()
+    if missing:
+        raise RuntimeUnavailable(f"a TensorRT engine is built on the GPU that runs it; this machine has {missing}")
+    settings = json.loads((bundle / TRT_FILE).read_text())
+    calib = None
+    if settings.get("calibration"):
+        from .artifacts import load_tensors
+
+        calib = load_tensors(bundle / settings["calibration"])["images"].float() / 255
+    cache = Path(opts.output) / "engines"
+
+    def other(onnx_path: Path, label: str) -> Runtime:  # the dense original: same settings, no 2:4 layers
+        s = {**settings, "onnx": onnx_path.name, "engine": f"dense.{settings['engine']}", "sparsity": False,
+             "sparse_2_4_layers": []}
+        return tensorrt_runtime(build_tensorrt_engine(onnx_path, s, cache, calib, log), s, chw, label)
+
+    engine = build_tensorrt_engine(bundle / settings["onnx"], settings, cache, calib, log)
+    return tensorrt_runtime(engine, settings, chw, load_other=other)
+
+
 def _runtimes(bundle: Path, manifest: dict, model, chw, opts: VerifyOptions, log) -> dict[str, Runtime]:
-    present = {"onnx": (bundle / ONNX_FILE).is_file(), "tvm": (bundle / TVM_FILE).is_file()}
-    wanted = opts.backends
-    if wanted is None:
-        wanted = [b for b in ("onnx", "tvm") if present[b]] or ["torch"]
-    for b in wanted:
+    present = {"onnx": (bundle / ONNX_FILE).is_file(), "tvm": (bundle / TVM_FILE).is_file(),
+               "tensorrt": (bundle / TRT_FILE).is_file()}
+    if opts.rpc_key and not opts.rpc:
+        raise VerifyError("--rpc-key needs --rpc (the tracker's HOST:PORT)")
+    wanted = list(opts.backends) if opts.backends is not None else None
+    for b in wanted or []:
         if b not in BACKENDS:
             raise VerifyError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    if "tvm-rpc" in (wanted or []) and not opts.rpc:
+        raise VerifyError("the tvm-rpc backend needs --rpc HOST:PORT (the device's TVM RPC server)")
+    if wanted is None:
+        wanted = [b for b in ("onnx", "tvm", "tensorrt") if present[b]] or ["torch"]
+        if opts.rpc:
+            wanted = [b for b in wanted if b != "torch"]
+    if opts.rpc and "tvm-rpc" not in wanted:
+        wanted.insert(0, "tvm-rpc")  # the device's numbers are the ones scored and gated
+    asked = set(opts.backends or []) | ({"tvm-rpc"} if opts.rpc else set())
+    device = "cuda" if _target_has_cuda(manifest) else "cpu"
     out = {}
     for b in wanted:
-        if b == "torch":
-            out[b] = torch_runtime(model, chw, opts.device)
-        elif b == "onnx":
-            out[b] = onnx_runtime(bundle / ONNX_FILE, chw, opts.threads)
-        else:
-            tvm_batch = ((manifest.get("input") or {}).get("batch") or {}).get("tvm") or 1
-            try:
-                out[b] = tvm_runtime(bundle / TVM_FILE, chw, int(tvm_batch))
-            except RuntimeUnavailable as exc:
-                if opts.backends is not None:  # asked for explicitly: bad input
-                    raise
-                log(f"tvm: skipped ({exc})")
+        try:
+            if b == "torch":
+                out[b] = torch_runtime(model, chw, opts.device)
+            elif b == "onnx":
+                out[b] = onnx_runtime(bundle / ONNX_FILE, chw, opts.threads)
+            elif b == "tvm":
+                out[b] = tvm_runtime(bundle / TVM_FILE, chw, _tvm_batch(manifest), device=device)
+            elif b == "tvm-rpc":
+                from .runtimes import rpc_session, tvm_rpc_runtime
+
+                if not present["tvm"]:
+                    raise RuntimeUnavailable(f"{bundle / TVM_FILE} not found: export with --format tvm")
+                session = rpc_session(opts.rpc, opts.rpc_key)
+                out[b] = tvm_rpc_runtime(session, opts.rpc, bundle / TVM_FILE, chw, _tvm_batch(manifest), device)
+                if opts.rpc_key:
+                    out[b].info["rpc_key"] = opts.rpc_key
+                log(f"tvm-rpc: {TVM_FILE} runs on {opts.rpc} ({out[b].info.get('remote_device_name') or out[b].info['device']})")
+            else:
+                out[b] = _tensorrt(bundle, manifest, chw, opts, log)
+        except RuntimeUnavailable as exc:
+            if b in asked:  # asked for explicitly: bad input
+                raise
+            log(f"{b}: skipped ({exc})")
+    if not out:  # no artifact of the bundle runs here: score the twin rather than nothing
+        log("no artifact of the bundle runs here: scoring the PyTorch twin")
+        out["torch"] = torch_runtime(model, chw, opts.device)
     return out
 
 
@@ -170,7 +233,7 @@ def _latency(runtimes: dict[str, Runtime], manifest: dict, chw, opts: VerifyOpti
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, rt in runtimes.items():
-            dense_rt = _dense_twin(name, dense, chw, Path(tmp), rt, opts, log)
+            dense_rt = _dense_twin(name, dense, chw, Path(tmp), rt, manifest, opts, log)
             for b in opts.latency_batches:
                 if rt.batches is not None and b not in rt.batches:
                     continue
@@ -189,40 +252,63 @@ def _latency(runtimes: dict[str, Runtime], manifest: dict, chw, opts: VerifyOpti
     return out
 
 
-def _dense_twin(name, dense, chw, tmp: Path, rt: Runtime, opts: VerifyOptions, log) -> Runtime | None:
+def _dense_tvm_library(dense, chw, tmp: Path, manifest: dict, batch: int) -> Path:
+    """The dense original built for the bundle's target (once per run: tvm and tvm-rpc share it)."""
+    from .targets import get_target
+    from .tvm_build import build
+
+    target = (manifest.get("target") or {}).get("name") or "x86-cpu"
+    path = tmp / f"dense.{target}.b{batch}.tvm.so"
+    if not path.is_file():
+        build(dense, chw, get_target(target), path, batch=batch, log=lambda *_: None)
+    return path
+
+
+def _dense_twin(name, dense, chw, tmp: Path, rt: Runtime, manifest: dict, opts: VerifyOptions, log) -> Runtime | None:
     try:
         if name == "torch":
             return torch_runtime(dense, chw, opts.device, "torch-dense")
-        if name == "onnx":
+        if name in ("onnx", "tensorrt"):
             from .export import export_onnx
 
-            path = tmp / "dense.onnx"
-            path.write_bytes(export_onnx(dense, chw, "fp32", 17, {}))
+            # TensorRT gets the ONNX numbers the bundle has; the onnx comparison stays fp32 as before
+            precision = "fp32" if name == "onnx" else \
+                ((manifest.get("artifacts") or {}).get("onnx") or {}).get("precision", "fp32")
+            path = tmp / f"dense.{precision}.onnx"
+            if not path.is_file():
+                path.write_bytes(export_onnx(dense, chw, precision, 17, {}))
+            if name == "tensorrt":
+                return rt.load_other(path, "tensorrt-dense")
             return onnx_runtime(path, chw, opts.threads, "onnx-dense")
         if name == "tvm":
-            from .targets import get_target
-            from .tvm_build import build
-
-            path = tmp / "dense.tvm.so"
-            build(dense, chw, get_target("x86-cpu"), path, batch=rt.batches[0], log=lambda *_: None)
-            return tvm_runtime(path, chw, rt.batches[0], "tvm-dense")
+            return tvm_runtime(_dense_tvm_library(dense, chw, tmp, manifest, rt.batches[0]), chw, rt.batches[0],
+                               "tvm-dense", device=rt.info.get("device", "cpu").split(":")[0])
+        if name == "tvm-rpc":
+            return rt.load_other(_dense_tvm_library(dense, chw, tmp, manifest, rt.batches[0]), "tvm-rpc-dense")
     except Exception as exc:  # the ratio is a bonus: never fail verify because the dense twin cannot build
         log(f"latency: no dense original on {name} ({str(exc).splitlines()[0][:120]})")
     return None
 
 
-def _system_info(opts: VerifyOptions) -> dict:
+def _system_info(opts: VerifyOptions, runtimes: dict[str, Runtime]) -> dict:
+    import subprocess
+
     info = {"machine": platform.machine(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "device": opts.device}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            pass  # Jetsons before JetPack 6 have no nvidia-smi; the L4T release below names the driver
+    if "tvm-rpc" in runtimes:  # where the scored latency was measured
+        info["remote"] = {k: v for k, v in runtimes["tvm-rpc"].info.items() if k != "file"}
     nv = Path("/etc/nv_tegra_release")
     if nv.is_file():  # a Jetson: record the L4T release and the power mode
         info["l4t"] = nv.read_text().splitlines()[0][:120]
         try:
-            import subprocess
-
             info["power_mode"] = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             info["power_mode"] = "unknown (nvpmodel not found)"
@@ -326,7 +412,8 @@ def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
         "parity": parity, "latency": latency, "gates": gate_results, "passed": passed,
         "selection_note": "the model was selected in rsp train on a validation split cut from the training data; "
                           "the test images are used here only",
-        "system": _system_info(opts), "time_s": round(time.perf_counter() - t0, 2),
+        "runtimes": {name: rt.info for name, rt in runtimes.items()},
+        "system": _system_info(opts, runtimes), "time_s": round(time.perf_counter() - t0, 2),
     }
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / "verify.json", result)

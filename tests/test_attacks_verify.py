@@ -400,8 +400,21 @@ def test_black_box_beating_white_box_flags_gradient_masking(subset):
     assert bad["figures"]["black_box_robust_acc"] < bad["figures"]["white_box_robust_acc"] - 0.1
     # an ensemble result is reused instead of attacking again
     r = ensemble_eval(model, x, y, ["pgd", "square"], eps=EPS, steps=20, restarts=2, square_queries=300)
-    assert check_black_box(model, x, y, EPS, ensemble=r)["figures"]["white_box_robust_acc"] == r["per_attack"][
-        "pgd"]["robust_acc"]
+    assert check_black_box(model, x, y, EPS, ensemble=r)["figures"]["white_box_robust_acc"] == pytest.approx(
+        r["per_attack"]["pgd"]["robust_acc"])
+
+
+def test_black_box_check_escalates_a_light_white_box_budget_before_failing(subset):
+    """Square beating a 1-step, tiny-step PGD is a weak white-box budget, not gradient masking: the
+    stronger APGD round on the examples only Square broke clears the model; the masking model still fails."""
+    model, x, y = subset
+    light = ensemble_eval(model, x, y, ["pgd", "square"], eps=EPS, steps=1, restarts=1, step_size=EPS / 20,
+                          square_queries=300)
+    assert light["per_attack"]["square"]["robust_acc"] < light["per_attack"]["pgd"]["robust_acc"] - 0.05
+    ok = check_black_box(model, x, y, EPS, ensemble=light)
+    assert ok["passed"] and ok["figures"]["escalation"]["broken"] > 0
+    assert ok["figures"]["only_black_box_broken"] < ok["figures"]["only_black_box_broken_before_escalation"]
+    assert not check_black_box(Rounding(model), x, y, EPS, queries=500)["passed"]
 
 
 @pytest.mark.parametrize("kind", ["zero", "nan"])

@@ -47,10 +47,10 @@ split entry adds dense robust pre-training (their code warm-starts ANP from a tr
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -281,8 +281,6 @@ class BetaBernoulliGates(SparseMethod):
             return
         params = [p for _, p in self._params]
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, self._grads)]
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flat = torch.cat([g.reshape(-1) for g in grads])  # the trainer averages only what its SGD sees
             dist.all_reduce(flat)
@@ -413,6 +411,7 @@ class ANPVS(Method):
             if self.kl_weight is None:
                 self.kl_weight = KL_WEIGHT.get(getattr(ctx.cfg, "dataset", ""), 1.0)
             self.n_train = self._n_train(ctx)
+            self._record = {"n_train": torch.tensor([self.n_train], dtype=torch.int64)}  # for a resumed manifest
             self._anp = BetaBernoulliGates(model, ctx.cfg.sparsity, kl_scale=self.kl_weight / self.n_train,
                                            generator=ctx.generator, **self.gate_options)
             return self._anp
@@ -424,7 +423,7 @@ class ANPVS(Method):
         if ctx.resuming:  # the checkpoint holds the mask, the weights and (method state) the record
             self._drop_anp()
             return FixedMask.from_masks(model, {n: torch.ones_like(m.weight) for n, m in layers}, name="anp-vs")
-        record: dict[str, torch.Tensor] = {}
+        record = {k: v for k, v in self._record.items() if k == "n_train"}
         if self._anp is not None:
             probs = self._anp.keep_probabilities()
             self._drop_anp()
@@ -456,7 +455,10 @@ class ANPVS(Method):
         return {k: v.clone() for k, v in self._record.items()}
 
     def load_state_tensors(self, state):
-        self._record = {k: v.clone() for k, v in state.items() if k == "counts" or k.startswith("keep_probability.")}
+        self._record = {k: v.clone() for k, v in state.items()
+                        if k in ("counts", "n_train") or k.startswith("keep_probability.")}
+        if "n_train" in self._record and self.n_train is None:
+            self.n_train = int(self._record["n_train"][0])
 
     def unit_report(self) -> dict | None:
         """Unit and weight sparsity of the pruning (None before the fine-tune phase has been entered)."""
