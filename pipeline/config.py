@@ -45,7 +45,8 @@ class TrainConfig:
     attack_step_size: float = 2 / 255
     attack_steps: int = 10
     beta: float = 6.0
-    vs_lambda: float = 0.0  # ANP-VS vulnerability suppression: + lambda * mean |z(x) - z(x_adv)| (any method)
+    vs_lambda: float | None = None  # ANP-VS vulnerability suppression: + lambda * mean |z(x) - z(x_adv)|, any
+    # method; None: the method's default (anp-vs: 1e-4 as in its paper's code, others 0)
     # optimisation
     epochs: int = 30
     max_steps: int | None = None
@@ -152,7 +153,7 @@ def validate(cfg: TrainConfig) -> None:
         create_method(cfg.method, **cfg.method_options).phases(cfg)
     except ValueError as exc:
         bad(str(exc))
-    if cfg.vs_lambda < 0:
+    if cfg.vs_lambda is not None and cfg.vs_lambda < 0:
         bad("--vs-lambda must be >= 0")
     if cfg.objective not in OBJECTIVES:
         bad(f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")

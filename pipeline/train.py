@@ -174,11 +174,11 @@ class Trainer:
         # Separate streams of randomness, all checkpointed: data order/augmentation, attacks, rewiring.
         self.gens = {k: torch.Generator(self.device).manual_seed(cfg.seed * 1000 + i + (100 * self.dist.rank if k == "attack" else 0))
                      for i, k in enumerate(("data", "attack", "sparse"))}
-        self.objective = Objective(cfg.objective, PGDConfig(cfg.eps, cfg.attack_step_size, cfg.attack_steps), cfg.beta,
-                                   vs_lambda=cfg.vs_lambda)
-
         # The method's phases share --epochs (in optimizer steps); --max-steps caps each phase.
         self.method = create_method(cfg.method, **cfg.method_options)
+        self.vs_lambda = cfg.vs_lambda if cfg.vs_lambda is not None else getattr(self.method, "default_vs_lambda", 0.0)
+        self.objective = Objective(cfg.objective, PGDConfig(cfg.eps, cfg.attack_step_size, cfg.attack_steps), cfg.beta,
+                                   vs_lambda=self.vs_lambda)
         self.phases = self.method.phases(cfg)
         self.steps_per_epoch = max(1, len(self.splits.train_y) // (cfg.batch_size // 2 if self.extra is not None
                                                                    else cfg.batch_size))
@@ -570,8 +570,8 @@ class Trainer:
             out["epochs_budget"] = cfg.epochs
             out["options"] = dict(cfg.method_options)
         out.update({k: v for k, v in self.method.config().items() if k not in out})  # the trainer's phases win
-        if cfg.vs_lambda:
-            out["vs_lambda"] = cfg.vs_lambda
+        if self.vs_lambda:
+            out["vs_lambda"] = self.vs_lambda
         return out
 
 

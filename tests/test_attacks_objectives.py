@@ -116,3 +116,25 @@ def test_every_objective_gives_a_finite_differentiable_loss(name):
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     assert model.training
+
+
+def test_vs_lambda_adds_the_anp_vs_vulnerability_term():
+    """--vs-lambda: loss = objective + lambda * mean over ReLU sites of mean |z(x) - z(x_adv)|, differentiable;
+    the term vanishes when the adversarial input equals the clean one."""
+    from rsp.attacks import vulnerability_loss
+
+    model = _net().train()
+    x, y = torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    assert vulnerability_loss(model, x, x).item() == 0.0
+    x_adv = (x + 0.03).clamp(0, 1)
+    with torch.no_grad():  # the single ReLU site, by hand
+        z = lambda inp: F.relu(model[1](model[0](inp)))
+        expected = (z(x) - z(x_adv)).abs().mean()
+    vs = vulnerability_loss(model, x, x_adv)
+    assert vs.item() == pytest.approx(expected.item(), rel=1e-5) and vs.requires_grad
+    atk = PGDConfig(eps=8 / 255, step_size=2 / 255, steps=2)
+    base = Objective("pgd-at", atk)(model, x, y, torch.Generator().manual_seed(0))[0]
+    with_vs = Objective("pgd-at", atk, vs_lambda=0.5)(model, x, y, torch.Generator().manual_seed(0))[0]
+    assert with_vs.item() > base.item()
+    with_vs.backward()
+    assert model[0].weight.grad is not None and torch.isfinite(model[0].weight.grad).all()

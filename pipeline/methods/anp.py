@@ -23,8 +23,9 @@ gates), with two deliberate details:
 
 * One mask per example, as theirs: every gated conv here feeds a BatchNorm, and train-mode BatchNorm divides
   out any per-channel scale shared by the batch, so one z per batch (folded into the weight) would give the
-  gates no data gradient at all. While sampling, gate() is 1 and a forward hook of the layer multiplies each
-  example's output (bias excluded) by its own z. `per_example=False` folds one z per batch into the weight.
+  gates almost no data gradient (only through BatchNorm's eps). While sampling, gate() is 1 and a forward
+  hook of the layer multiplies each example's output (bias excluded) by its own z. `per_example=False`
+  folds one z per batch into the weight.
 * A sample is drawn only when it can train something: train mode with autograd on. Under torch.no_grad
   (to_dense, dense_state_dict, frozen_weights) and in eval mode, gate() is the thresholded expectation, so
   folding or saving never bakes a random draw into the weights, whatever mode the model is in.
@@ -33,8 +34,8 @@ Optimisation follows their two optimizers: the masks get their own Adam (lr 1e-2
 factor; their lr1 = 1e-2 with the weights' staircase), the weights the trainer's SGD. The gate tensors are
 Parameters of the gate modules (state_dict, resume), but their gradients are taken off them as soon as
 autograd accumulates them (post-accumulate-grad hooks), so the trainer's SGD skips them and `step` applies
-Adam. Plain SGD on KL / N_train (about 2e-5 per unit at CIFAR size) would move a gate by ~1 over a whole
-run and prune nothing; Adam's normalised steps are what makes their masks sparse. `gate_optimizer="sgd"`
+Adam. Plain SGD on KL / N_train (about 2e-5 per unit at CIFAR size) would move a gate by ~1 over a 200-epoch
+CIFAR run and prune nothing; Adam's normalised steps are what makes their masks sparse. `gate_optimizer="sgd"`
 leaves the gates to the trainer's optimizer instead. Differences that remain: the gates here see the whole
 objective (theirs: adversarial CE + KL only), and the weights get SGD with decoupled decay (theirs: Adam).
 

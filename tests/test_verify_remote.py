@@ -1,0 +1,262 @@
+"""rsp verify on other machines' runtimes: the TVM library through a real TVM RPC server (as on a Jetson), the
+TensorRT engine path (built on a GPU with the tensorrt package; one clear line without), and the CI workflow
+example (every rsp command and flag it runs exists)."""
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rsp.artifacts import ArtifactError, save_tensors, write_manifest
+from rsp.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW = ROOT / ".github" / "workflows" / "verify-gpu.yml"
+FAST = dict(n_examples=32, steps=3, restarts=1, sanity=False, latency_runs=5, latency_batches=(1,), threads=1)
+
+
+def _has(module):
+    try:
+        __import__(module)
+        return True
+    except Exception:
+        return False
+
+
+needs_tvm = pytest.mark.skipif(not _has("tvm"), reason="Apache TVM not installed (pip install 'rsp[export]')")
+trt_here = _has("tensorrt") and torch.cuda.is_available()
+
+
+def rsp_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "rsp.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _source(root: Path) -> Path:
+    """A train-stage folder: a random small CNN for 8x8 digits (export and verify need no training)."""
+    torch.manual_seed(0)
+    model = create_model("small-cnn", in_channels=1, mean=[0.0], std=[1.0]).eval()
+    folder = root / "run"
+    folder.mkdir(parents=True)
+    save_tensors(folder / "model.safetensors", model.state_dict())
+    write_manifest(folder, {"stage": "train", "status": "complete", "model": {"name": "small-cnn", "kwargs": model.rsp_config},
+                            "dataset": {"dataset": "digits"}, "input": {"shape": [1, 8, 8]},
+                            "attack": {"eps": 8 / 255}}, ["model.safetensors"])
+    return folder
+
+
+def _export(src: Path, out: Path, target: str, formats: list[str]) -> Path:
+    from rsp.export import ExportOptions, run
+
+    run(src, out, ExportOptions(target=target, formats=formats, parity_images=16), log=lambda *_: None)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rpc_server():
+    """A real TVM RPC server on 127.0.0.1, started the way a Jetson's is; yields its address once it answers."""
+    pytest.importorskip("tvm")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+                             "--port-end", str(port + 1), "--silent"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "TVM_NUM_THREADS": "1"})
+
+    def wait() -> str:
+        from tvm import rpc
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                rpc.connect("127.0.0.1", port)  # the session closes when dropped
+                return f"127.0.0.1:{port}"
+            except Exception:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail("the TVM RPC server did not start")
+                time.sleep(0.5)
+
+    try:
+        yield wait  # the tests build their bundle while the server imports tvm
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tvm_bundle(tmp_path_factory, rpc_server):
+    pytest.importorskip("tvm")
+    root = tmp_path_factory.mktemp("remote")
+    return _export(_source(root), root / "x86", "x86-cpu", ["tvm"])
+
+
+# --- TVM over RPC ------------------------------------------------------------------------------------
+
+
+@needs_tvm
+def test_rpc_runtime_scores_and_times_the_library_on_the_remote(tvm_bundle, rpc_server, tmp_path):
+    from rsp.runtimes import rpc_session, tvm_rpc_runtime, tvm_runtime
+    from rsp.verify import VerifyOptions, run
+
+    address = rpc_server()
+    logs = []
+    res = run(tvm_bundle, VerifyOptions(output=str(tmp_path / "v"), backends=["tvm"], rpc=address, **FAST),
+              log=logs.append)
+    # --rpc puts the remote first: its numbers are the ones gated; the local library runs beside it
+    assert list(res["backends"]) == ["tvm-rpc", "tvm"]
+    assert res["parity"]["tvm-rpc"]["max_abs_err"] < 1e-4 and res["parity"]["tvm"]["max_abs_err"] < 1e-4
+    assert res["backends"]["tvm-rpc"]["robust_acc"] == res["backends"]["tvm"]["robust_acc"] == res["robust_acc"]
+    lat = res["latency"]["tvm-rpc/batch1"]
+    assert lat["p50_ms"] > 0 and lat["p99_ms"] >= lat["p50_ms"] and "over RPC" in lat["runtime"]
+    assert lat["dense_original"]["p50_ms"] > 0 and lat["speedup_vs_dense"] > 0
+    remote = res["system"]["remote"]
+    assert remote["rpc"] == address and remote["device"] == "remote cpu:0" and remote["remote_triple"]
+    assert res["runtimes"]["tvm-rpc"]["rpc"] == address
+    assert json.loads((tmp_path / "v" / "verify.json").read_text())["system"]["remote"]["rpc"] == address
+    assert any(m.startswith(f"tvm-rpc: model.tvm.so runs on {address}") for m in logs)
+
+    # the remote logits themselves, against the local library and the PyTorch twin
+    from rsp.artifacts import load_model
+    from rsp.data import load_dataset, to_float
+
+    x = to_float(load_dataset("digits").test_x[:16])
+    remote_rt = tvm_rpc_runtime(rpc_session(address), address, tvm_bundle / "model.tvm.so", (1, 8, 8), 1)
+    got = remote_rt.predict(x)
+    local = tvm_runtime(tvm_bundle / "model.tvm.so", (1, 8, 8), 1).predict(x)
+    with torch.no_grad():
+        twin = load_model(tvm_bundle)(x)
+    assert np.abs(got.numpy() - local.numpy()).max() < 1e-4 and (got - twin).abs().max().item() < 1e-4
+
+
+@needs_tvm
+def test_bad_rpc_input_is_one_line_and_exit_2(tvm_bundle, rpc_server, tmp_path):
+    from rsp.verify import VerifyOptions, run
+
+    address = rpc_server()
+    cases = [
+        (dict(rpc="jetson-without-port"), "--rpc must be HOST:PORT"),
+        (dict(rpc="127.0.0.1:1"), "cannot connect to the TVM RPC server at 127.0.0.1:1"),
+        (dict(backends=["tvm-rpc"]), "needs --rpc HOST:PORT"),
+        (dict(rpc_key="jetson"), "--rpc-key needs --rpc"),
+        (dict(rpc=address, rpc_key="jetson"), "is not a TVM RPC tracker"),  # a server, not a tracker
+    ]
+    for over, match in cases:
+        with pytest.raises(ArtifactError, match=match):
+            run(tvm_bundle, VerifyOptions(output=str(tmp_path / "o"), **{**FAST, **over}), log=lambda *_: None)
+    # the server survived the tracker probe
+    from rsp.runtimes import rpc_session
+
+    assert rpc_session(address).cpu(0).exist
+    r = rsp_cli("verify", tvm_bundle, "--rpc", "127.0.0.1:1", "--output", tmp_path / "o")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cannot connect to the TVM RPC server at 127.0.0.1:1" in r.stderr and "tvm.exec.rpc_server" in r.stderr
+
+
+# --- TensorRT ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trt_bundle(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    root = tmp_path_factory.mktemp("trt")
+    return _export(_source(root), root / "cuda", "cuda", ["tensorrt"])
+
+
+@pytest.mark.skipif(trt_here, reason="this machine can build TensorRT engines")
+def test_tensorrt_without_the_package_or_a_gpu(trt_bundle, tmp_path):
+    from rsp.verify import VerifyOptions, run
+
+    # asked for: exit 2 in one line
+    r = rsp_cli("verify", trt_bundle, "--backend", "tensorrt", "--output", tmp_path / "o")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "TensorRT engine is built on the GPU that runs it" in r.stderr
+    # not asked for: logged as skipped, the bundle's ONNX model is scored
+    logs = []
+    res = run(trt_bundle, VerifyOptions(output=str(tmp_path / "v"), **FAST), log=logs.append)
+    assert any(m.startswith("tensorrt: skipped (") for m in logs), logs
+    assert list(res["backends"]) == ["onnx"] and not (tmp_path / "v" / "engines").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not trt_here, reason="needs the tensorrt package and a CUDA GPU")
+def test_tensorrt_engine_is_built_cached_scored_and_timed(trt_bundle, tmp_path):
+    from rsp.verify import VerifyOptions, run
+
+    opts = dict(FAST, device="cuda", backends=["tensorrt"], latency_batches=(1, 8))
+    logs = []
+    res = run(trt_bundle, VerifyOptions(output=str(tmp_path / "v"), **opts), log=logs.append)
+    engines = sorted((tmp_path / "v" / "engines").glob("*.engine"))
+    assert len(engines) == 2 and any(e.name.startswith("dense.") for e in engines)  # the artifact and the dense original
+    assert res["parity"]["tensorrt"]["max_abs_err"] < 5e-2 and res["parity"]["tensorrt"]["prediction_agreement"] > 0.9
+    for b in (1, 8):
+        lat = res["latency"][f"tensorrt/batch{b}"]
+        assert lat["p50_ms"] > 0 and "dense_original" in lat and lat["runtime"].startswith("tensorrt ")
+    assert res["runtimes"]["tensorrt"]["engine"] in map(str, engines)
+    logs.clear()
+    run(trt_bundle, VerifyOptions(output=str(tmp_path / "v"), **opts), log=logs.append)
+    assert sum(m.startswith("tensorrt: reusing") for m in logs) == 2  # cached: same ONNX, settings, TensorRT, GPU
+    assert sorted((tmp_path / "v" / "engines").glob("*.engine")) == engines
+
+
+# --- the CI workflow example -------------------------------------------------------------------------
+
+
+def _rsp_commands(workflow: dict) -> list[list[str]]:
+    """Every `rsp SUBCOMMAND ...` invocation in the workflow's run steps, as tokens."""
+    commands = []
+    for job in workflow["jobs"].values():
+        for step in job["steps"]:
+            script = step.get("run", "").replace("\\\n", " ")
+            for line in script.splitlines():
+                line = line.split(" #")[0]
+                tokens = shlex.split(line, comments=True) if line.strip() else []
+                for i, tok in enumerate(tokens):
+                    if tok == "rsp" and (i == 0 or tokens[i - 1] in ("&&", "||", ";", "then", "time", "if", "!")):
+                        commands.append(tokens[i + 1:])
+    return commands
+
+
+def test_ci_workflow_runs_real_rsp_commands():
+    import click
+    import typer
+    import yaml
+
+    from rsp.cli import app
+
+    wf = yaml.safe_load(WORKFLOW.read_text())
+    triggers = wf.get("on", wf.get(True))  # YAML 1.1 reads the key `on` as True
+    assert "workflow_dispatch" in triggers and "push" in triggers
+    labels = [tuple(job["runs-on"]) if isinstance(job["runs-on"], list) else job["runs-on"] for job in wf["jobs"].values()]
+    matrix = [m for job in wf["jobs"].values() for m in (job.get("strategy") or {}).get("matrix", {}).get("include", [])]
+    runners = {tuple(m["runs-on"]) for m in matrix if "runs-on" in m} | {l for l in labels if isinstance(l, tuple)}
+    assert ("self-hosted", "gpu") in runners and ("self-hosted", "jetson") in runners
+
+    group = typer.main.get_command(app)
+    commands = _rsp_commands(wf)
+    used = {c[0] for c in commands}
+    assert {"export", "verify"} <= used, commands
+    for cmd in commands:
+        sub = group.commands.get(cmd[0])
+        assert sub is not None, f"rsp {cmd[0]} is not an rsp subcommand"
+        flags = {o for p in sub.params if isinstance(p, click.Option) for o in (*p.opts, *p.secondary_opts)}
+        for tok in cmd[1:]:
+            if tok.startswith("--"):
+                assert tok.split("=")[0] in flags, f"rsp {cmd[0]} has no option {tok}"
+    verify = next(c for c in commands if c[0] == "verify")
+    assert any(t.startswith("--min-") or t.startswith("--max-") for t in verify), "the verify step sets no gate"
+    uploads = [s for job in wf["jobs"].values() for s in job["steps"] if "upload-artifact" in s.get("uses", "")]
+    assert uploads and all(s.get("if") == "always()" for s in uploads)
+    paths = " ".join(s["with"]["path"] for s in uploads)
+    assert "verify.json" in paths and "report.md" in paths and ".png" in paths
