@@ -1,0 +1,146 @@
+"""The method comparison of docs/methods.md: every `rsp train --method` at the same budget, scored by rsp verify.
+
+    python scripts/methods_table.py --data-dir ../shared/data/cifar-10-subset --model resnet18 \\
+        --sparsity 0.9 --sparsity 0.99 --epochs 30 --root runs/methods --device cuda      # the table (a GPU)
+    python scripts/methods_table.py ... --dry-run                                        # print the commands
+
+For each method and sparsity: `rsp train` (same data, model, objective, --epochs budget and seed), `rsp export
+--format onnx` for this host, `rsp verify` (PGD-50 x 10 at eps 8/255, worst case per example, sanity checks)
+on the ONNX artifact. A finished step is skipped when the script runs again, so an interrupted table resumes
+(train itself resumes with --resume). Prints the Markdown table, one row per run with the command that
+produced it, and writes it to ROOT/methods.md; the last line is one JSON object with all figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+METHODS = ["bcs", "fixed", "magnitude", "lth", "hydra", "edge-popup", "admm", "anp-vs"]
+
+
+def _done(folder: Path, name: str = "manifest.json") -> bool:
+    f = folder / name
+    if not f.is_file():
+        return False
+    try:
+        data = json.loads(f.read_text())
+    except ValueError:
+        return False
+    return data.get("status", "complete") == "complete"
+
+
+def _run(cmd: list[str], dry: bool, log: Path | None) -> int:
+    line = " ".join(shlex.quote(c) for c in cmd)
+    print(f"$ {line}", file=sys.stderr, flush=True)
+    if dry:
+        return 0
+    with open(log, "a") if log else subprocess.DEVNULL as out:
+        return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--dataset", default="cifar10")
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--model-kwargs", default=None, help="YAML mapping, e.g. '{width: 0.25}' (vgg16)")
+    ap.add_argument("--sparsity", type=float, action="append", help="repeatable [default: 0.9 and 0.99]")
+    ap.add_argument("--method", action="append", help=f"repeatable [default: {' '.join(METHODS)}]")
+    ap.add_argument("--objective", default="pgd-at")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--n-examples", type=int, default=1000, help="verify: the first N test images")
+    ap.add_argument("--root", default="runs/methods")
+    ap.add_argument("--dry-run", action="store_true")
+    args = ap.parse_args(argv)
+    root = Path(args.root)
+    rsp = [sys.executable, "-m", "rsp.cli"]
+    rows = []
+    for sparsity in args.sparsity or [0.9, 0.99]:
+        for method in args.method or METHODS:
+            run = root / f"{method}-{sparsity:g}"
+            train = ["train", "--dataset", args.dataset, "--data-dir", args.data_dir, "--model", args.model,
+                     "--method", method, "--sparsity", str(sparsity), "--objective", args.objective,
+                     "--epochs", str(args.epochs), "--seed", str(args.seed), "--device", args.device,
+                     "--output", str(run / "train")]
+            if args.model_kwargs:
+                cfg = run / "model.yaml"
+                if not args.dry_run:
+                    run.mkdir(parents=True, exist_ok=True)
+                    cfg.write_text(f"model_kwargs: {args.model_kwargs}\n")
+                train[1:1] = ["--config", str(cfg)]
+            export = ["export", str(run / "train"), "--target", "x86-cpu", "--format", "onnx",
+                      "--data-dir", args.data_dir, "--output", str(run / "export")]
+            verify = ["verify", str(run / "export"), "--data-dir", args.data_dir, "--backend", "onnx",
+                      "--n-examples", str(args.n_examples), "--steps", "50", "--restarts", "10",
+                      "--device", "cuda" if args.device in ("cuda", "auto") and _cuda() else "cpu",
+                      "--output", str(run / "verify")]
+            log = None if args.dry_run else run / "log.txt"
+            if log:
+                run.mkdir(parents=True, exist_ok=True)
+            rc = 0
+            if not _done(run / "train"):
+                resume = ["--resume"] if (run / "train" / "train_state.safetensors").is_file() else []
+                rc = _run(rsp + train + resume, args.dry_run, log)
+            if rc == 0 and not _done(run / "export"):
+                rc = _run(rsp + export, args.dry_run, log)
+            if rc == 0 and not (run / "verify" / "verify.json").is_file():
+                rc = _run(rsp + verify, args.dry_run, log)
+                rc = 0 if rc in (0, 1) else rc  # 1: a gate or sanity check failed; the figures still stand
+            row = {"method": method, "target_sparsity": sparsity, "commands": ["rsp " + " ".join(c) for c in
+                                                                             (train, export, verify)]}
+            if not args.dry_run and (run / "verify" / "verify.json").is_file():
+                v = json.loads((run / "verify" / "verify.json").read_text())
+                m = json.loads((run / "train" / "manifest.json").read_text())
+                row.update(sparsity=m["sparsity"], clean_acc=v["clean_acc"], robust_acc=v["robust_acc"],
+                           unreliable=v.get("unreliable"), n_examples=v.get("n_examples"),
+                           train_time_s=m["training"]["time_s"], val_robust_acc=m["metrics"].get("val_robust_acc"))
+            elif not args.dry_run:
+                row["error"] = f"exit code {rc}, see {log}"
+            rows.append(row)
+    table = _markdown(rows, args)
+    print(table)
+    if not args.dry_run:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "methods.md").write_text(table)
+    print(json.dumps({"rows": rows}))
+    return 0
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def _markdown(rows, args) -> str:
+    head = (f"{args.model} on {args.dataset} ({args.data_dir}), {args.objective}, --epochs {args.epochs} for every "
+            f"method (its whole budget), seed {args.seed}; model selection on the validation split; clean and "
+            f"PGD-50 x 10 robust accuracy (eps 8/255, worst case per example) of the ONNX artifact from rsp verify "
+            f"on the first {args.n_examples} test images.\n\n")
+    lines = ["| method | target | sparsity | clean | robust (PGD-50x10) | sanity | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "robust_acc" in r:
+            lines.append(f"| {r['method']} | {r['target_sparsity']:g} | {r['sparsity']:.4f} | {r['clean_acc']:.4f} | "
+                         f"{r['robust_acc']:.4f} | {'unreliable' if r['unreliable'] else 'pass'} | "
+                         f"{r['train_time_s']:.0f} |")
+        else:
+            lines.append(f"| {r['method']} | {r['target_sparsity']:g} | | | | {r.get('error', 'not run')} | |")
+    cmds = ["", "Commands, per row:", ""]
+    for r in rows:
+        cmds.append(f"- {r['method']} @ {r['target_sparsity']:g}: `" + "` && `".join(r["commands"]) + "`")
+    return head + "\n".join(lines + cmds) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
