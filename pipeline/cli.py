@@ -217,6 +217,11 @@ def export(
     data_dir: Optional[str] = typer.Option(None, help="Data folder of the run's data set, for the parity images (not needed for digits)."),
     parity_images: int = typer.Option(256, "--parity-images", help="Test images on which exported logits are compared with PyTorch."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch and onnxruntime."),
+    sparse_kernels: str = typer.Option(
+        "auto", "--sparse-kernels",
+        help="rsp's block-sparse kernels in the TVM library: auto (GPU targets: link the CUDA kernels for the layers "
+             "the cost model marks sparse), off (TVM's kernels only), host (link the kernels' CPU emulator into a "
+             "CPU library such as x86-cpu: a correctness path for testing the linkage, not a fast one)."),
     list_targets: bool = typer.Option(False, "--list-targets", help="Print the target registry and exit."),
 ) -> None:
     """Turn a train or structure folder into a deployable bundle for a target device.
@@ -248,7 +253,8 @@ def export(
         out = output or f"exports/{pathlib.Path(run_dir).resolve().name}-{target}"
         opts = ExportOptions(target=target, formats=format or None, precision=precision, trt_precision=trt_precision,
                              opset=opset, batch=batch, tune_trials=tune_trials, tune_cache=tune_cache, nvcc=nvcc,
-                             data_dir=data_dir, parity_images=parity_images, threads=threads)
+                             data_dir=data_dir, parity_images=parity_images, threads=threads,
+                             sparse_kernels=sparse_kernels)
         manifest = run_export(run_dir, out, opts, log=lambda m: typer.echo(m, err=True))
     except _bad_input_types() as exc:
         _fail(str(exc))

@@ -157,7 +157,8 @@ def tvm_runtime(path: Path, chw: tuple[int, int, int], batch: int, label: str = 
 
     dev = tvm.cuda(0) if device == "cuda" else tvm.cpu()
     if not dev.exist:
-        raise RuntimeUnavailable(f"{path} has CUDA kernels and this machine has no CUDA GPU for TVM")
+        raise RuntimeUnavailable(f"{path} has CUDA kernels: TVM sees no CUDA GPU here (no GPU, or a driver older "
+                                 "than the CUDA the TVM runtime links); use --rpc to a device")
     try:
         lib = tvm.runtime.load_module(str(path))
     except Exception as exc:  # a library for another machine (aarch64, CUDA) cannot load here
@@ -178,7 +179,8 @@ def tvm_runtime(path: Path, chw: tuple[int, int, int], batch: int, label: str = 
             return _vm_device_timer(vm, dev, x, f"rsp_timed_{b}")
         return wall_timer(lambda: vm["main"](x))
 
-    info = {"runtime": f"tvm {tvm.__version__} relax VM", "device": "cuda:0" if device == "cuda" else "cpu", "file": str(path)}
+    info = {"runtime": f"tvm {tvm.__version__} relax VM", "device": "cuda:0" if device == "cuda" else "cpu",
+            "file": str(path)}
     return Runtime(label, _static_batches(run_batch, batch), make_timer, info, batches=(batch,))
 
 

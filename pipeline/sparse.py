@@ -60,14 +60,30 @@ class SparseMixin:
         return (self.theta if self.parametrization == "bcs" else self.weight).shape
 
 
+    def example_gates(self, batch: int) -> torch.Tensor | None:
+        """ANP-VS while training: one mask per example and output unit, (batch, units), applied to the
+        pre-bias output (train-mode BatchNorm would divide out a mask shared by the batch). Else None."""
+        if self.parametrization != "gate" or self._frozen_weight is not None:
+            return None
+        return self.gate.example_masks(batch)
+
+
 class SparseConv2d(SparseMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.effective_weight(), self.bias)
+        z = self.example_gates(x.shape[0])
+        if z is None:
+            return self._conv_forward(x, self.effective_weight(), self.bias)
+        out = self._conv_forward(x, self.weight * self.mask, None) * z[:, :, None, None].to(x.dtype)
+        return out if self.bias is None else out + self.bias[:, None, None]
 
 
 class SparseLinear(SparseMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight(), self.bias)
+        z = self.example_gates(x.shape[0])
+        if z is None:
+            return F.linear(x, self.effective_weight(), self.bias)
+        out = F.linear(x, self.weight * self.mask) * z.to(x.dtype)
+        return out if self.bias is None else out + self.bias
 
 
 _SPARSE_CLASS = {nn.Conv2d: SparseConv2d, nn.Linear: SparseLinear}
@@ -242,6 +258,11 @@ class SparseMethod:
         """What the trainer's decoupled weight decay shrinks (BCS decays theta itself: none)."""
         return self.weight_params()
 
+    def self_updated_params(self) -> list[torch.Tensor]:
+        """Parameters this method updates itself in `step` (BCS's theta, ANP's gates under Adam): the
+        trainer's optimizer leaves them out."""
+        return []
+
     def extra_loss(self) -> torch.Tensor | None:
         """A term added to the objective's loss before backward (ADMM's penalty, ANP's KL), or None."""
         return None
@@ -415,6 +436,9 @@ class BayesianRewiring(SparseMethod):
 
     def decayed_params(self):
         return []  # theta's decay is part of step()
+
+    def self_updated_params(self):
+        return self.weight_params()
 
     def _bind_grads(self):
         for (_, m), (start, s) in zip(self.layers, self._offsets):

@@ -105,11 +105,10 @@ class TrainStep:
         self.model, self.sparse, self.objective = model, sparse, objective
         self.lr0, self.weight_decay, self.bf16, self.allreduce = lr, weight_decay, bf16, allreduce
         self.forward_model = forward_model or model
-        bcs = sparse is not None and sparse.name == "bcs"
         self.decayed = (sparse.decayed_params() if sparse else [m.weight for _, m in sparsifiable_layers(model)])
-        # BCS updates theta itself; frozen parameters (score phases) are not trained
-        theta_ids = {id(p) for p in sparse.weight_params()} if bcs else set()
-        self.sgd_params = [p for p in model.parameters() if id(p) not in theta_ids and p.requires_grad]
+        # the method updates some parameters itself (BCS's theta); frozen ones (score phases) are not trained
+        own = {id(p) for p in sparse.self_updated_params()} if sparse else set()
+        self.sgd_params = [p for p in model.parameters() if id(p) not in own and p.requires_grad]
         self.opt = torch.optim.SGD(self.sgd_params, lr=lr, momentum=momentum, weight_decay=0.0)
 
     def autocast(self):

@@ -101,8 +101,14 @@ def _tensorrt(bundle: Path, manifest: dict, chw, opts: VerifyOptions, log) -> Ru
              "sparse_2_4_layers": []}
         return tensorrt_runtime(build_tensorrt_engine(onnx_path, s, cache, calib, log), s, chw, label)
 
-    engine = build_tensorrt_engine(bundle / settings["onnx"], settings, cache, calib, log)
-    return tensorrt_runtime(engine, settings, chw, load_other=other)
+    try:
+        engine = build_tensorrt_engine(bundle / settings["onnx"], settings, cache, calib, log)
+        return tensorrt_runtime(engine, settings, chw, load_other=other)
+    except RuntimeUnavailable:
+        raise
+    except Exception as exc:  # TensorRT's own failures (out of memory, an unsupported layer): one line
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise RuntimeUnavailable(f"TensorRT could not build or load the engine ({reason})") from None
 
 
 def _runtimes(bundle: Path, manifest: dict, model, chw, opts: VerifyOptions, log) -> dict[str, Runtime]:
@@ -142,7 +148,8 @@ def _runtimes(bundle: Path, manifest: dict, model, chw, opts: VerifyOptions, log
                 out[b] = tvm_rpc_runtime(session, opts.rpc, bundle / TVM_FILE, chw, _tvm_batch(manifest), device)
                 if opts.rpc_key:
                     out[b].info["rpc_key"] = opts.rpc_key
-                log(f"tvm-rpc: {TVM_FILE} runs on {opts.rpc} ({out[b].info.get('remote_device_name') or out[b].info['device']})")
+                where = out[b].info.get("remote_device_name") or out[b].info["device"]
+                log(f"tvm-rpc: {TVM_FILE} runs on {opts.rpc} ({where})")
             else:
                 out[b] = _tensorrt(bundle, manifest, chw, opts, log)
         except RuntimeUnavailable as exc:

@@ -5,6 +5,7 @@ example (every rsp command and flag it runs exists)."""
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -73,7 +74,8 @@ def rpc_server():
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
                              "--port-end", str(port + 1), "--silent"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "TVM_NUM_THREADS": "1"})
+                            stderr=subprocess.DEVNULL, env={**os.environ, "TVM_NUM_THREADS": "1"},
+                            start_new_session=True)  # its own group: the server loop runs in a child process
 
     def wait() -> str:
         from tvm import rpc
@@ -91,7 +93,7 @@ def rpc_server():
     try:
         yield wait  # the tests build their bundle while the server imports tvm
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)  # the launcher and its server child, nothing else
         proc.wait(timeout=30)
 
 
@@ -189,6 +191,82 @@ def test_tensorrt_without_the_package_or_a_gpu(trt_bundle, tmp_path):
     assert list(res["backends"]) == ["onnx"] and not (tmp_path / "v" / "engines").exists()
 
 
+def test_tensorrt_build_applies_the_bundle_settings_and_caches(trt_bundle, tmp_path, monkeypatch):
+    """The builder against a stand-in for the tensorrt module (the real one needs a GPU): export's settings become
+    builder flags, pool limit and optimisation profile; the engine is cached by ONNX, settings, version and GPU."""
+    import types
+
+    from rsp.runtimes import build_tensorrt_engine
+
+    built = []
+
+    class Config:
+        def __init__(self):
+            self.flags, self.pools, self.profiles = set(), {}, []
+
+        def set_flag(self, f):
+            self.flags.add(f)
+
+        def set_memory_pool_limit(self, pool, size):
+            self.pools[pool] = size
+
+        def add_optimization_profile(self, p):
+            self.profiles.append(p.shapes)
+
+    class Profile:
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes = (name, lo, opt, hi)
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return object()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            built.append(config)
+            return b"engine"
+
+    class Parser:
+        def __init__(self, network, logger):
+            pass
+
+        def parse(self, data):
+            return data[:4] != b"junk"
+
+    trt = types.SimpleNamespace(
+        __version__="10.9-standin", Logger=lambda level: None, Builder=Builder, OnnxParser=Parser,
+        NetworkDefinitionCreationFlag=types.SimpleNamespace(), MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"),
+        BuilderFlag=types.SimpleNamespace(FP16="fp16", INT8="int8", SPARSE_WEIGHTS="sparse", GPU_FALLBACK="gpu_fallback"))
+    trt.Logger.WARNING = 2
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Stand-in GPU")
+    settings = json.loads((trt_bundle / "tensorrt.json").read_text())
+    settings["sparsity"] = True
+    onnx = trt_bundle / "model.onnx"
+    engine = build_tensorrt_engine(onnx, settings, tmp_path, log=lambda *_: None)
+    cfg = built[0]
+    assert engine.read_bytes() == b"engine" and engine.parent == tmp_path
+    assert cfg.flags == {"fp16", "sparse"} and cfg.pools == {"workspace": 8192 << 20}
+    assert cfg.profiles == [("input", (1, 1, 8, 8), (64, 1, 8, 8), (512, 1, 8, 8))]
+    assert build_tensorrt_engine(onnx, settings, tmp_path, log=lambda *_: None) == engine and len(built) == 1  # cached
+    other = build_tensorrt_engine(onnx, {**settings, "precision": "fp32"}, tmp_path, log=lambda *_: None)
+    assert other != engine and built[1].flags == {"sparse"}  # new settings: a new engine
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Another GPU")
+    assert build_tensorrt_engine(onnx, settings, tmp_path, log=lambda *_: None) != engine  # engines are per GPU
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    Parser.get_error = lambda self, i: "bad model"
+    with pytest.raises(ArtifactError, match="TensorRT cannot parse .*junk.onnx: bad model"):
+        build_tensorrt_engine(tmp_path / "junk.onnx", settings, tmp_path, log=lambda *_: None)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not trt_here, reason="needs the tensorrt package and a CUDA GPU")
 def test_tensorrt_engine_is_built_cached_scored_and_timed(trt_bundle, tmp_path):
@@ -214,26 +292,31 @@ def test_tensorrt_engine_is_built_cached_scored_and_timed(trt_bundle, tmp_path):
 
 
 def _rsp_commands(workflow: dict) -> list[list[str]]:
-    """Every `rsp SUBCOMMAND ...` invocation in the workflow's run steps, as tokens."""
+    """Every `rsp SUBCOMMAND ...` invocation in the workflow's run steps, as tokens, once per matrix entry
+    (with ${{ matrix.X }} filled in; other expressions become a placeholder)."""
+    import re
+
     commands = []
     for job in workflow["jobs"].values():
-        for step in job["steps"]:
-            script = step.get("run", "").replace("\\\n", " ")
-            for line in script.splitlines():
-                line = line.split(" #")[0]
-                tokens = shlex.split(line, comments=True) if line.strip() else []
-                for i, tok in enumerate(tokens):
-                    if tok == "rsp" and (i == 0 or tokens[i - 1] in ("&&", "||", ";", "then", "time", "if", "!")):
-                        commands.append(tokens[i + 1:])
+        for entry in ((job.get("strategy") or {}).get("matrix") or {}).get("include") or [{}]:
+            for step in job["steps"]:
+                script = re.sub(r"\$\{\{\s*matrix\.(\w+)\s*\}\}", lambda m: str(entry[m.group(1)]), step.get("run", ""))
+                script = re.sub(r"\$\{\{[^}]*\}\}", "EXPR", script).replace("\\\n", " ")
+                for line in script.splitlines():
+                    tokens = shlex.split(line, comments=True)
+                    for i, tok in enumerate(tokens):
+                        if tok == "rsp" and (i == 0 or tokens[i - 1] in ("&&", "||", ";", "then", "else", "!")):
+                            commands.append(tokens[i + 1:])
     return commands
 
 
 def test_ci_workflow_runs_real_rsp_commands():
-    import click
-    import typer
+    import typer  # its own vendored click: options are read off the parameters, not by class
     import yaml
 
     from rsp.cli import app
+    from rsp.targets import FORMATS, target_names
+    from rsp.verify import BACKENDS
 
     wf = yaml.safe_load(WORKFLOW.read_text())
     triggers = wf.get("on", wf.get(True))  # YAML 1.1 reads the key `on` as True
@@ -250,10 +333,14 @@ def test_ci_workflow_runs_real_rsp_commands():
     for cmd in commands:
         sub = group.commands.get(cmd[0])
         assert sub is not None, f"rsp {cmd[0]} is not an rsp subcommand"
-        flags = {o for p in sub.params if isinstance(p, click.Option) for o in (*p.opts, *p.secondary_opts)}
+        flags = {o for p in sub.params for o in (*p.opts, *getattr(p, "secondary_opts", ())) if o.startswith("-")}
         for tok in cmd[1:]:
             if tok.startswith("--"):
                 assert tok.split("=")[0] in flags, f"rsp {cmd[0]} has no option {tok}"
+        for flag, allowed in (("--target", target_names()), ("--backend", BACKENDS), ("--format", FORMATS)):
+            for i, tok in enumerate(cmd[:-1]):
+                if tok == flag:
+                    assert cmd[i + 1] in allowed, f"rsp {cmd[0]} {flag} {cmd[i + 1]}: not one of {allowed}"
     verify = next(c for c in commands if c[0] == "verify")
     assert any(t.startswith("--min-") or t.startswith("--max-") for t in verify), "the verify step sets no gate"
     uploads = [s for job in wf["jobs"].values() for s in job["steps"] if "upload-artifact" in s.get("uses", "")]

@@ -23,18 +23,17 @@ gates), with two deliberate details:
 
 * One mask per example, as theirs: every gated conv here feeds a BatchNorm, and train-mode BatchNorm divides
   out any per-channel scale shared by the batch, so one z per batch (folded into the weight) would give the
-  gates almost no data gradient (only through BatchNorm's eps). While sampling, gate() is 1 and a forward
-  hook of the layer multiplies each example's output (bias excluded) by its own z. `per_example=False`
-  folds one z per batch into the weight.
+  gates almost no data gradient (only through BatchNorm's eps). While sampling, gate() is 1 and the layer's
+  forward (rsp.sparse, `example_gates`) multiplies each example's output (bias excluded) by its own z.
+  `per_example=False` folds one z per batch into the weight.
 * A sample is drawn only when it can train something: train mode with autograd on. Under torch.no_grad
   (to_dense, dense_state_dict, frozen_weights) and in eval mode, gate() is the thresholded expectation, so
   folding or saving never bakes a random draw into the weights, whatever mode the model is in.
 
 Optimisation follows their two optimizers: the masks get their own Adam (lr 1e-2 times the phase's schedule
 factor; their lr1 = 1e-2 with the weights' staircase), the weights the trainer's SGD. The gate tensors are
-Parameters of the gate modules (state_dict, resume), but their gradients are taken off them as soon as
-autograd accumulates them (post-accumulate-grad hooks), so the trainer's SGD skips them and `step` applies
-Adam. Plain SGD on KL / N_train (about 2e-5 per unit at CIFAR size) would move a gate by ~1 over a 200-epoch
+Parameters of the gate modules (state_dict, resume; the trainer averages their gradients over ranks), listed
+in `self_updated_params`, so the trainer's SGD leaves them to `step`, which applies Adam. Plain SGD on KL / N_train (about 2e-5 per unit at CIFAR size) would move a gate by ~1 over a 200-epoch
 CIFAR run and prune nothing; Adam's normalised steps are what makes their masks sparse. `gate_optimizer="sgd"`
 leaves the gates to the trainer's optimizer instead. Differences that remain: the gates here see the whole
 objective (theirs: adversarial CE + KL only), and the weights get SGD with decoupled decay (theirs: Adam).
@@ -51,7 +50,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -113,8 +111,8 @@ def relaxed_bernoulli(pi: torch.Tensor, v: torch.Tensor, temperature: float = TE
 class BetaBernoulliGate(nn.Module):
     """Beta-Bernoulli dropout mask of `n` output units (module docstring). Called with no arguments it
     returns the per-unit multiplier that rsp.sparse folds into the weight: while sampling (train mode,
-    autograd on) one relaxed-Bernoulli draw per unit, or ones when `per_example` (the layer's forward hook
-    then applies `sample(batch)`); otherwise E[pi], zero where E[pi] <= threshold."""
+    autograd on) one relaxed-Bernoulli draw per unit, or ones when `per_example` (the layer's forward then
+    applies `example_masks(batch)`); otherwise E[pi], zero where E[pi] <= threshold."""
 
     def __init__(self, n: int, a_uc_init: float = A_UC_INIT_LINEAR, b_uc_init: float = B_UC_INIT, *,
                  alpha: float = ALPHA, threshold: float = THRESHOLD, temperature: float = TEMPERATURE,
@@ -176,25 +174,9 @@ class BetaBernoulliGate(nn.Module):
             return torch.ones_like(self.a_uc)
         return self.sample()
 
-
-def _gate_each_example(layer: nn.Module, inputs, output: torch.Tensor):
-    """Forward hook of a gated layer: while its gate samples per example, scale each example's pre-bias
-    output by its own mask, (W x) * z + b. A no-op once the layer is folded back (to_dense) or frozen."""
-    gate = layer._modules.get("gate")
-    if (getattr(layer, "parametrization", None) != "gate" or not isinstance(gate, BetaBernoulliGate)
-            or not gate.per_example or not gate.sampling or getattr(layer, "_frozen_weight", None) is not None):
-        return None
-    z = gate.sample(output.shape[0]).to(output.dtype)
-    if isinstance(layer, nn.Linear):  # units on the last dim
-        shape = (output.shape[0],) + (1,) * (output.dim() - 2) + (gate.n,)
-    else:  # conv: channels on dim 1
-        shape = (output.shape[0], gate.n) + (1,) * (output.dim() - 2)
-    z = z.view(shape)
-    if layer.bias is None:
-        return output * z
-    bias = layer.bias.to(output.dtype).view((1,) * (output.dim() - 1) + (-1,) if isinstance(layer, nn.Linear)
-                                           else (1, -1) + (1,) * (output.dim() - 2))
-    return (output - bias) * z + bias
+    def example_masks(self, batch: int) -> torch.Tensor | None:
+        """(batch, n) masks, one per example, while sampling per example; else None (gate() is folded)."""
+        return self.sample(batch) if self.per_example and self.sampling else None
 
 
 def _units(m: nn.Module) -> int:
@@ -234,7 +216,7 @@ class BetaBernoulliGates(SparseMethod):
         self.kl_scale, self.gate_optimizer, self.gate_lr = float(kl_scale), gate_optimizer, float(gate_lr)
         self.threshold = threshold
         self.classifier = dense[-1]  # (name, layer): its outputs are the class logits, never gated
-        self.layers, self._handles = [], []
+        self.layers = []
         for lname, m in dense[:-1]:
             init = a_uc_init_conv if isinstance(m, nn.Conv2d) else a_uc_init_linear
             gate = BetaBernoulliGate(_units(m), init, b_uc_init, alpha=alpha, threshold=threshold,
@@ -243,24 +225,16 @@ class BetaBernoulliGates(SparseMethod):
             layer = _convert(m, "gate")
             layer.register_buffer("mask", torch.ones_like(m.weight))
             layer.gate = gate
-            self._handles.append(layer.register_forward_hook(_gate_each_example))
             self.layers.append((lname, layer))
         self.gates = {n: m.gate for n, m in self.layers}  # kept past to_dense, which drops them from the layers
         self._params = [(f"{n}.{k}", p) for n, g in self.gates.items() for k, p in (("a_uc", g.a_uc), ("b_uc", g.b_uc))]
         self.opt = None
-        self._grads: list[torch.Tensor | None] = [None] * len(self._params)
         if gate_optimizer == "adam":
             # their TF AdamOptimizer defaults (beta1 0.9, beta2 0.999, eps 1e-8)
             self.opt = torch.optim.Adam([p for _, p in self._params], lr=self.gate_lr, betas=(0.9, 0.999), eps=1e-8)
-            for i, (_, p) in enumerate(self._params):
-                self._handles.append(p.register_post_accumulate_grad_hook(self._divert(i)))
 
-    def _divert(self, i: int):
-        def hook(p: torch.Tensor) -> None:
-            # take the gradient off the parameter: the trainer's SGD skips a None grad, `step` applies Adam
-            g, p.grad = p.grad, None
-            self._grads[i] = g if self._grads[i] is None else self._grads[i] + g
-        return hook
+    def self_updated_params(self):
+        return self.gate_params() if self.opt is not None else []
 
     def weight_params(self):
         return [m.weight for _, m in self.layers] + [self.classifier[1].weight]
@@ -275,26 +249,16 @@ class BetaBernoulliGates(SparseMethod):
         return self.kl() * self.kl_scale
 
     def zero_grad(self) -> None:
-        self._grads = [None] * len(self._params)
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
 
     def step(self, lr: float, decay_scale: float = 1.0) -> None:
+        """Adam on the gates (their gradients are averaged over ranks by the trainer with all others)."""
         if self.opt is None:
             return
-        params = [p for _, p in self._params]
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, self._grads)]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])  # the trainer averages only what its SGD sees
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-            grads = list(flat.split([g.numel() for g in grads]))
-        for p, g in zip(params, grads):
-            p.grad = g.view_as(p)
         for group in self.opt.param_groups:
             group["lr"] = self.gate_lr * decay_scale
         self.opt.step()
-        for p in params:
-            p.grad = None
-        self._grads = [None] * len(self._params)
 
     def active_count(self) -> torch.Tensor:
         """Weights of surviving units (at the current expectation) plus the classifier's."""
@@ -309,10 +273,7 @@ class BetaBernoulliGates(SparseMethod):
             return {n: g.keep_probability().detach().float().cpu() for n, g in self.gates.items()}
 
     def release(self) -> None:
-        """Remove the forward and gradient hooks (the phase is over; to_dense already dropped the gates)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        """The phase is over (to_dense already dropped the gates from the layers): nothing left to undo."""
 
     def state_tensors(self):
         if self.opt is None:
