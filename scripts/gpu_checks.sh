@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, as one short run (the lent H100/H200 sessions: 10 minutes per command).
+# Each step writes its output under ${OUT:-gpu-checks}/ and the script goes on when one fails, so a single
+# call collects every figure; the summary at the end lists the exit code of each step.
+#
+#   pip install -e . --no-deps && bash scripts/gpu_checks.sh            # on the GPU machine
+#   RSP_GPU_CHECKS="pytest attack" bash scripts/gpu_checks.sh           # a subset
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-checks}
+mkdir -p "$OUT"
+STEPS=${RSP_GPU_CHECKS:-"pytest kernels attack train_step"}
+declare -A RC
+run() {  # name, timeout seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*" | tee -a "$OUT/summary.txt"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  RC[$name]=$?
+  echo "   exit ${RC[$name]} in $((SECONDS - t0)) s; last line: $(tail -n 1 "$OUT/$name.log" | cut -c1-300)" | tee -a "$OUT/summary.txt"
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" >> "$OUT/gpu.txt" 2>&1
+for step in $STEPS; do
+  case $step in
+    pytest)     run pytest 240 python -m pytest -q -m gpu -p no:cacheprovider ;;           # CUDA kernels, verify on cuda
+    kernels)    run kernels 240 python bench/kernels.py ;;                                 # BSR vs cuDNN, VGG-16 shapes
+    attack)     run attack 150 python bench/attack.py ;;                                   # rsp vs loop, fp32 and bf16
+    train_step) run train_step 240 python bench/train_step.py --objective pgd-at --batch-size 128 --steps 10 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+echo "exit codes: $(for k in "${!RC[@]}"; do printf '%s=%s ' "$k" "${RC[$k]}"; done)" | tee -a "$OUT/summary.txt"
