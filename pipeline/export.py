@@ -5,7 +5,10 @@ Formats (the target's defaults unless --format says otherwise):
             onnxruntime logits are checked against PyTorch on real test images as part of the command
   tvm       model.tvm.so: Apache TVM 0.27 Relax library for the target (tvm_build.py); CUDA kernels are
             compiled here into a fatbin, Jetson host code is cross-linked for aarch64; CPU libraries built
-            for this machine's architecture are checked against PyTorch like the ONNX model
+            for this machine's architecture are checked against PyTorch like the ONNX model. On GPU targets
+            the layers rsp.kernels' cost model marks sparse call rsp's BSR CUDA kernels, linked into the
+            library (--sparse-kernels auto; "host" links their CPU emulator into a CPU library instead, a
+            correctness path that runs the linkage here); manifest "kernels" records plan and symbols
   tensorrt  TensorRT engines must be built on the device that runs them: the bundle carries the ONNX model,
             tensorrt.json (precision, 2:4 layers, shapes) and the matching trtexec command; `rsp verify`
             builds and caches the engine where the tensorrt package and a GPU are present
@@ -39,6 +42,7 @@ TRT_FILE = "tensorrt.json"
 CALIBRATION_FILE = "calibration.safetensors"
 MIN_OPSET = 17
 TVM_PARITY_IMAGES = 64
+SPARSE_KERNEL_MODES = ("auto", "off", "host")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 SOURCE_STAGES = ("train", "structure")
 
@@ -67,6 +71,10 @@ class ExportOptions:
     parity_images: int = 256
     tolerance: float = 1e-4  # fp32 max |logit difference|
     threads: int | None = None
+    # rsp's BSR kernels in the TVM library: auto (CUDA kernels on GPU targets, for the layers the cost model
+    # marks sparse), off, host (their CPU emulator in a CPU library: tests the linkage; correct, not fast)
+    sparse_kernels: str = "auto"
+    force_sparse: tuple[str, ...] = ()  # layers run sparse whatever the cost model says (tests, experiments)
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -155,19 +163,23 @@ def _planner():
         return None
 
 
-def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names: list[str], batch: int) -> dict:
+def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names: list[str], batch: int, *,
+                mode: str = "auto", force_sparse=()) -> dict:
     """Per-layer kernel choice for the manifest: rsp.kernels.costmodel.plan_model(model, input_shape, arch=,
-    batch=) where it exists and the target has a GPU; otherwise "dense" with the reason. The TVM library
-    itself is built with TVM's dense kernels either way ("linked": false) until the BSR kernels are linked."""
+    batch=) for the target's GPU (mode "host" on a CPU target: for the GPU its emulator stands in for, sm_87);
+    otherwise "dense" with the reason. force_sparse marks layers sparse whatever the estimate ("forced").
+    "linked" stays False here: the TVM build links the kernels and export records which (_record_linked)."""
     plan = _planner()
-    if not target.has_cuda:
-        reason = "rsp's sparse kernels are CUDA kernels; this target has no GPU"
+    arch = target.cuda_arch[0] if target.has_cuda else ("sm_87" if mode == "host" else None)
+    result = None
+    if arch is None:
+        reason = "rsp's sparse kernels are CUDA kernels; this target has no GPU (--sparse-kernels host links their CPU emulator)"
     elif plan is None:
-        reason = "sparse kernels not linked yet"
+        reason = "rsp.kernels.costmodel.plan_model is not available"
     else:
         try:
             try:
-                rows = plan(model, (batch, *chw), arch=target.cuda_arch[0], batch=batch)
+                rows = plan(model, (batch, *chw), arch=arch, batch=batch)
             except TypeError:
                 rows = plan(model, (batch, *chw))
             if isinstance(rows, dict):
@@ -176,17 +188,49 @@ def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names:
             for r in rows:
                 r.setdefault("layer", r.get("name"))
             if rows and all(r.get("layer") and "kernel" in r for r in rows):
-                return {"planner": "rsp.kernels.costmodel.plan_model", "linked": False, "layers": rows,
-                        "note": "the plan; model.tvm.so still runs TVM's dense kernels"}
-            reason = "rsp.kernels.costmodel.plan_model returned no per-layer choice"
+                result = {"planner": "rsp.kernels.costmodel.plan_model", "arch": arch, "layers": rows}
+            else:
+                reason = "rsp.kernels.costmodel.plan_model returned no per-layer choice"
         except Exception as exc:
             reason = f"rsp.kernels.costmodel.plan_model failed ({type(exc).__name__}: {str(exc)[:120]})"
-    layers = []
-    for n in names:
-        w = state[f"{n}.weight"]
-        layers.append({"layer": n, "shape": list(w.shape), "density": float((w != 0).float().mean()),
-                       "kernel": "dense", "reason": reason})
-    return {"planner": None, "linked": False, "layers": layers}
+    if result is None:
+        layers = []
+        for n in names:
+            w = state[f"{n}.weight"]
+            layers.append({"layer": n, "shape": list(w.shape), "density": float((w != 0).float().mean()),
+                           "kernel": "dense", "reason": reason})
+        result = {"planner": None, "layers": layers}
+    forced = set(force_sparse or ())
+    for r in result["layers"]:
+        if r["layer"] in forced and r["kernel"] != "sparse":
+            r.update(kernel="sparse", forced=True)
+    result.update(linked=False, mode=mode)
+    return result
+
+
+def _record_linked(kernels: dict, info: dict | None, mode: str, why_not: str) -> dict:
+    """The plan after the TVM build: which layers call rsp's kernels, their symbols and the object's hash."""
+    linked = {ll["layer"]: ll for ll in (info or {}).get("layers", [])}
+    not_linked = (info or {}).get("not_linked", {})
+    for r in kernels["layers"]:
+        if r["layer"] in linked:
+            r.update(linked=True, symbol=linked[r["layer"]]["symbol"])
+        elif r["kernel"] == "sparse":
+            r.update(linked=False, not_linked_reason=not_linked.get(r["layer"], why_not))
+    kernels["linked"] = bool(linked)
+    kernels["linked_layers"] = [{"layer": ll["layer"], "symbol": ll["symbol"], "op": ll["op"],
+                                 "kernel_mode": ll["kernel_mode"]} for ll in linked.values()]
+    kernels["object"] = (info or {}).get("object")
+    if linked and mode == "host":
+        kernels["note"] = ("model.tvm.so calls the host emulator of rsp's BSR kernels for the linked layers "
+                           "(--sparse-kernels host: a correctness path for testing the linkage, not a fast one) "
+                           "and TVM's kernels for the rest")
+    elif linked:
+        kernels["note"] = ("model.tvm.so calls rsp's BSR CUDA kernels (R.call_dps_packed, TVM FFI) for the linked "
+                           "layers and TVM's kernels for the rest")
+    else:
+        kernels["note"] = f"the plan; model.tvm.so runs TVM's kernels only ({why_not})"
+    return kernels
 
 
 # --- ONNX ---------------------------------------------------------------------------------------------
@@ -392,6 +436,16 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
         raise ExportError(f"--parity-images must be >= 1, got {opts.parity_images}")
     if opts.batch < 1 or opts.tune_trials < 0:
         raise ExportError("--batch must be >= 1 and --tune-trials >= 0")
+    mode = opts.sparse_kernels
+    if mode not in SPARSE_KERNEL_MODES:
+        raise ExportError(f"--sparse-kernels must be one of {', '.join(SPARSE_KERNEL_MODES)}, got {mode!r}")
+    if mode == "host" and target.has_cuda:
+        raise ExportError(f"--sparse-kernels host links the CPU emulator of rsp's kernels into a CPU library; target "
+                          f"{target.name} has a GPU (use auto for its CUDA kernels, or off)")
+    if mode == "host" and "tvm" not in formats:
+        raise ExportError("--sparse-kernels host links kernels into the TVM library: add --format tvm")
+    if opts.force_sparse and mode == "off":
+        raise ExportError("force_sparse needs --sparse-kernels auto or host")
     if "tvm" in formats:
         from .tvm_build import require_tvm
 
@@ -427,6 +481,13 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
     with torch.no_grad():
         reference = model(images).numpy()
     names = _layer_names(model)
+    unknown = [n for n in (opts.force_sparse or ()) if n not in names]
+    if unknown:
+        raise ExportError(f"force_sparse: unknown layer {unknown[0]!r}; layers: {', '.join(names)}")
+    kernels = kernel_plan(model, chw, target, state, names, opts.batch, mode=mode, force_sparse=opts.force_sparse)
+    bad = [r for r in kernels["layers"] if r.get("forced") and r.get("reason")]
+    if bad:
+        raise ExportError(f"cannot run layer {bad[0]['layer']} sparse: {bad[0]['reason']}")
     from .sparse import layer_report
 
     layers, sparsity = layer_report(state, names)
@@ -470,10 +531,16 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
         from . import tvm_build
 
         cache = Path(opts.tune_cache) if opts.tune_cache else None
+        sparse = {r["layer"]: state[f"{r['layer']}.weight"] for r in kernels["layers"] if r["kernel"] == "sparse"}
+        link = mode != "off" and (target.has_cuda or mode == "host")
         result = tvm_build.build(model, chw, target, output / TVM_FILE, batch=opts.batch, nvcc=opts.nvcc,
-                                 tune_trials=opts.tune_trials, tune_cache=cache, log=log)
+                                 tune_trials=opts.tune_trials, tune_cache=cache, log=log,
+                                 sparse_layers=sparse if link else None, sparse_mode="host" if mode == "host" else "cuda")
         files.append(TVM_FILE)
         artifacts["tvm"] = result.info
+        why_not = ("--sparse-kernels off" if mode == "off" else "no GPU on this target" if not link else
+                   "no layer is planned sparse" if not sparse else "not linked")
+        _record_linked(kernels, result.info.get("sparse_kernels"), mode, why_not)
         if not target.has_cuda and target.arch == os.uname().machine:
             # the library runs one static batch per call, untuned CPU code slowly (0.3 s per image for an
             # untuned VGG-16): 64 real images are plenty to catch a wrong kernel
@@ -494,6 +561,8 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
             log(f"tvm: {TVM_FILE} for {target.triple} ({result.info['library']['elf_machine']}), "
                 + (f"SASS {','.join(result.info['library']['sass'])}, no CUDA source" if target.has_cuda else ""))
 
+    if "tvm" not in formats:
+        _record_linked(kernels, None, mode, "no TVM library in this bundle")
     trt24 = _trt_24_layers(state, names)
     if "tensorrt" in formats:
         settings = tensorrt_settings(target, trt_precision, chw, trt24, ONNX_FILE)
@@ -532,8 +601,9 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
         "parity": parity,
         "latency_here": {k: round(v, 7) for k, v in latency.items()} | {"machine": os.uname().machine,
                                                                         "threads": torch.get_num_threads()},
-        "kernels": kernel_plan(model, chw, target, state, names, opts.batch),
-        "export": {"options": {k: v for k, v in opts.__dict__.items()}, "time_s": round(time.perf_counter() - t0, 2)},
+        "kernels": kernels,
+        "export": {"options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.__dict__.items()},
+                   "time_s": round(time.perf_counter() - t0, 2)},
     }
     written = write_manifest(output, out_manifest, files)
     failed = [f"{k} max |diff| {v['max_abs_err']:.3g} > {v['tolerance']:.3g}" for k, v in parity.items()

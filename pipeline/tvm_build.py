@@ -12,6 +12,12 @@ the serialized module blob (export_library's fpack_imports hook), which is linke
 as the symbol TVM's loader reads (`__tvm_ffi__library_bin`), so the device needs only TVM's runtime and
 the CUDA driver. The blob layout is TVM 0.27's; the parser below checks every length and refuses anything
 else instead of writing a broken library. inspect_library reads a built library back the same way.
+
+rsp's sparse kernels. build(sparse_layers=...) rewrites the Relax module so that the layers the plan marks
+sparse call rsp's BSR kernels (R.call_dps_packed; kernels/relax_link.py) and links their object, compiled
+with the TVM FFI entry points, into the library (export_library(options=[obj, ...])): the library module
+finds each kernel through its exported __tvm_ffi_<name> symbol. GPU targets link the CUDA kernels (SASS
+only, for the target's archs); a CPU target can link their host emulator instead (a correctness path).
 """
 
 from __future__ import annotations
@@ -394,19 +400,63 @@ def blob_modules(blob: bytes) -> list[dict]:
     return out
 
 
+def _elf_dynamic(data: bytes) -> tuple[list[str], list[str]]:
+    """(DT_NEEDED libraries, defined dynamic symbols) of a little-endian ELF64 shared object."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return [], []
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    secs = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+
+    def cstr(off: int) -> str:
+        return data[off: data.index(b"\0", off)].decode(errors="replace")
+
+    needed, symbols = [], []
+    for _, typ, _, _, off, size, link, _, _, entsize in secs:
+        if typ == 6 and entsize:  # SHT_DYNAMIC
+            for j in range(size // entsize):
+                tag, val = struct.unpack_from("<qQ", data, off + j * entsize)
+                if tag == 1:  # DT_NEEDED
+                    needed.append(cstr(secs[link][4] + val))
+        elif typ == 11 and entsize:  # SHT_DYNSYM
+            for j in range(1, size // entsize):
+                st_name, _, _, shndx = struct.unpack_from("<IBBH", data, off + j * entsize)
+                if st_name and shndx:
+                    symbols.append(cstr(secs[link][4] + st_name))
+    return needed, symbols
+
+
+def _elf_section(data: bytes, name: str) -> bytes | None:
+    from .kernels.build import _elf_sections
+
+    try:
+        return _elf_sections(data).get(name)
+    except (ValueError, struct.error):
+        return None
+
+
 def inspect_library(path: str | Path) -> dict:
     """What a TVM library holds: its ELF machine, its serialized modules (read from the
-    __tvm_ffi__library_bin symbol), the SASS architectures of its fatbins and whether CUDA source is left."""
+    __tvm_ffi__library_bin symbol), the SASS architectures of its fatbins and whether CUDA source is left;
+    and what linked objects brought in (rsp's kernels): the TVM FFI functions it exports (``__tvm_ffi_NAME``),
+    the SASS/PTX of the fatbins in its .nv_fatbin section, and the shared libraries it needs."""
     data = Path(path).read_bytes()
     blob = elf_symbol_bytes(data, BLOB_SYMBOL)
     modules = blob_modules(blob) if blob else []
     cuda = [m for m in modules if m["kind"] == "cuda"]
     entries = [e for m in cuda for f in m.get("fatbins", []) for e in f["entries"]]
+    needed, dynsyms = _elf_dynamic(data)
+    nv = _elf_section(data, ".nv_fatbin") or b""
+    kentries = [e for f in parse_fatbins(nv) for e in f["entries"]]
     return {"elf_machine": elf_machine(path), "modules": [m["kind"] for m in modules],
             "cuda_modules": [{"fmt": m["fmt"], "code_bytes": m["code_bytes"]} for m in cuda],
             "sass": sorted({f"sm_{e['sm']}" for e in entries if e["kind"] == "elf"}),
             "ptx": any(e["kind"] == "ptx" for e in entries),
-            "cuda_source": any(m["fmt"] == "cuda" for m in cuda) or any(s in data for s in CUDA_SOURCE_MARKERS)}
+            "cuda_source": any(m["fmt"] == "cuda" for m in cuda) or any(s in data for s in CUDA_SOURCE_MARKERS),
+            "tvm_ffi_functions": sorted(n[len("__tvm_ffi_"):] for n in dynsyms
+                                        if n.startswith("__tvm_ffi_") and not n.startswith("__tvm_ffi__")),
+            "linked_sass": sorted({f"sm_{e['sm']}" for e in kentries if e["kind"] == "elf"}),
+            "linked_ptx": any(e["kind"] == "ptx" for e in kentries), "needed": needed}
 
 
 # --- MetaSchedule tuning (CPU) ---------------------------------------------------------------------
@@ -554,8 +604,13 @@ class BuildResult:
 
 
 def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out_file: Path, *, batch: int = 1,
-          nvcc: str | None = None, tune_trials: int = 0, tune_cache: Path | None = None, log=print) -> BuildResult:
-    """Compile `model` for `target` into the shared library `out_file` (written atomically)."""
+          nvcc: str | None = None, tune_trials: int = 0, tune_cache: Path | None = None,
+          sparse_layers: dict[str, torch.Tensor] | None = None, sparse_mode: str = "cuda", log=print) -> BuildResult:
+    """Compile `model` for `target` into the shared library `out_file` (written atomically).
+
+    sparse_layers ({layer: weight}): run these layers with rsp's BSR kernels instead of TVM's (the Relax
+    rewrite of kernels.relax_link; the kernel object is linked into the library). sparse_mode "cuda": the
+    CUDA kernels (a GPU target); "host": their CPU emulator (a CPU target: tests the linkage, not fast)."""
     tvm = require_tvm()
     from tvm.support import cc
 
@@ -563,6 +618,12 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
 
     if batch < 1:
         raise TVMBuildError(f"--batch must be >= 1, got {batch}")
+    if sparse_layers and sparse_mode not in ("cuda", "host"):
+        raise TVMBuildError(f"sparse kernel mode must be cuda or host, got {sparse_mode!r}")
+    if sparse_layers and (sparse_mode == "cuda") != target.has_cuda:
+        raise TVMBuildError(f"target {target.name} " + ("has a GPU: link the CUDA kernels, not the host emulator"
+                                                        if target.has_cuda else "has no GPU: rsp's CUDA kernels need "
+                                                        "one (the host emulator links into CPU libraries)"))
     host_arch = os.uname().machine
     nvcc_info = None
     if target.has_cuda:
@@ -596,8 +657,17 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
         config["num-cores"] = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     tgt = tvm.target.Target(config)
     tuning = None
+    link = None
     try:
         mod = relax_module(model, batch, chw)
+        if sparse_layers:
+            from .kernels.relax_link import HOST_ARCH, link_sparse_layers
+
+            link = link_sparse_layers(mod, sparse_layers, arch=target.cuda_arch[0] if target.has_cuda else HOST_ARCH)
+            mod = link.mod
+            log(f"tvm: {len(link.linked)} layer(s) call rsp's {'CUDA' if sparse_mode == 'cuda' else 'host emulator'} "
+                f"kernels: {', '.join(link.symbols) or '-'}"
+                + (f"; not linked: {', '.join(f'{k} ({v})' for k, v in link.not_linked.items())}" if link.not_linked else ""))
         t_import = time.perf_counter() - t0
         t1 = time.perf_counter()
         if tune_trials:
@@ -623,6 +693,24 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
     kwargs = {}
     if target.has_cuda:
         kwargs["fpack_imports"] = fatbin_packer(target.cuda_arch, nvcc_info["path"], swapped)
+    kernels_info = None
+    if link is not None and link.linked:
+        from .kernels.build import KernelBuildError
+        from .kernels.relax_link import kernel_object
+
+        try:
+            obj = kernel_object(link.kernels, sparse_mode, archs=target.cuda_arch,
+                                nvcc=nvcc_info["path"] if nvcc_info else None,
+                                cross_cxx=target.cross_compiler if target.arch != host_arch else None,
+                                cxx=target.cross_compiler if target.arch != host_arch else None)
+        except KernelBuildError as exc:
+            raise TVMBuildError(f"building rsp's sparse kernels failed: {exc}") from None
+        kwargs["options"] = obj["options"]
+        kernels_info = {"mode": sparse_mode, "layers": [ll.as_dict() for ll in link.linked],
+                        "not_linked": link.not_linked, "object": obj["info"],
+                        "time_s": round(time.perf_counter() - t2, 2)}
+    elif link is not None:
+        kernels_info = {"mode": sparse_mode, "layers": [], "not_linked": link.not_linked, "object": None}
     with tempfile.TemporaryDirectory(prefix="rsp-tvm-") as tmp:
         lib = Path(tmp) / out_file.name
         try:
@@ -645,6 +733,18 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
             raise TVMBuildError(f"the library does not hold exactly the compiled {','.join(target.cuda_arch)} kernels "
                                 f"(found SASS {lib_info['sass']}, CUDA source left: {lib_info['cuda_source']})")
         info["cuda"] = cuda_requirements(target, nvcc_info, swapped)
+    if kernels_info is not None:
+        missing = [ll["symbol"] for ll in kernels_info["layers"] if ll["symbol"] not in lib_info["tvm_ffi_functions"]]
+        if missing:
+            raise TVMBuildError(f"the library does not export rsp's kernels {', '.join(missing)} (__tvm_ffi_<name>)")
+        if kernels_info["layers"] and target.has_cuda and (lib_info["linked_ptx"] or
+                                                           lib_info["linked_sass"] != sorted(set(target.cuda_arch))):
+            raise TVMBuildError(f"rsp's kernels in the library are not SASS for exactly {','.join(target.cuda_arch)} "
+                                f"(found SASS {lib_info['linked_sass']}, PTX: {lib_info['linked_ptx']})")
+        info["sparse_kernels"] = kernels_info
+        if target.has_cuda and kernels_info["layers"] and "-lcudart" in kwargs.get("options", []):
+            info["cuda"]["device_needs"].append(
+                f"libcudart.so.{nvcc_info['major']} on the loader path (rsp's kernels link the device's CUDA runtime)")
     return BuildResult(info)
 
 

@@ -393,8 +393,14 @@ def test_jetson_orin_nano_bundle(tiny_run, tmp_path):
     # per-layer kernel choice: rsp.kernels' cost model where it is available, dense with a reason otherwise
     kernels = m["kernels"]
     assert [r["layer"] for r in kernels["layers"]] == [r["name"][: -len(".weight")] for r in m["layers"]]
-    assert all(r["kernel"] in ("dense", "sparse") for r in kernels["layers"]) and kernels["linked"] is False
+    assert all(r["kernel"] in ("dense", "sparse") for r in kernels["layers"])
     assert kernels["planner"] in (None, "rsp.kernels.costmodel.plan_model")
+    # --sparse-kernels auto: the layers planned sparse call rsp's CUDA kernels, linked as SASS-only sm_87 code
+    sparse = [r["layer"] for r in kernels["layers"] if r["kernel"] == "sparse"]
+    assert kernels["linked"] is bool(sparse) and [r["layer"] for r in kernels["linked_layers"]] == sparse
+    assert set(info["tvm_ffi_functions"]) >= {r["symbol"] for r in kernels["linked_layers"]}
+    if sparse:
+        assert info["linked_sass"] == ["sm_87"] and not info["linked_ptx"]
 
 
 @needs_tvm
@@ -516,7 +522,7 @@ def test_kernel_plan_uses_rsp_kernels_planner_when_present(monkeypatch):
     monkeypatch.setattr(export, "_planner", lambda: None)
     dense = export.kernel_plan(model, (1, 8, 8), get_target("jetson-orin-nano"), state, names, 1)
     assert dense["planner"] is None and [r["layer"] for r in dense["layers"]] == names
-    assert {r["reason"] for r in dense["layers"]} == {"sparse kernels not linked yet"}
+    assert {r["reason"] for r in dense["layers"]} == {"rsp.kernels.costmodel.plan_model is not available"}
 
     calls = []
 

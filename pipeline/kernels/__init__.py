@@ -19,6 +19,10 @@ Modules:
 - ``costmodel``: ``estimate``, ``choose_kernel(shape, block_density, batch, arch, ...)`` -> "sparse" |
   "dense", ``plan_layers(state_dict, geometry, ...)`` / ``plan_model(model, input_shape, ...)`` -> the
   per-layer plan {kernel, block, block_density, est_speedup, ...} for the export manifest.
+- ``relax_link`` (imports TVM when called): ``link_sparse_layers(mod, {layer: weight})`` rewrites a Relax
+  module's conv2d/linear calls of those layers into ``R.call_dps_packed`` of their generated kernels;
+  ``kernel_object(kernels, "cuda"|"host", ...)`` compiles them for ``export_library(options=...)``.
+  ``tvm_build.build(sparse_layers=...)`` / ``rsp export --sparse-kernels`` use both.
 
 Symbols of a generated unit (``NAME = KernelSource.name`` = ``rsp_<label>_<12 hex of the content hash>``):
 
@@ -27,7 +31,8 @@ Symbols of a generated unit (``NAME = KernelSource.name`` = ``rsp_<label>_<12 he
     launch. x: N x C x H x W (linear: N x in), y: N x O x OH x OW (linear: N x out), float32, contiguous,
     on the current device. PyTorch: ``load_layer(ks)(x)`` (torch's current stream).
 ``extern "C" int NAME_host(const float* x, float* y, int batch)``
-    host build (``build_host``): the same tiles in a loop on the CPU, bit-identical arithmetic.
+    host build (``build_host``): the same tiles in a loop on the CPU, bit-identical arithmetic
+    (``build_host(..., kind="obj", tvm_ffi=True)`` adds the TVM FFI function ``NAME`` on CPU tensors).
 ``extern "C" const char* NAME_info(void)``
     JSON: name, mode, rows_per_thread, groups, relu, layer spec.
 TVM FFI packed function ``NAME(x: Tensor, y: Tensor) -> None`` (``compile_kernels(..., kind="obj", tvm_ffi=True)``)

@@ -140,23 +140,31 @@ RSP_HD void rsp_bsr_generic_tile(int brow, int pix, const float* __restrict__ x,
 
 #ifdef RSP_TVM_FFI
 // TVM FFI entry points (compiled with -DRSP_TVM_FFI and the tvm_ffi headers): DLTensor arguments in
-// destination-passing style, the stream from the TVM FFI environment (TVMFFIEnvGetStream).
+// destination-passing style. CUDA build: the stream from the TVM FFI environment (TVMFFIEnvGetStream);
+// host build (g++): the emulator on CPU tensors (a correctness path for tests, not a fast one).
+#include <limits.h>
+
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/function.h>
 
 namespace rsp_ffi {
-inline void check_tensor(const tvm::ffi::TensorView& t, const char* fn, const char* what, long long per_sample) {
+inline void check_tensor(const tvm::ffi::TensorView& t, const char* fn, const char* what, long long per_sample,
+                         bool cuda = true) {
   const DLDevice d = t.device();
-  if (d.device_type != kDLCUDA && d.device_type != kDLCUDAManaged)
+  if (cuda && d.device_type != kDLCUDA && d.device_type != kDLCUDAManaged)
     TVM_FFI_THROW(ValueError) << fn << ": " << what << " must be a CUDA tensor (device type " << (int)d.device_type
                               << ")";
+  if (!cuda && d.device_type != kDLCPU)
+    TVM_FFI_THROW(ValueError) << fn << ": " << what << " must be a CPU tensor (device type " << (int)d.device_type
+                              << "; this is the host emulator build)";
   const DLDataType dt = t.dtype();
   if (dt.code != kDLFloat || dt.bits != 32 || dt.lanes != 1)
     TVM_FFI_THROW(TypeError) << fn << ": " << what << " must be float32";
   if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << fn << ": " << what << " must be contiguous";
   if (t.ndim() < 1) TVM_FFI_THROW(ValueError) << fn << ": " << what << " must have a batch dimension";
+  if (t.size(0) > INT_MAX) TVM_FFI_THROW(ValueError) << fn << ": " << what << " batch is too large";
   if (t.numel() != t.size(0) * per_sample)
     TVM_FFI_THROW(ValueError) << fn << ": " << what << " must hold " << per_sample << " values per sample";
 }
@@ -166,10 +174,20 @@ inline const float* data(const tvm::ffi::TensorView& t) {
 }
 }  // namespace rsp_ffi
 
-// Defines `void NAME_ffi(TensorView x, TensorView y)`, exports it as the TVM FFI symbol __tvm_ffi_NAME
-// (found by the library module of an exported TVM artifact) and registers it as the global function
-// NAME when the library loads (override allowed: two artifacts may carry the same layer). A failed
-// registration must not abort the library load; the VM still finds NAME through the exported symbol.
+// Export FN as the TVM FFI symbol __tvm_ffi_NAME and register it as the global function NAME when the
+// library loads (override allowed: two artifacts may carry the same layer). A failed registration must not
+// abort the library load; the VM still finds NAME through the exported symbol.
+#define RSP_TVM_FFI_EXPORT_(NAME, FN)                                                                         \
+  TVM_FFI_DLL_EXPORT_TYPED_FUNC(NAME, FN);                                                                    \
+  TVM_FFI_STATIC_INIT_BLOCK() {                                                                               \
+    try {                                                                                                     \
+      tvm::ffi::Function::SetGlobal(#NAME, tvm::ffi::Function::FromTyped(FN, std::string(#NAME)), true);     \
+    } catch (...) {                                                                                           \
+    }                                                                                                         \
+  }
+
+// Defines `void NAME_ffi(TensorView x, TensorView y)` (CUDA tensors; LAUNCH on TVM's stream for the
+// device) and exports it (RSP_TVM_FFI_EXPORT_): the library module of an exported TVM artifact finds it.
 #define RSP_DEFINE_TVM_FFI(NAME, LAUNCH, PER_SAMPLE_X, PER_SAMPLE_Y)                                        \
   static void NAME##_ffi(tvm::ffi::TensorView x, tvm::ffi::TensorView y) {                                  \
     rsp_ffi::check_tensor(x, #NAME, "x", (PER_SAMPLE_X));                                                   \
@@ -188,14 +206,20 @@ inline const float* data(const tvm::ffi::TensorView& t) {
       TVM_FFI_THROW(RuntimeError) << #NAME ": kernel launch failed: "                                       \
                                   << cudaGetErrorString(static_cast<cudaError_t>(err));                     \
   }                                                                                                         \
-  TVM_FFI_DLL_EXPORT_TYPED_FUNC(NAME, NAME##_ffi);                                                          \
-  TVM_FFI_STATIC_INIT_BLOCK() {                                                                             \
-    try {                                                                                                   \
-      tvm::ffi::Function::SetGlobal(#NAME, tvm::ffi::Function::FromTyped(NAME##_ffi, std::string(#NAME)),   \
-                                    true);                                                                  \
-    } catch (...) {                                                                                         \
-    }                                                                                                       \
-  }
+  RSP_TVM_FFI_EXPORT_(NAME, NAME##_ffi)
+
+// The host emulator's entry point (build_host(..., tvm_ffi=True)): the same signature and checks on CPU
+// tensors; RUN is NAME_host(x, y, batch).
+#define RSP_DEFINE_TVM_FFI_HOST(NAME, RUN, PER_SAMPLE_X, PER_SAMPLE_Y)                                       \
+  static void NAME##_ffi(tvm::ffi::TensorView x, tvm::ffi::TensorView y) {                                  \
+    rsp_ffi::check_tensor(x, #NAME, "x", (PER_SAMPLE_X), false);                                            \
+    rsp_ffi::check_tensor(y, #NAME, "y", (PER_SAMPLE_Y), false);                                            \
+    if (x.size(0) != y.size(0)) TVM_FFI_THROW(ValueError) << #NAME ": x and y batch sizes differ";          \
+    const int err = RUN(rsp_ffi::data(x), const_cast<float*>(rsp_ffi::data(y)), (int)x.size(0));            \
+    if (err != 0) TVM_FFI_THROW(RuntimeError) << #NAME ": host kernel failed (" << err << ")";              \
+  }                                                                                                         \
+  RSP_TVM_FFI_EXPORT_(NAME, NAME##_ffi)
+
 #endif  // RSP_TVM_FFI
 
 #endif  // RSP_BSR_KERNELS_CUH_

@@ -4,10 +4,15 @@ check that the result is real device code, and call the layers from PyTorch thro
 Artifacts (``compile_kernels(kind=...)``):
 
 - ``cubin``: one ELF for one arch (``nvcc -cubin``); ``ptx``: the PTX text;
-- ``fatbin``: SASS for every requested arch plus PTX of the newest (JIT for later GPUs);
+- ``fatbin``: SASS for every requested arch plus PTX of the newest (JIT for later GPUs; ``ptx=False``:
+  SASS only, as rsp's TVM artifacts link them);
 - ``obj``: a position-independent host object with the fatbin embedded and the C launchers
   (``-DRSP_TVM_FFI`` adds the TVM FFI packed functions): what ``export_library(..., options=[obj])``
-  links into a TVM artifact (add ``tvm_link_options()``);
+  links into a TVM artifact (add ``tvm_link_options()``; for a Jetson ``ccbin=aarch64-linux-gnu-g++``
+  and ``tvm_link_options(obj, cross_cxx=...)``, which links a libcudart stub where the toolkit has no
+  aarch64 CUDA runtime);
+- ``build_host(..., kind="obj", tvm_ffi=True)``: the host emulator's object with the same TVM FFI
+  functions on CPU tensors (an x86 TVM artifact that exercises the linkage here);
 - ``so``: a shared library with the C launchers and the CUDA runtime linked statically, loaded with
   ctypes by ``load_layer`` (the "callable from PyTorch" path: no torch extension build).
 
@@ -122,14 +127,130 @@ def cuda_library_dir(nvcc: str | None = None) -> Path | None:
     return None
 
 
-def tvm_link_options(obj: str | Path | None = None, nvcc: str | None = None) -> list[str]:
+@functools.lru_cache(maxsize=None)
+def toolkit_root(nvcc: str | None = None) -> Path | None:
+    """The CUDA toolkit folder of nvcc (its TOP in `nvcc --dryrun`: nvcc may be a wrapper script)."""
+    exe = find_nvcc(nvcc)
+    if not exe:
+        return None
+    r = subprocess.run([exe, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True,
+                       text=True, timeout=60)
+    m = re.search(r"^#\$ TOP=(.+)$", r.stdout + r.stderr, re.MULTILINE)
+    root = Path(m.group(1).strip()).resolve() if m else Path(exe).resolve().parent.parent
+    return root if root.is_dir() else None
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_machine(cxx: str) -> str:
+    """The target triple of a host compiler (``g++ -dumpmachine``), e.g. aarch64-linux-gnu."""
+    try:
+        return subprocess.run([cxx, "-dumpmachine"], capture_output=True, text=True, timeout=60).stdout.strip()
+    except OSError as e:
+        raise KernelBuildError(f"cannot run the host compiler {cxx}: {e}") from None
+
+
+def _is_cross(cxx: str | None) -> bool:
+    return bool(cxx) and not compiler_machine(cxx).startswith(os.uname().machine)
+
+
+def _cross_target_dirs(machine: str) -> tuple[str, ...]:
+    """CUDA's targets/ sub-folders for a host triple (Jetson cross packages: aarch64-linux; Arm servers and
+    CUDA 13's unified Arm toolkit: sbsa-linux)."""
+    return ("aarch64-linux", "sbsa-linux") if machine.startswith("aarch64") else (f"{machine.split('-')[0]}-linux",)
+
+
+def _cross_flags(nvcc: str | None, ccbin: str | None) -> list[str]:
+    """nvcc with -ccbin for another CPU looks for the CUDA headers in targets/<that cpu>/include; without the
+    toolkit's cross package that folder is absent: the headers are CPU-neutral, so use the toolkit's own."""
+    if not _is_cross(ccbin):
+        return []
+    root = toolkit_root(nvcc)
+    if root is None or any((root / "targets" / d / "include").is_dir() for d in _cross_target_dirs(compiler_machine(ccbin))):
+        return []
+    return [f"-I{root / 'include'}"] if (root / "include").is_dir() else []
+
+
+def tvm_link_options(obj: str | Path | None = None, nvcc: str | None = None, *, cross_cxx: str | None = None,
+                     stub_dir: str | Path | None = None) -> list[str]:
     """Linker options for ``export_library(path, options=...)`` of a TVM artifact that embeds an ``obj``
     built with ``tvm_ffi=True``: the object, the CUDA runtime (static: no libcudart.so needed on the
     device) and its system libraries. libtvm_ffi symbols resolve from the process that loads the artifact
-    (tvm_ffi / the TVM runtime)."""
-    lib = cuda_library_dir(nvcc)
+    (tvm_ffi / the TVM runtime).
+
+    cross_cxx (e.g. aarch64-linux-gnu-g++ for a Jetson): the CUDA runtime of that CPU. The toolkit's cross
+    package (targets/aarch64-linux or sbsa-linux) provides libcudart_static.a; without it the artifact is
+    linked against a stub carrying libcudart.so.<major>'s name and symbol version (``cudart_stub``), so it
+    needs the device's own libcudart.so.<major> (JetPack's; the TVM CUDA runtime loads it anyway)."""
     opts = [str(obj)] if obj else []
+    if _is_cross(cross_cxx):
+        root = toolkit_root(nvcc)
+        for d in _cross_target_dirs(compiler_machine(cross_cxx)):
+            lib = root / "targets" / d / "lib" if root else None
+            if lib is not None and (lib / "libcudart_static.a").is_file():
+                return opts + [f"-L{lib}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
+        if obj is None:
+            raise KernelBuildError("linking against a libcudart stub needs the kernel object (its CUDA symbols)")
+        stub = cudart_stub(obj, cross_cxx, nvcc, stub_dir)
+        return opts + [f"-L{stub.parent}", "-lcudart"]
+    lib = cuda_library_dir(nvcc)
     return opts + ([f"-L{lib}"] if lib else []) + ["-lcudart_static", "-ldl", "-lrt", "-lpthread"]
+
+
+def cuda_major(nvcc: str | None = None) -> int:
+    exe = find_nvcc(nvcc)
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60).stdout if exe else ""
+    m = re.search(r"release (\d+)\.", out)
+    if not m:
+        raise KernelBuildError("cannot read the CUDA version of nvcc (`nvcc --version`)")
+    return int(m.group(1))
+
+
+def elf_symbols(path: str | Path, undefined: bool = False) -> list[str]:
+    """Names in the symbol tables (.symtab and .dynsym) of an ELF64 file: defined ones, or only the
+    undefined ones."""
+    data = Path(path).read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError(f"{path}: not a little-endian ELF64 file")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    secs = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names: list[str] = []
+    for _, typ, _, _, off, size, link, _, _, entsize in secs:
+        if typ not in (2, 11) or not entsize:  # SHT_SYMTAB, SHT_DYNSYM
+            continue
+        stroff = secs[link][4]
+        for j in range(1, size // entsize):
+            st_name, _, _, shndx = struct.unpack_from("<IBBH", data, off + j * entsize)
+            if st_name and (shndx == 0) == undefined:
+                names.append(data[stroff + st_name: data.index(b"\0", stroff + st_name)].decode(errors="replace"))
+    return list(dict.fromkeys(names))
+
+
+def cudart_stub(obj: str | Path, cxx: str, nvcc: str | None = None, stub_dir: str | Path | None = None) -> Path:
+    """A link-time stand-in for the CUDA runtime of another CPU: a shared library named libcudart.so whose
+    SONAME (libcudart.so.<major>) and symbol version match NVIDIA's, defining (as empty functions) the
+    CUDA runtime symbols ``obj`` needs. The artifact records DT_NEEDED libcudart.so.<major> and binds to the
+    device's real library at load time; the stub itself never ships."""
+    syms = sorted(n for n in elf_symbols(obj, undefined=True) if re.match(r"_*cuda", n))
+    major = cuda_major(nvcc)
+    soname = f"libcudart.so.{major}"
+    key = hashlib.sha256("\0".join([cxx, compiler_machine(cxx), soname, *syms]).encode()).hexdigest()[:20]
+    folder = (Path(stub_dir) if stub_dir else default_cache_dir()) / f"cudart-stub-{key}"
+    out = folder / "libcudart.so"
+    if out.is_file():
+        return out
+    folder.mkdir(parents=True, exist_ok=True)
+    src, ver = folder / "stub.c", folder / "stub.map"
+    _atomic_write(src, "".join(f"void {n}(void) {{}}\n" for n in syms) or "void rsp_cudart_stub(void) {}\n")
+    _atomic_write(ver, f"{soname} {{ global: *; }};\n")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        _run([cxx, "-x", "c", "-shared", "-fPIC", "-o", str(tmp), f"-Wl,-soname,{soname}",
+              f"-Wl,--version-script,{ver}", str(src)], folder / "stub.log", f"{Path(cxx).name} (libcudart stub)", 300)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
 
 
 def _archs(arch) -> list[str]:
@@ -181,11 +302,14 @@ def _run(cmd: list[str], log_path: Path, what: str, timeout: float | None) -> No
 
 def compile_kernels(sources: KernelSource | Sequence[KernelSource] | str, arch="sm_87", kind: str = "so", *,
                     tvm_ffi: bool = False, cache_dir: str | Path | None = None, nvcc: str | None = None,
-                    ccbin: str | None = None, extra_flags: Iterable[str] = (), timeout: float | None = 1800) -> Path:
+                    ccbin: str | None = None, ptx: bool = True, extra_flags: Iterable[str] = (),
+                    timeout: float | None = 1800) -> Path:
     """Compile one or several generated layers with nvcc into ``cache_dir/<key>/<name>.<kind>``.
 
     arch: "sm_87", "sm_90" or a list of them (fatbin/obj/so; cubin and ptx take one). kind: fatbin, cubin,
     ptx, obj or so. tvm_ffi: add the TVM FFI packed functions (obj/so; needs the tvm_ffi headers).
+    ccbin: the host compiler (a cross compiler such as aarch64-linux-gnu-g++ for a Jetson's host code).
+    ptx: also embed the newest arch's PTX (fatbin/obj/so; False: SASS only, nothing to JIT on the device).
     Returns the path of the artifact (reused from the cache when the key matches).
     """
     if kind not in KINDS:
@@ -206,7 +330,8 @@ def compile_kernels(sources: KernelSource | Sequence[KernelSource] | str, arch="
         flags += ["-DRSP_TVM_FFI"] + [f"-I{d}" for d in tvm_ffi_include_dirs()]
     # The key leaves the nvcc version out so a cache built on one machine serves another without nvcc
     # (a GPU box, say); the version is kept beside the artifact and a different local nvcc rebuilds.
-    key = hashlib.sha256("\0".join([src, ",".join(archs), kind, *flags]).encode()).hexdigest()[:20]
+    key = hashlib.sha256("\0".join([src, ",".join(archs), kind, *flags, *([] if ptx else ["sass-only"])]).encode()
+                         ).hexdigest()[:20]
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     folder = root / key
     out = folder / f"{label}{'_tvm' if tvm_ffi else ''}.{'o' if kind == 'obj' else kind}"
@@ -230,11 +355,13 @@ def compile_kernels(sources: KernelSource | Sequence[KernelSource] | str, arch="
         target = []
         for a in archs:
             target += ["-gencode", f"arch=compute_{a[3:]},code={a}"]
-        newest = max(archs, key=lambda a: int(re.sub(r"[^0-9]", "", a)))[3:]
-        target += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+        if ptx:
+            newest = max(archs, key=lambda a: int(re.sub(r"[^0-9]", "", a)))[3:]
+            target += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
         target += {"fatbin": ["-fatbin"], "obj": ["-c"], "so": ["-shared"]}[kind]
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    cmd = [exe, *target, *flags, "-o", str(tmp), str(cu)]
+    # the toolkit's include folder for a cross ccbin is machine-specific: out of the cache key
+    cmd = [exe, *target, *flags, *_cross_flags(exe, ccbin), "-o", str(tmp), str(cu)]
     try:
         _run(cmd, folder / f"{out.name}.log", f"nvcc ({','.join(archs)}, {kind}) for {label}", timeout)
         os.replace(tmp, out)
@@ -245,17 +372,27 @@ def compile_kernels(sources: KernelSource | Sequence[KernelSource] | str, arch="
 
 
 def build_host(sources: KernelSource | Sequence[KernelSource] | str, *, cache_dir: str | Path | None = None,
-               cxx: str | None = None, opt: str = "-O1", timeout: float | None = 1800) -> Path:
-    """The host emulator: the same generated unit compiled as plain C++ (g++) into a shared library whose
-    ``NAME_host(x, y, batch)`` runs every (group, pixel) tile of the CUDA grid in a loop on the CPU."""
+               cxx: str | None = None, opt: str = "-O1", kind: str = "so", tvm_ffi: bool = False,
+               timeout: float | None = 1800) -> Path:
+    """The host emulator: the same generated unit compiled as plain C++ (g++) whose ``NAME_host(x, y, batch)``
+    runs every (group, pixel) tile of the CUDA grid in a loop on the CPU.
+
+    kind "so": a shared library (``load_layer(ks, "cpu")``); "obj": a position-independent object for
+    ``export_library(..., options=[obj])``. tvm_ffi adds the TVM FFI packed functions ``NAME(x, y)`` on CPU
+    tensors (``RSP_DEFINE_TVM_FFI_HOST``): the CPU stand-in for the CUDA kernels in a TVM artifact, a
+    correctness path (tests, parity), not a fast one."""
+    if kind not in ("so", "obj"):
+        raise ValueError(f"the host emulator is built as 'so' or 'obj', got {kind!r}")
     exe = cxx or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if not exe:
         raise KernelBuildError("no C++ compiler found for the host emulator (g++/c++/clang++)")
     src, label = _source_of(sources)
-    flags = [opt, "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
+    flags = [opt, "-std=c++17", "-shared" if kind == "so" else "-c", "-fPIC", "-ffp-contract=off"]
+    if tvm_ffi:
+        flags += ["-DRSP_TVM_FFI"] + [f"-I{d}" for d in tvm_ffi_include_dirs()]
     key = hashlib.sha256("\0".join([src, exe, *flags, "host"]).encode()).hexdigest()[:20]
     folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / key
-    out = folder / f"{label}_host.so"
+    out = folder / f"{label}_host{'_tvm' if tvm_ffi else ''}.{'o' if kind == 'obj' else 'so'}"
     if out.is_file():
         return out
     folder.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,8 @@ Either way the unit defines (``NAME`` = ``KernelSource.name``)::
 
 ``x`` is NCHW (linear: N x in) float32 contiguous, ``y`` N x O x OH x OW (linear: N x out); NAME returns
 the ``cudaError_t`` of the launch (0: launched). Compiled with ``-DRSP_TVM_FFI`` the unit also exports
-the TVM FFI packed function ``NAME(x: Tensor, y: Tensor) -> None`` (see ``rsp.kernels``).
+the TVM FFI packed function ``NAME(x: Tensor, y: Tensor) -> None`` (see ``rsp.kernels``): on CUDA tensors
+in the nvcc build, on CPU tensors (running ``NAME_host``) in the host build.
 """
 
 from __future__ import annotations
@@ -421,6 +422,9 @@ def generate(spec: LayerSpec, weight: torch.Tensor | BSR, bias: torch.Tensor | N
         f"    for (long long pix = 0; pix < npix; ++pix) {name}_ns::tile(group, (int)pix, x, y);",
         "  return 0;",
         "}",
+        "#ifdef RSP_TVM_FFI",
+        f"RSP_DEFINE_TVM_FFI_HOST({name}, {name}_host, {per_x}LL, {per_y}LL)",
+        "#endif",
         "#endif",
         "",
     ]
