@@ -235,7 +235,8 @@ def test_restarts_run_batched_and_only_on_survivors(trained):
                    torch.Generator().manual_seed(0), batch_size=100)
     assert torch.equal(one.robust & ten.robust, ten.robust)  # restart 1 is the same; more restarts only break more
     survivors = one.robust.sum().item()
-    assert ten.work <= one.work + 9 * 20 * survivors
+    # work counts padded rows too (batch shapes stay on a short ladder): allow that padding, not full restarts
+    assert ten.work <= 1.05 * (one.work + 9 * 20 * survivors) < 10 * 20 * len(y) * 0.75
 
 
 def test_eps_zero_and_uint8_inputs(trained):
