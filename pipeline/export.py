@@ -338,82 +338,18 @@ def tensorrt_settings(target: Target, precision: str, chw, trt24: dict[str, bool
 
 
 def build_tensorrt_engine(bundle: str | Path, cache_dir: str | Path | None = None, log=print) -> Path:
-    """Build (or reuse) the TensorRT engine of an export bundle on this machine; for `rsp verify`.
+    """Build (or reuse) the TensorRT engine of an export bundle on this machine, with its tensorrt.json
+    settings and calibration images: rsp.runtimes.build_tensorrt_engine (the builder verify uses), cached
+    under cache_dir (default BUNDLE/engines). Needs the tensorrt package and an NVIDIA GPU."""
+    from .runtimes import build_tensorrt_engine as build_engine
 
-    Needs the tensorrt package and an NVIDIA GPU. Engines are cached under cache_dir (default
-    BUNDLE/engines) by a key of the ONNX hash, the settings, the TensorRT version and the GPU name.
-    """
-    import hashlib
-
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise ExportError("building a TensorRT engine needs the tensorrt package (NVIDIA's wheels or JetPack)") from None
-    if not torch.cuda.is_available():
-        raise ExportError("building a TensorRT engine needs an NVIDIA GPU on this machine")
     bundle = Path(bundle)
-    manifest = read_manifest(bundle, stage="export")
+    read_manifest(bundle, stage="export")
     settings = json.loads((bundle / TRT_FILE).read_text())
-    onnx_path = bundle / settings["onnx"]
-    gpu = torch.cuda.get_device_name()
-    key = hashlib.sha256(json.dumps([sha256_file(onnx_path), settings, trt.__version__, gpu]).encode()).hexdigest()[:16]
-    cache = Path(cache_dir) if cache_dir else bundle / "engines"
-    engine_path = cache / f"{Path(settings['engine']).stem}.{key}.engine"
-    if engine_path.is_file():
-        return engine_path
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)  # TensorRT 8 needs it, 10 ignores it
-    network = builder.create_network(0 if flag is None else 1 << int(flag))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
-        raise ExportError(f"TensorRT cannot parse {onnx_path}: {parser.get_error(0)}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings["workspace_mib"] << 20)
-    if settings["precision"] in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if settings["sparsity"]:
-        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(settings["input"], *(tuple(settings["shapes"][k]) for k in ("min", "opt", "max")))
-    config.add_optimization_profile(profile)
-    if settings["precision"] == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.int8_calibrator = _calibrator(trt, load_tensors(bundle / settings["calibration"])["images"],
-                                             settings["shapes"]["opt"][0])
-        config.set_calibration_profile(profile)
-    t = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ExportError("TensorRT failed to build the engine (see its log above)")
-    atomic_write_bytes(engine_path, bytes(serialized))
-    log(f"tensorrt: built {engine_path} in {time.perf_counter() - t:.1f} s for {gpu} ({manifest['target']['name']})")
-    return engine_path
-
-
-def _calibrator(trt, images: torch.Tensor, batch: int):
-    class Calibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            super().__init__()
-            self.batches = [images[i: i + batch].float().cuda().contiguous() for i in range(0, len(images) - batch + 1, batch)]
-            self.i = 0
-
-        def get_batch_size(self):
-            return batch
-
-        def get_batch(self, names):
-            if self.i >= len(self.batches):
-                return None
-            self.i += 1
-            return [int(self.batches[self.i - 1].data_ptr())]
-
-        def read_calibration_cache(self):
-            return None
-
-        def write_calibration_cache(self, cache):
-            return None
-
-    return Calibrator()
+    calibration = (load_tensors(bundle / settings["calibration"])["images"]
+                   if settings.get("calibration") else None)
+    return build_engine(bundle / settings["onnx"], settings, Path(cache_dir) if cache_dir else bundle / "engines",
+                        calibration, log)
 
 
 # --- the stage ----------------------------------------------------------------------------------------

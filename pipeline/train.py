@@ -30,7 +30,7 @@ from .config import ConfigError, TrainConfig, dump_yaml
 from .data import DeviceBatches, Splits, load_dataset, load_extra_data
 from .models import create_model
 from .objectives import Objective
-from .methods import Phase, PhaseContext, create_method, split_steps
+from .methods import Phase, PhaseContext, budget_of, create_method, split_steps
 from .sparse import dense_state_dict, layer_report, sparsifiable_layers, to_dense
 
 STATE_FILE = "train_state.safetensors"
@@ -167,8 +167,9 @@ class Trainer:
         self.layer_names = [n for n, _ in sparsifiable_layers(self.model)]
         if self.channels_last and cfg.method == "dense":
             self.model = self.model.to(memory_format=torch.channels_last)  # sparse weights are views: keep them
-        total = sum(m.weight.numel() for _, m in sparsifiable_layers(self.model))
-        self.budget = round((1.0 - cfg.sparsity) * total) if cfg.method != "dense" else total
+        self.budget, total = budget_of(self.model, cfg.sparsity)
+        if cfg.method == "dense":
+            self.budget = total
 
         # Separate streams of randomness, all checkpointed: data order/augmentation, attacks, rewiring.
         self.gens = {k: torch.Generator(self.device).manual_seed(cfg.seed * 1000 + i + (100 * self.dist.rank if k == "attack" else 0))
@@ -553,9 +554,7 @@ class Trainer:
 
     def _method_config(self) -> dict:
         cfg = self.cfg
-        out = {"name": cfg.method, "budget": self.budget,
-               "total": sum(m.weight_shape.numel() if hasattr(m, "weight_shape") else m.weight.numel()
-                            for _, m in sparsifiable_layers(self.model)),
+        out = {"name": cfg.method, "budget": self.budget, "total": budget_of(self.model, cfg.sparsity)[1],
                "budget_rule": "non-zero conv+linear weights <= round((1 - sparsity) * all conv+linear weights)"}
         if cfg.method in ("bcs", "fixed"):
             out["initial_density_profile"] = "vgg16-reference" if self.model_name == "vgg16" else "first/last>=0.6"

@@ -20,7 +20,7 @@ Model selection (best validation robust accuracy) only considers phases whose we
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
