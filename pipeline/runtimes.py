@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import struct
 import threading
@@ -27,7 +28,9 @@ from .latency import cuda_event_timer, wall_timer
 ONNX_FILE = "model.onnx"
 TVM_FILE = "model.tvm.so"
 TRT_FILE = "tensorrt.json"
-RPC_CONNECT_TIMEOUT_S = 30.0
+# a TVM RPC server serves one client at a time and leaves the others unanswered
+RPC_SILENT = "the host is down or firewalled, or its server is busy with another client: a tracker queues clients"
+RPC_CONNECT_TIMEOUT_S = float(os.environ.get("RSP_RPC_TIMEOUT_S", "30"))  # connect and handshake
 
 
 class RuntimeUnavailable(ArtifactError):
@@ -187,9 +190,14 @@ def tvm_runtime(path: Path, chw: tuple[int, int, int], batch: int, label: str = 
 # --- TVM over RPC (a Jetson running `python -m tvm.exec.rpc_server`) ----------------------------------
 
 
-def _with_timeout(fn, seconds: float, what: str):
-    """fn() in a daemon thread: TVM's blocking connect has no timeout, and a host that drops packets would
-    hold verify for minutes. On time-out the thread is abandoned (verify exits right after)."""
+# Threads left blocked inside TVM's C++ connect. The interpreter aborts at exit while one is still in C++
+# ("terminate called without an active exception"), so the CLI ends the process with os._exit instead.
+ABANDONED_THREADS: list[threading.Thread] = []
+
+
+def _with_timeout(fn, seconds: float, what: str, why: str = ""):
+    """fn() in a daemon thread: TVM's blocking connect has no timeout, and a server busy with another client
+    never answers the handshake. On time-out the thread is abandoned (verify exits right after)."""
     box: dict = {}
 
     def target():
@@ -202,10 +210,22 @@ def _with_timeout(fn, seconds: float, what: str):
     t.start()
     t.join(seconds)
     if t.is_alive():
-        raise RuntimeUnavailable(f"{what}: no answer within {seconds:.0f} s")
+        ABANDONED_THREADS.append(t)
+        raise RuntimeUnavailable(f"{what}: no answer within {seconds:.0f} s{why}")
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def _reachable(host: str, port: int, timeout: float, what: str, hint: str) -> None:
+    """A plain TCP connect with a time-out first: an unreachable or firewalled host fails here, in Python,
+    instead of in a C++ connect that cannot be interrupted."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except TimeoutError:  # a busy server's backlog (TVM listens with 1) is full too: SYNs go unanswered
+        raise RuntimeUnavailable(f"{what}: no answer within {timeout:.0f} s ({RPC_SILENT})") from None
+    except OSError as exc:
+        raise RuntimeUnavailable(f"{what} ({exc.strerror or exc}); {hint}") from None
 
 
 def _is_tracker(host: str, port: int, timeout: float) -> bool:
@@ -231,9 +251,12 @@ def rpc_session(address: str, key: str | None = None, timeout: float = RPC_CONNE
     where = f"the TVM RPC {'tracker' if key else 'server'} at {address}"
     hint = ("start it on the device: python -m tvm.exec.rpc_server --host 0.0.0.0 --port " + str(port)
             if not key else "start it with python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port " + str(port))
+    _reachable(host, port, timeout, f"cannot connect to {where}", hint)
     try:
         if not key:
-            return _with_timeout(lambda: rpc.connect(host, port), timeout, f"cannot connect to {where}")
+            # the Python server serves one client at a time: a busy one accepts and then never answers
+            return _with_timeout(lambda: rpc.connect(host, port), timeout, f"cannot connect to {where}",
+                                 f" ({RPC_SILENT})")
         if not _is_tracker(host, port, timeout):
             raise RuntimeUnavailable(f"{address} is not a TVM RPC tracker (drop --rpc-key to connect to a server)")
         tracker = rpc.connect_tracker(host, port)

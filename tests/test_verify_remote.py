@@ -2,6 +2,7 @@
 TensorRT engine path (built on a GPU with the tensorrt package; one clear line without), and the CI workflow
 example (every rsp command and flag it runs exists)."""
 
+import gc
 import json
 import os
 import shlex
@@ -36,9 +37,9 @@ needs_tvm = pytest.mark.skipif(not _has("tvm"), reason="Apache TVM not installed
 trt_here = _has("tensorrt") and torch.cuda.is_available()
 
 
-def rsp_cli(*args, timeout=300):
+def rsp_cli(*args, timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "rsp.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def _source(root: Path) -> Path:
@@ -77,18 +78,24 @@ def rpc_server():
                             stderr=subprocess.DEVNULL, env={**os.environ, "TVM_NUM_THREADS": "1"},
                             start_new_session=True)  # its own group: the server loop runs in a child process
 
-    def wait() -> str:
-        from tvm import rpc
+    ready = []
 
+    def wait() -> str:
+        """The address, once the server has answered a handshake (checked once: the server serves one client
+        at a time, so a session some earlier test still holds would make a second check block)."""
+        from rsp.runtimes import RuntimeUnavailable, rpc_session
+
+        gc.collect()  # sessions of earlier tests that only a reference cycle keeps open
         deadline = time.time() + 120
-        while True:
+        while not ready:
             try:
-                rpc.connect("127.0.0.1", port)  # the session closes when dropped
-                return f"127.0.0.1:{port}"
-            except Exception:
+                rpc_session(f"127.0.0.1:{port}", timeout=10)  # the session closes when dropped
+                ready.append(True)
+            except RuntimeUnavailable:
                 if proc.poll() is not None or time.time() > deadline:
                     pytest.fail("the TVM RPC server did not start")
                 time.sleep(0.5)
+        return f"127.0.0.1:{port}"
 
     try:
         yield wait  # the tests build their bundle while the server imports tvm
@@ -164,6 +171,29 @@ def test_bad_rpc_input_is_one_line_and_exit_2(tvm_bundle, rpc_server, tmp_path):
     r = rsp_cli("verify", tvm_bundle, "--rpc", "127.0.0.1:1", "--output", tmp_path / "o")
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "cannot connect to the TVM RPC server at 127.0.0.1:1" in r.stderr and "tvm.exec.rpc_server" in r.stderr
+
+
+@needs_tvm
+def test_a_busy_rpc_server_times_out_in_one_line(tvm_bundle, rpc_server, tmp_path):
+    """The Python RPC server serves one client at a time: a second one is accepted and never answered. verify
+    must give up after its time-out with exit 2 (TVM's connect is stuck in C++: a normal exit would abort)."""
+    from rsp.runtimes import RuntimeUnavailable, rpc_session
+
+    address = rpc_server()
+    held = rpc_session(address)
+    try:
+        t0 = time.time()
+        with pytest.raises(RuntimeUnavailable, match="no answer within 2 s"):
+            rpc_session(address, timeout=2)
+        assert time.time() - t0 < 10
+        r = rsp_cli("verify", tvm_bundle, "--rpc", address, "--output", tmp_path / "o",
+                    env={**os.environ, "RSP_RPC_TIMEOUT_S": "2"}, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "no answer within 2 s" in r.stderr and "busy with another client" in r.stderr
+    finally:
+        del held
+        gc.collect()
+    assert rpc_session(address, timeout=30).cpu(0).exist  # served again once the first client left
 
 
 # --- TensorRT ----------------------------------------------------------------------------------------
