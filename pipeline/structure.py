@@ -514,7 +514,7 @@ def _sha(path: Path) -> str:
 
 
 def _markdown(manifest, source, steps, pictures, removed, opts, nm_skipped) -> str:
-    lines = [f"# rsp structure report", "", f"Source: `{source}` ({manifest['model']['name']}, method "
+    lines = ["# rsp structure report", "", f"Source: `{source}` ({manifest['model']['name']}, method "
              f"{manifest.get('method')}, objective {manifest.get('objective')}, target sparsity "
              f"{manifest.get('target_sparsity')}).", "",
              f"Accuracy on the first {opts.n_examples} test images (clean, and PGD-{opts.attack_steps}); "

@@ -17,7 +17,6 @@ Order of work, so a CI job fails early and cheaply on bad input:
 from __future__ import annotations
 
 import json
-import os
 import platform
 import tempfile
 import time

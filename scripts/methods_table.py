@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--n-examples", type=int, default=1000, help="verify: the first N test images")
     ap.add_argument("--root", default="runs/methods")
+    ap.add_argument("--train-flags", default="", help="more rsp train flags for every run, e.g. '--attack-steps 5'")
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
     root = Path(args.root)
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
             train = ["train", "--dataset", args.dataset, "--data-dir", args.data_dir, "--model", args.model,
                      "--method", method, "--sparsity", str(sparsity), "--objective", args.objective,
                      "--epochs", str(args.epochs), "--seed", str(args.seed), "--device", args.device,
-                     "--output", str(run / "train")]
+                     "--output", str(run / "train"), *shlex.split(args.train_flags)]
             if args.model_kwargs:
                 cfg = run / "model.yaml"
                 if not args.dry_run:
@@ -123,7 +124,9 @@ def _cuda() -> bool:
 
 
 def _markdown(rows, args) -> str:
-    head = (f"{args.model} on {args.dataset} ({args.data_dir}), {args.objective}, --epochs {args.epochs} for every "
+    extra = f" ({args.train_flags})" if args.train_flags else ""
+    kw = f" {args.model_kwargs}" if args.model_kwargs else ""
+    head = (f"{args.model}{kw} on {args.dataset} ({args.data_dir}), {args.objective}{extra}, --epochs {args.epochs} for every "
             f"method (its whole budget), seed {args.seed}; model selection on the validation split; clean and "
             f"PGD-50 x 10 robust accuracy (eps 8/255, worst case per example) of the ONNX artifact from rsp verify "
             f"on the first {args.n_examples} test images.\n\n")

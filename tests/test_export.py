@@ -5,7 +5,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,28 +16,13 @@ from rsp.artifacts import ArtifactError, check_files, read_manifest, save_tensor
 from rsp.export import ExportOptions, run
 from rsp.models import create_model
 from rsp.targets import FORMATS, get_target, target_names, targets
+from helpers import has_module, needs_tvm, rsp_cli
 
 CROSS_CXX = "aarch64-linux-gnu-g++"
 needs_cross = pytest.mark.skipif(shutil.which(CROSS_CXX) is None,
                                  reason=f"{CROSS_CXX} not installed: run scripts/setup.sh (apt-get install g++-aarch64-linux-gnu)")
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").is_file(),
                                 reason="nvcc (a CUDA toolkit) not installed: Jetson/CUDA TVM builds compile their kernels here")
-
-
-def _has(module):
-    try:
-        __import__(module)
-        return True
-    except Exception:
-        return False
-
-
-needs_tvm = pytest.mark.skipif(not _has("tvm"), reason="Apache TVM not installed (pip install 'rsp[export]')")
-
-
-def rsp_cli(*args, timeout=300, env=None):
-    return subprocess.run([sys.executable, "-m", "rsp.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 def _nvcc():
@@ -58,7 +42,7 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def x86_bundle(tiny_run, tmp_path_factory):
     pytest.importorskip("onnxruntime")
-    formats = ["onnx", "tvm"] if _has("tvm") else ["onnx"]
+    formats = ["onnx", "tvm"] if has_module("tvm") else ["onnx"]
     out = tmp_path_factory.mktemp("export") / "x86"
     manifest = run(tiny_run, out, ExportOptions(target="x86-cpu", formats=formats, parity_images=128),
                    log=lambda *_: None)

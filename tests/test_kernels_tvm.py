@@ -24,21 +24,13 @@ from rsp.export import ExportOptions, run
 from rsp.kernels import conv_spec, find_nvcc, generate
 from rsp.kernels.build import build_host, compile_kernels, cudart_stub, cuda_library_dir
 from rsp.models import create_model
+from helpers import needs_tvm
 
 NVCC = find_nvcc()
 CXX = shutil.which("g++")
 CROSS_CXX = "aarch64-linux-gnu-g++"
 
 
-def _has(module):
-    try:
-        __import__(module)
-        return True
-    except Exception:
-        return False
-
-
-needs_tvm = pytest.mark.skipif(not _has("tvm"), reason="Apache TVM not installed (pip install 'rsp[export]')")
 needs_cxx = pytest.mark.skipif(CXX is None, reason="no g++ for the host emulator")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 needs_cross = pytest.mark.skipif(shutil.which(CROSS_CXX) is None, reason=f"{CROSS_CXX} not installed (scripts/setup.sh)")

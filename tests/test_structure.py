@@ -1,8 +1,6 @@
 """rsp structure: regrouping and exact shrinking keep the function; pruning and N:M do what they say."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from rsp.models import create_model
 from rsp.sparse import sparsifiable_layers
 from rsp.structure import (StructureOptions, analyse_layer, project_nm, prune_vectors, regroup_permutations, run,
                            shrink)
+from helpers import rsp_cli
 
 TINY = {"small-cnn": {}, "vgg11": {"width": 0.125}, "vgg16": {"width": 0.125}, "resnet18": {"width": 8},
         "wrn": {"depth": 10, "widen_factor": 2}, "wrn-28-4": {"block_channels": [[4] * 4, [8] * 4, [16] * 4]},
@@ -197,10 +196,6 @@ def test_structured_folder_loads_the_shrunk_model(tmp_path):
     assert list((tmp_path / "s").glob("*.png"))
     steps = json.loads((tmp_path / "s" / "analysis.json").read_text())["steps"]
     assert steps[0]["clean_acc"] == steps[-1]["clean_acc"]  # k = 0: exact
-
-
-def rsp_cli(*args):
-    return subprocess.run([sys.executable, "-m", "rsp.cli", *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,13 +14,9 @@ import rsp
 from rsp.artifacts import load_tensors, read_manifest
 from rsp.config import resolve
 from rsp.train import Trainer
+from helpers import rsp_cli
 
 TINY = ["--epochs", "3", "--attack-steps", "2", "--batch-size", "64", "--threads", "1"]
-
-
-def rsp_cli(*args, timeout=300, **kw):
-    return subprocess.run([sys.executable, "-m", "rsp.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,12 @@
 """rsp verify: the artifact is what is scored, the report is written, gates and bad input give the right exit codes."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from rsp.latency import compare, percentile
 from rsp.verify import evaluate_gates, expand_attacks
-
-
-def rsp_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "rsp.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+from helpers import rsp_cli
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +73,6 @@ def test_gates_and_helpers():
     assert evaluate_gates(summary, {}) == []
     assert expand_attacks(["pgd", "autoattack"]) == ["pgd", "apgd-ce", "apgd-t", "square"]
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and percentile([5.0], 99) == 5.0
-    ticks = iter(range(100))
     res = compare({"a": lambda: 1.0, "b": lambda: 2.0}, batch=4, warmup=1, runs=10)
     assert res["a"]["p50_ms"] == 1000.0 and res["b"]["throughput_ips"] == pytest.approx(2.0)
 

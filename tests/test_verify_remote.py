@@ -19,27 +19,14 @@ import torch
 
 from rsp.artifacts import ArtifactError, save_tensors, write_manifest
 from rsp.models import create_model
+from helpers import has_module, needs_tvm, rsp_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "verify-gpu.yml"
 FAST = dict(n_examples=32, steps=3, restarts=1, sanity=False, latency_runs=5, latency_batches=(1,), threads=1)
 
 
-def _has(module):
-    try:
-        __import__(module)
-        return True
-    except Exception:
-        return False
-
-
-needs_tvm = pytest.mark.skipif(not _has("tvm"), reason="Apache TVM not installed (pip install 'rsp[export]')")
-trt_here = _has("tensorrt") and torch.cuda.is_available()
-
-
-def rsp_cli(*args, timeout=300, env=None):
-    return subprocess.run([sys.executable, "-m", "rsp.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+trt_here = has_module("tensorrt") and torch.cuda.is_available()
 
 
 def _source(root: Path) -> Path:
