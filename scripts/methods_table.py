@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-examples", type=int, default=1000, help="verify: the first N test images")
     ap.add_argument("--root", default="runs/methods")
     ap.add_argument("--train-flags", default="", help="more rsp train flags for every run, e.g. '--attack-steps 5'")
+    ap.add_argument("--verify-flags", default="", help="more rsp verify flags, e.g. '--no-sanity' (a CPU budget)")
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
     root = Path(args.root)
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
             verify = ["verify", str(run / "export"), "--data-dir", args.data_dir, "--backend", "onnx",
                       "--n-examples", str(args.n_examples), "--steps", "50", "--restarts", "10",
                       "--device", "cuda" if args.device in ("cuda", "auto") and _cuda() else "cpu",
-                      "--output", str(run / "verify")]
+                      "--output", str(run / "verify"), *shlex.split(args.verify_flags)]
             log = None if args.dry_run else run / "log.txt"
             if log:
                 run.mkdir(parents=True, exist_ok=True)
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
                 m = json.loads((run / "train" / "manifest.json").read_text())
                 row.update(sparsity=m["sparsity"], clean_acc=v["clean_acc"], robust_acc=v["robust_acc"],
                            unreliable=v.get("unreliable"), n_examples=v.get("n_examples"),
+                           sanity_run=bool(v.get("sanity", {}).get("checks")),
                            train_time_s=m["training"]["time_s"], val_robust_acc=m["metrics"].get("val_robust_acc"))
             elif not args.dry_run:
                 row["error"] = f"exit code {rc}, see {log}"
@@ -123,6 +125,10 @@ def _cuda() -> bool:
         return False
 
 
+def _sanity(row) -> str:
+    return "not run" if row.get("sanity_run") is False else ("unreliable" if row["unreliable"] else "pass")
+
+
 def _markdown(rows, args) -> str:
     extra = f" ({args.train_flags})" if args.train_flags else ""
     kw = f" {args.model_kwargs}" if args.model_kwargs else ""
@@ -135,7 +141,7 @@ def _markdown(rows, args) -> str:
     for r in rows:
         if "robust_acc" in r:
             lines.append(f"| {r['method']} | {r['target_sparsity']:g} | {r['sparsity']:.4f} | {r['clean_acc']:.4f} | "
-                         f"{r['robust_acc']:.4f} | {'unreliable' if r['unreliable'] else 'pass'} | "
+                         f"{r['robust_acc']:.4f} | {_sanity(r)} | "
                          f"{r['train_time_s']:.0f} |")
         else:
             lines.append(f"| {r['method']} | {r['target_sparsity']:g} | | | | {r.get('error', 'not run')} | |")
