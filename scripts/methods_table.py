@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-flags", default="", help="more rsp train flags for every run, e.g. '--attack-steps 5'")
     ap.add_argument("--verify-flags", default="", help="more rsp verify flags, e.g. '--no-sanity' (a CPU budget)")
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--report", action="store_true", help="run nothing: the table of the runs finished so far")
     args = ap.parse_args(argv)
     root = Path(args.root)
     rsp = [sys.executable, "-m", "rsp.cli"]
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
                      "--output", str(run / "train"), *shlex.split(args.train_flags)]
             if args.model_kwargs:
                 cfg = run / "model.yaml"
-                if not args.dry_run:
+                if not args.dry_run and not args.report:
                     run.mkdir(parents=True, exist_ok=True)
                     cfg.write_text(f"model_kwargs: {args.model_kwargs}\n")
                 train[1:1] = ["--config", str(cfg)]
@@ -83,16 +84,18 @@ def main(argv=None) -> int:
                       "--n-examples", str(args.n_examples), "--steps", "50", "--restarts", "10",
                       "--device", "cuda" if args.device in ("cuda", "auto") and _cuda() else "cpu",
                       "--output", str(run / "verify"), *shlex.split(args.verify_flags)]
-            log = None if args.dry_run else run / "log.txt"
+            log = None if args.dry_run or args.report else run / "log.txt"
             if log:
                 run.mkdir(parents=True, exist_ok=True)
             rc = 0
-            if not _done(run / "train"):
+            if args.report:
+                pass
+            elif not _done(run / "train"):
                 resume = ["--resume"] if (run / "train" / "train_state.safetensors").is_file() else []
                 rc = _run(rsp + train + resume, args.dry_run, log)
-            if rc == 0 and not _done(run / "export"):
+            if rc == 0 and not args.report and not _done(run / "export"):
                 rc = _run(rsp + export, args.dry_run, log)
-            if rc == 0 and not (run / "verify" / "verify.json").is_file():
+            if rc == 0 and not args.report and not (run / "verify" / "verify.json").is_file():
                 rc = _run(rsp + verify, args.dry_run, log)
                 rc = 0 if rc in (0, 1) else rc  # 1: a gate or sanity check failed; the figures still stand
             row = {"method": method, "target_sparsity": sparsity, "commands": ["rsp " + " ".join(c) for c in
@@ -103,13 +106,17 @@ def main(argv=None) -> int:
                 row.update(sparsity=m["sparsity"], clean_acc=v["clean_acc"], robust_acc=v["robust_acc"],
                            unreliable=v.get("unreliable"), n_examples=v.get("n_examples"),
                            sanity_run=bool(v.get("sanity", {}).get("checks")),
-                           train_time_s=m["training"]["time_s"], val_robust_acc=m["metrics"].get("val_robust_acc"))
+                           train_time_s=m["training"]["time_s"], val_robust_acc=m["metrics"].get("val_robust_acc"),
+                           val_clean_acc=m["metrics"].get("val_clean_acc"), selected_epoch=m["metrics"].get("epoch"),
+                           phases=", ".join(f"{p['name']} {p['steps']}" for p in m["method_config"].get("phases", [])))
+            elif args.report:
+                row["error"] = "not finished yet"
             elif not args.dry_run:
                 row["error"] = f"exit code {rc}, see {log}"
             rows.append(row)
     table = _markdown(rows, args)
     print(table)
-    if not args.dry_run:
+    if not args.dry_run and not args.report:
         root.mkdir(parents=True, exist_ok=True)
         (root / "methods.md").write_text(table)
     print(json.dumps({"rows": rows}))
@@ -132,19 +139,21 @@ def _sanity(row) -> str:
 def _markdown(rows, args) -> str:
     extra = f" ({args.train_flags})" if args.train_flags else ""
     kw = f" {args.model_kwargs}" if args.model_kwargs else ""
+    n_seen = ", ".join(sorted({str(r["n_examples"]) for r in rows if r.get("n_examples")})) or args.n_examples
     head = (f"{args.model}{kw} on {args.dataset} ({args.data_dir}), {args.objective}{extra}, --epochs {args.epochs} for every "
             f"method (its whole budget), seed {args.seed}; model selection on the validation split; clean and "
             f"PGD-50 x 10 robust accuracy (eps 8/255, worst case per example) of the ONNX artifact from rsp verify "
-            f"on the first {args.n_examples} test images.\n\n")
-    lines = ["| method | target | sparsity | clean | robust (PGD-50x10) | sanity | train s |",
-             "|---|---|---|---|---|---|---|"]
+            f"on the first {n_seen} test images.\n\n")
+    lines = ["| method | target | sparsity | clean | robust (PGD-50x10) | sanity | selected epoch: val clean / robust "
+             "| phases (steps) | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "robust_acc" in r:
             lines.append(f"| {r['method']} | {r['target_sparsity']:g} | {r['sparsity']:.4f} | {r['clean_acc']:.4f} | "
-                         f"{r['robust_acc']:.4f} | {_sanity(r)} | "
-                         f"{r['train_time_s']:.0f} |")
+                         f"{r['robust_acc']:.4f} | {_sanity(r)} | {r['selected_epoch']}: {r['val_clean_acc']:.3f} / "
+                         f"{r['val_robust_acc']:.3f} | {r['phases'] or 'train'} | {r['train_time_s']:.0f} |")
         else:
-            lines.append(f"| {r['method']} | {r['target_sparsity']:g} | | | | {r.get('error', 'not run')} | |")
+            lines.append(f"| {r['method']} | {r['target_sparsity']:g} | | | | {r.get('error', 'not run')} | | | |")
     cmds = ["", "Commands, per row:", ""]
     for r in rows:
         cmds.append(f"- {r['method']} @ {r['target_sparsity']:g}: `" + "` && `".join(r["commands"]) + "`")
