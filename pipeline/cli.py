@@ -6,6 +6,7 @@ another config, ...) prints one line on stderr and exits with code 2; no traceba
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -444,8 +445,6 @@ def _exit_past_stuck_connects(code) -> None:
     runtimes = sys.modules.get("rsp.runtimes")
     if runtimes is None or not any(t.is_alive() for t in runtimes.ABANDONED_THREADS):
         return
-    import os
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code if isinstance(code, int) else (0 if code is None else 1))

@@ -230,7 +230,7 @@ def _reachable(host: str, port: int, timeout: float, what: str, hint: str) -> No
 
 def _is_tracker(host: str, port: int, timeout: float) -> bool:
     """Speak the first word of the tracker protocol. A TVM tracker echoes its magic number; the Python RPC
-    server closes the connection. (A bare connect-and-close would kill the Python server's listen thread.)"""
+    server closes the connection on any other word."""
     from tvm.rpc import base
 
     with socket.create_connection((host, port), timeout=timeout) as sock:

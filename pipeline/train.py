@@ -167,9 +167,9 @@ class Trainer:
         self.layer_names = [n for n, _ in sparsifiable_layers(self.model)]
         if self.channels_last and cfg.method == "dense":
             self.model = self.model.to(memory_format=torch.channels_last)  # sparse weights are views: keep them
-        self.budget, total = budget_of(self.model, cfg.sparsity)
+        self.budget, self.total_weights = budget_of(self.model, cfg.sparsity)
         if cfg.method == "dense":
-            self.budget = total
+            self.budget = self.total_weights
 
         # Separate streams of randomness, all checkpointed: data order/augmentation, attacks, rewiring.
         self.gens = {k: torch.Generator(self.device).manual_seed(cfg.seed * 1000 + i + (100 * self.dist.rank if k == "attack" else 0))
@@ -554,7 +554,7 @@ class Trainer:
 
     def _method_config(self) -> dict:
         cfg = self.cfg
-        out = {"name": cfg.method, "budget": self.budget, "total": budget_of(self.model, cfg.sparsity)[1],
+        out = {"name": cfg.method, "budget": self.budget, "total": self.total_weights,
                "budget_rule": "non-zero conv+linear weights <= round((1 - sparsity) * all conv+linear weights)"}
         if cfg.method in ("bcs", "fixed"):
             out["initial_density_profile"] = "vgg16-reference" if self.model_name == "vgg16" else "first/last>=0.6"

@@ -84,20 +84,7 @@ def main(argv=None) -> int:
                       "--n-examples", str(args.n_examples), "--steps", "50", "--restarts", "10",
                       "--device", "cuda" if args.device in ("cuda", "auto") and _cuda() else "cpu",
                       "--output", str(run / "verify"), *shlex.split(args.verify_flags)]
-            log = None if args.dry_run or args.report else run / "log.txt"
-            if log:
-                run.mkdir(parents=True, exist_ok=True)
-            rc = 0
-            if args.report:
-                pass
-            elif not _done(run / "train"):
-                resume = ["--resume"] if (run / "train" / "train_state.safetensors").is_file() else []
-                rc = _run(rsp + train + resume, args.dry_run, log)
-            if rc == 0 and not args.report and not _done(run / "export"):
-                rc = _run(rsp + export, args.dry_run, log)
-            if rc == 0 and not args.report and not (run / "verify" / "verify.json").is_file():
-                rc = _run(rsp + verify, args.dry_run, log)
-                rc = 0 if rc in (0, 1) else rc  # 1: a gate or sanity check failed; the figures still stand
+            rc = 0 if args.report else _advance(rsp, run, train, export, verify, args.dry_run)
             row = {"method": method, "target_sparsity": sparsity, "commands": ["rsp " + " ".join(c) for c in
                                                                              (train, export, verify)]}
             if not args.dry_run and (run / "verify" / "verify.json").is_file():
@@ -112,7 +99,7 @@ def main(argv=None) -> int:
             elif args.report:
                 row["error"] = "not finished yet"
             elif not args.dry_run:
-                row["error"] = f"exit code {rc}, see {log}"
+                row["error"] = f"exit code {rc}, see {run / 'log.txt'}"
             rows.append(row)
     table = _markdown(rows, args)
     print(table)
@@ -121,6 +108,23 @@ def main(argv=None) -> int:
         (root / "methods.md").write_text(table)
     print(json.dumps({"rows": rows}))
     return 0
+
+
+def _advance(rsp: list[str], run: Path, train: list[str], export: list[str], verify: list[str], dry: bool) -> int:
+    """Run the steps of one row that are not finished yet (train resumes a half-done run)."""
+    log = None if dry else run / "log.txt"
+    if log:
+        run.mkdir(parents=True, exist_ok=True)
+    rc = 0
+    if not _done(run / "train"):
+        resume = ["--resume"] if (run / "train" / "train_state.safetensors").is_file() else []
+        rc = _run(rsp + train + resume, dry, log)
+    if rc == 0 and not _done(run / "export"):
+        rc = _run(rsp + export, dry, log)
+    if rc == 0 and not (run / "verify" / "verify.json").is_file():
+        rc = _run(rsp + verify, dry, log)
+        rc = 0 if rc in (0, 1) else rc  # 1: a gate or sanity check failed; the figures still stand
+    return rc
 
 
 def _cuda() -> bool:
