@@ -138,6 +138,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig 
     """Clean and PGD robust accuracy (fractions in [0, 1]) of `model` on uint8 or float images x.
 
     Robust accuracy counts an example only if it is classified correctly clean and under every restart.
+    `top_class`/`top_class_share`: the class predicted most often on the clean images, and its share.
     """
     from .data import to_float
 
@@ -146,13 +147,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig 
     model.eval()
     clean_ok = torch.zeros(len(y), dtype=torch.bool, device=y.device)
     robust_ok = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+    pred = torch.zeros(len(y), dtype=torch.long, device=y.device)
     try:
         for start in range(0, len(y), batch_size):
             sl = slice(start, start + batch_size)
             xb = x[sl] if float_inputs else to_float(x[sl])
             yb = y[sl]
             with attack_mode(model):
-                ok = _predict(model, xb) == yb
+                pred[sl] = _predict(model, xb)
+            ok = pred[sl] == yb
             clean_ok[sl] = ok
             if cfg is None:
                 continue
@@ -165,6 +168,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig 
         model.train(was_training)
     n = max(1, len(y))
     out = {"clean_acc": clean_ok.sum().item() / n, "n": len(y)}
+    if len(y):  # the most predicted class and its share: a collapsed (near-constant) classifier shows here
+        counts = torch.bincount(pred)
+        out["top_class"] = int(counts.argmax())
+        out["top_class_share"] = counts.max().item() / n
     if cfg is not None:
         out["robust_acc"] = robust_ok.sum().item() / n
         out["attack"] = f"pgd-{cfg.steps}x{cfg.restarts} eps={cfg.eps:.6g} step={cfg.step_size:.6g} loss={cfg.loss}"

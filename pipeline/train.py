@@ -75,6 +75,45 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+BN_RECALIBRATION_IMAGES = 2048
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
+                          prepare=lambda t: t) -> int:
+    """Re-estimate every BatchNorm's running mean/var on images x (uint8 or float in [0, 1]) for the current weights.
+
+    After one-shot pruning, rewinding or a hard projection the running statistics still describe the old
+    weights; in eval mode the model then often predicts one class until enough training steps have replaced
+    them (the momentum-0.1 average keeps ~17 % of the stale value after 17 steps, which compounds across 13
+    layers). Only the BatchNorm layers are put in train mode (cumulative average, momentum None), so nothing
+    else (dropout, stochastic gates) runs or draws random numbers: the result is deterministic. Returns the
+    number of BatchNorm layers recalibrated.
+    """
+    from .data import to_float
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or not len(x):
+        return 0
+    was_training = model.training
+    saved = [(m, m.momentum, m.training) for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches below
+        m.train()
+    try:
+        for s in range(0, len(x), batch_size):
+            xb = x[s:s + batch_size]
+            model(prepare(to_float(xb) if xb.dtype == torch.uint8 else xb))
+    finally:
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)
+        model.train(was_training)
+    return len(bns)
+
+
 def lr_at(cfg: TrainConfig, phase: Phase, progress: float) -> float:
     """The learning rate at `progress` in [0, 1) of a phase. step: lr * gamma^(milestones passed), the
     milestones being fractions of the phase; cosine: half a cosine from lr to 0; constant."""
@@ -192,7 +231,7 @@ class Trainer:
         self.step = 0
         self.epoch_step = 0  # batches done in the current data epoch (non-zero after a phase or --max-steps stop)
         self.data_epoch_state = self.gens["data"].get_state()
-        self.best = {"score": -1.0, "epoch": -1, "val_clean_acc": None, "val_robust_acc": None}
+        self.best = {"score": -1.0, "epoch": -1, "val_clean_acc": None, "val_robust_acc": None, "collapsed": True}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.time_s = 0.0
         resuming = resume and (self.out / STATE_FILE).is_file()
@@ -219,6 +258,11 @@ class Trainer:
         except ValueError as exc:  # a recipe that does not fit this model (e.g. ratios for unknown layers)
             raise ConfigError(f"--method {cfg.method}: {exc}") from None
         self.model.to(self.device)
+        if index > 0 and not resuming:
+            # the method may just have pruned, rewound or projected the weights: fresh BatchNorm statistics
+            # (a fixed slice of the training images, no randomness, so a resumed run repeats it exactly)
+            recalibrate_batchnorm(self.model, self.splits.train_x[:BN_RECALIBRATION_IMAGES],
+                                  batch_size=self.cfg.eval_batch_size, prepare=self._prepare)
         phase = self.phases[index]
         # lr: the phase's base, so decoupled decay follows the phase's own schedule multiplier
         self.train_step = TrainStep(self.model, self.sparse, self.objective, lr=cfg.lr if phase.lr is None else phase.lr,
@@ -450,16 +494,18 @@ class Trainer:
                                      seed=cfg.seed + 7919 * self.epoch + self.epoch_step) if len(self.splits.val_y) else {"clean_acc": 0.0}
                     score = val.get("robust_acc", val["clean_acc"]) if self.objective.robust else val["clean_acc"]
                     sparsity, active = self.sparsity_now()
+                    collapsed = is_collapsed(val, self.splits.val_y)
                     # only weights at the budget may be selected (a dense pre-training epoch never is)
-                    selected = phase.at_budget and active <= self.budget and score > self.best["score"]
+                    selected = phase.at_budget and active <= self.budget and beats_best(score, collapsed, self.best)
                     if selected:
                         self.best = {"score": score, "epoch": self.epoch, "val_clean_acc": val["clean_acc"],
-                                     "val_robust_acc": val.get("robust_acc")}
+                                     "val_robust_acc": val.get("robust_acc"), "collapsed": collapsed}
                         self.best_state = {k: v.detach().clone() for k, v in dense_state_dict(self.model).items()}
                     self.time_s += time.perf_counter() - t_epoch
                     record = {"epoch": self.epoch, "step": self.step, "partial": partial, **rec, "val_clean_acc": val["clean_acc"],
                               "val_robust_acc": val.get("robust_acc"), "sparsity": sparsity, "active": active,
-                              "budget": self.budget if cfg.method != "dense" else None, "selected": selected,
+                              "budget": self.budget if cfg.method != "dense" else None,
+                              "val_top_class_share": val.get("top_class_share"), "collapsed": collapsed, "selected": selected,
                               "time_s": self.time_s}
                     record.update(phase=phase.name, phase_step=self.phase_step)
                     self._save_checkpoint(record)
@@ -511,7 +557,10 @@ class Trainer:
         metrics = {"clean_acc": test["clean_acc"], "robust_acc": test.get("robust_acc"), "epoch": self.best["epoch"],
                    "split": "test", "n_test": test["n"], "attack": test.get("attack"),
                    "val_clean_acc": self.best["val_clean_acc"], "val_robust_acc": self.best["val_robust_acc"],
-                   "selected_on": "val"}
+                   "selected_on": "val", "selected_collapsed": bool(self.best.get("collapsed", False))}
+        if metrics["selected_collapsed"]:
+            self.log("warning: every epoch at the budget is a collapsed classifier (most validation images in one "
+                     "class); the folder holds the best of them and its manifest says so")
         return self._write_manifest(final=metrics)
 
     def _write_manifest(self, final: dict | None) -> dict:
@@ -543,8 +592,9 @@ class Trainer:
             "layers": layers,
             "metrics": metrics,
             "selection": "epoch with the best validation " + ("robust" if self.objective.robust else "clean")
-                         + " accuracy; the validation split is cut from the training data and the test set is"
-                           " used once, after training, for the figures in metrics",
+                         + " accuracy among the epochs at the budget that are not collapsed classifiers (" + COLLAPSE_RULE
+                         + "; one is kept only if every epoch is); the validation split is cut from the training data"
+                           " and the test set is used once, after training, for the figures in metrics",
             "training": {"epochs": self.epoch, "epochs_planned": cfg.epochs, "steps": self.step, "seed": cfg.seed,
                          "device": str(self.device), "world_size": self.dist.world, "bf16": self.bf16,
                          "time_s": round(self.time_s, 3), "torch": torch.__version__},
@@ -567,14 +617,42 @@ class Trainer:
                              for p, n in zip(self.phases, self.phase_steps)]
             out["epochs_budget"] = cfg.epochs
             out["options"] = dict(cfg.method_options)
+        if len(self.phases) > 1:
+            out["batchnorm_recalibration"] = (f"at the start of every phase after the first: running statistics "
+                                              f"re-estimated on the first {BN_RECALIBRATION_IMAGES} training images")
         out.update({k: v for k, v in self.method.config().items() if k not in out})  # the trainer's phases win
         if self.vs_lambda:
             out["vs_lambda"] = self.vs_lambda
         return out
 
 
+COLLAPSE_RULE = ("one class predicted for more than half of the validation images and for more than halfway from "
+                 "its true share to all of them")
+
+
+def is_collapsed(val: dict, labels: torch.Tensor) -> bool:
+    """A near-constant classifier (COLLAPSE_RULE), e.g. right after one-shot pruning with stale BatchNorm.
+
+    Its robust accuracy is about its class's share (~0.1 on CIFAR-10), which beats a weak but real model's
+    (~0.05), so without this rule "best validation robust accuracy" would select it.
+    """
+    share = val.get("top_class_share")
+    if share is None or not len(labels):
+        return False
+    true_share = (labels == val["top_class"]).float().mean().item()
+    return share > max(0.5, 0.5 * (1.0 + true_share))
+
+
+def beats_best(score: float, collapsed: bool, best: dict) -> bool:
+    """Selection order: any healthy epoch beats any collapsed one, then the higher score wins (ties keep the
+    earlier epoch). A best recorded before the collapse rule existed counts as healthy."""
+    return (not collapsed, score) > (not best.get("collapsed", False), best["score"])
+
+
 def _epoch_line(r: dict, epochs: int) -> str:
     rob = f" robust {r['val_robust_acc']:.3f}" if r.get("val_robust_acc") is not None else ""
+    if r.get("collapsed"):
+        rob += f" (collapsed: {r['val_top_class_share']:.0%} one class)"
     sel = " *" if r.get("selected") else ""
     where = f"epoch {r['epoch'] + 1}/{epochs} (stopped at step {r['step']})" if r.get("partial") else f"epoch {r['epoch']}/{epochs}"
     return (f"{where}  loss {r['train_loss']:.4f}  val clean {r['val_clean_acc']:.3f}{rob}"

@@ -2,6 +2,7 @@
 driven by a small loop that does what the trainer does (to_dense between phases, enter, SGD on every
 trainable parameter, decoupled decay on decayed_params)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -164,7 +165,11 @@ def test_hydra_three_phases_end_within_budget_and_finetune_keeps_the_mask():
     assert [p.name for p in phases] == ["pretrain", "scores", "finetune"]
     assert [p.at_budget for p in phases] == [False, True, True]
     assert [p.fraction for p in phases] == pytest.approx([0.4, 0.2, 0.4])
-    assert [p.lr for p in phases] == [None, 0.1, 0.01]
+    # the paper's 0.1 / 0.1 / 0.01 at --lr 0.1; they follow --lr in those ratios, a number overrides one
+    assert [p.lr for p in phases] == pytest.approx([ctx.cfg.lr, ctx.cfg.lr, 0.1 * ctx.cfg.lr])
+    half = dataclasses.replace(ctx.cfg, lr=0.05)
+    assert [p.lr for p in method.phases(half)] == pytest.approx([0.05, 0.05, 0.005])
+    assert [p.lr for p in create_method("hydra", finetune_lr=0.02).phases(half)] == pytest.approx([0.05, 0.05, 0.02])
     assert method.config()["fractions"] == pytest.approx({"pretrain": 0.4, "scores": 0.2, "finetune": 0.4})
     budget, total = budget_of(model, 0.85)
     for i, phase in enumerate(phases):
@@ -277,6 +282,6 @@ def test_options_are_checked_and_recorded():
     with pytest.raises(ValueError, match="bad method_options"):
         create_method("edge-popup", rho=1.0)
     cfg = Hydra().config()
-    assert cfg["split"] == [100, 20, 100] and cfg["lr"] == {"pretrain": "--lr", "scores": 0.1, "finetune": 0.01}
+    assert cfg["split"] == [100, 20, 100] and cfg["lr"] == {"pretrain": "--lr", "scores": "--lr", "finetune": "0.1 x --lr"}
     ep = EdgePopup(weight_init="signed-constant").config()
     assert ep["weight_init"].startswith("signed-constant") and "frozen" in ep["batchnorm"]

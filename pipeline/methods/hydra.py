@@ -105,14 +105,17 @@ class Hydra(Method):
     """HYDRA: dense robust training -> score search with frozen weights -> masked fine-tuning.
 
     `split`: relative lengths of pretrain / scores / finetune (the paper's epochs 100 / 20 / 100, so
-    --epochs 220 reproduces them). Learning rates are absolute, as in the paper's code; None uses --lr.
+    --epochs 220 reproduces them). Learning rates: the paper's code uses 0.1 / 0.1 / 0.01 with a base lr of
+    0.1, so by default they follow --lr in those ratios (--lr, --lr, 0.1 x --lr: the paper's values at the
+    default --lr 0.1, and no phase at a rate the user lowered --lr to avoid); a number sets a phase's lr.
     """
 
     name = "hydra"
+    LR_FACTORS = (1.0, 1.0, 0.1)  # of --lr, for the phases whose lr is not given (the paper's 0.1 / 0.1 / 0.01)
 
     def __init__(self, split: Sequence[float] = (100, 20, 100), pretrain_lr: float | None = None,
-                 pretrain_schedule: str = "cosine", score_lr: float = 0.1, score_schedule: str = "cosine",
-                 finetune_lr: float = 0.01, finetune_schedule: str = "cosine"):
+                 pretrain_schedule: str = "cosine", score_lr: float | None = None, score_schedule: str = "cosine",
+                 finetune_lr: float | None = None, finetune_schedule: str = "cosine"):
         split = [float(s) for s in split]
         if len(split) != 3 or min(split) < 0 or sum(split) <= 0:
             raise ValueError(f"split must be three non-negative lengths (pretrain, scores, finetune), got {split}")
@@ -130,7 +133,8 @@ class Hydra(Method):
         return [s / sum(self.split) for s in self.split]
 
     def phases(self, cfg):
-        f, lr, sch = self.fractions(), self.lrs, self.schedules
+        f, sch = self.fractions(), self.schedules
+        lr = [x if x is not None else cfg.lr * factor for x, factor in zip(self.lrs, self.LR_FACTORS)]
         return [Phase("pretrain", f[0], lr=lr[0], schedule=sch[0], at_budget=False),
                 Phase("scores", f[1], lr=lr[1], schedule=sch[1]),
                 Phase("finetune", f[2], lr=lr[2], schedule=sch[2])]
@@ -164,7 +168,7 @@ class Hydra(Method):
 
     def config(self):
         f = self.fractions()
-        lr = ["--lr" if x is None else x for x in self.lrs]
+        lr = [x if x is not None else ("--lr" if k == 1 else f"{k:g} x --lr") for x, k in zip(self.lrs, self.LR_FACTORS)]
         return {"fractions": {"pretrain": f[0], "scores": f[1], "finetune": f[2]},
                 "split": self.split, "paper_split_epochs": [100, 20, 100],
                 "lr": {"pretrain": lr[0], "scores": lr[1], "finetune": lr[2]},
