@@ -33,6 +33,7 @@ import torch
 from . import __version__
 from .artifacts import (MANIFEST, MODEL_FILE, ArtifactError, atomic_write_bytes, atomic_write_text, build_model,
                         check_files, load_tensors, read_manifest, save_tensors, sha256_file, write_manifest)
+from .latency import median_call_seconds
 from .runtimes import onnx_session, run_onnx
 from .targets import FORMATS, PRECISIONS, TRT_PRECISIONS, Target, get_target
 
@@ -290,20 +291,6 @@ def onnx_summary(data: bytes) -> dict:
             "metadata": {p.key: p.value for p in proto.metadata_props}}
 
 
-def _median_seconds(fn, repeat: int = 5, min_s: float = 0.1) -> float:
-    """Median seconds per call; each repeat runs >= min_s (as TVM's time_evaluator does)."""
-    t = time.perf_counter()
-    fn()
-    number = max(1, int(min_s / max(time.perf_counter() - t, 1e-6)))
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        for _ in range(number):
-            fn()
-        times.append((time.perf_counter() - t) / number)
-    return float(sorted(times)[len(times) // 2])
-
-
 # --- TensorRT -----------------------------------------------------------------------------------------
 
 
@@ -452,7 +439,7 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
         parity["onnx"] = {**_compare(reference, out, opts.tolerance, precision), "runtime": "onnxruntime CPU",
                           "batch_1_max_abs_err": float(np.abs(one - reference[:1]).max()), "images": image_info}
         parity["onnx"]["passed"] &= parity["onnx"]["batch_1_max_abs_err"] <= parity["onnx"]["tolerance"]
-        latency["onnxruntime_cpu_batch_%d_s" % opts.batch] = _median_seconds(lambda: run_onnx(session, x_np[: opts.batch]))
+        latency["onnxruntime_cpu_batch_%d_s" % opts.batch] = median_call_seconds(lambda: run_onnx(session, x_np[: opts.batch]))
         artifacts["onnx"] = {"file": ONNX_FILE, "precision": precision, "opset": summary["opset"],
                              "dynamic_batch": True, "input": INPUT_NAME, "output": OUTPUT_NAME,
                              "inputs": summary["inputs"], "outputs": summary["outputs"], "nodes": summary["nodes"],

@@ -55,6 +55,20 @@ def wall_timer(fn: Callable[[], object]) -> Callable[[], float]:
     return timed
 
 
+def median_call_seconds(fn: Callable[[], object], repeat: int = 5, min_s: float = 0.1) -> float:
+    """Median seconds per call of one candidate; each repeat runs >= min_s (as TVM's time_evaluator does)."""
+    t = time.perf_counter()
+    fn()
+    number = max(1, int(min_s / max(time.perf_counter() - t, 1e-6)))
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - t) / number)
+    return statistics.median(times)
+
+
 def compare(candidates: dict[str, Callable[[], float]], batch: int, *, warmup: int = 10, runs: int = 100,
             max_seconds: float | None = None) -> dict[str, dict]:
     """Time each candidate (a zero-argument callable returning its own elapsed seconds) round-robin.

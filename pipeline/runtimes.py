@@ -46,6 +46,8 @@ class Runtime:
     batches: tuple[int, ...] | None = None  # None: any batch; else the static batches it was built for
     # the same runtime with the same settings for another artifact file (verify's dense original); None: n/a
     load_other: Callable[[Path, str], "Runtime"] | None = None
+    # releases what the runtime holds on a device (an RPC session: the Python server serves one client at a time)
+    close: Callable[[], None] | None = None
 
 
 def _reason(exc: BaseException) -> str:
@@ -291,7 +293,17 @@ def tvm_rpc_runtime(session, address: str, path: Path, chw: tuple[int, int, int]
         raise RuntimeUnavailable(f"the device at {address} cannot run {path} ({_reason(exc)}): "
                                  "was the bundle exported for its CPU and GPU?") from None
 
+    # everything that keeps the connection open lives here, so close() can let it go
+    held = {"vm": vm, "dev": dev, "session": session}
+    del vm, dev
+
+    def _held():
+        if not held:
+            raise RuntimeUnavailable(f"the RPC runtime {label} for {address} was closed")
+        return held["vm"], held["dev"]
+
     def run_batch(xb: np.ndarray) -> np.ndarray:
+        vm, dev = _held()
         # the stateful calls: a tuple result cannot travel back over RPC, its fields can
         vm.set_input("main", tvm.runtime.tensor(xb, device=dev))
         vm.invoke_stateful("main")
@@ -303,6 +315,7 @@ def tvm_rpc_runtime(session, address: str, path: Path, chw: tuple[int, int, int]
     def make_timer(b: int):
         if b != batch:
             raise RuntimeUnavailable(f"the TVM library was built for batch {batch}")
+        vm, dev = _held()
         x = tvm.runtime.tensor(np.zeros((batch, *chw), np.float32), device=dev)
         return _vm_device_timer(vm, dev, x, f"rsp_timed_{b}")
 
@@ -310,16 +323,33 @@ def tvm_rpc_runtime(session, address: str, path: Path, chw: tuple[int, int, int]
             "file": str(path), "timer": "TVM time_evaluator on the remote device"}
     try:  # best effort: what the remote says about itself
         if device == "cuda":
-            info["remote_device_name"] = dev.device_name
+            info["remote_device_name"] = held["dev"].device_name
         info["remote_triple"] = session.get_function("target.llvm_get_system_triple")()
         info["remote_cpu"] = session.get_function("target.llvm_get_system_cpu")()
     except Exception:  # a runtime-only TVM on the device has no LLVM functions
         pass
 
     def other(p: Path, lab: str) -> Runtime:
-        return tvm_rpc_runtime(session, address, p, chw, batch, device, lab, upload_as=f"{lab}.tvm.so")
+        _held()
+        return tvm_rpc_runtime(held["session"], address, p, chw, batch, device, lab, upload_as=f"{lab}.tvm.so")
 
-    return Runtime(label, _static_batches(run_batch, batch), make_timer, info, batches=(batch,), load_other=other)
+    return Runtime(label, _static_batches(run_batch, batch), make_timer, info, batches=(batch,), load_other=other,
+                   close=held.clear)
+
+
+def close_runtimes(runtimes) -> None:
+    """Release every runtime's device resources, then collect: a session kept only by a reference cycle (an
+    exception's traceback, a closure) would otherwise stay open until some later collection, and a
+    single-client RPC server would refuse the next verify in this process."""
+    closed = False
+    for rt in runtimes:
+        if rt is not None and rt.close is not None:
+            rt.close()
+            closed = True
+    if closed:
+        import gc
+
+        gc.collect()
 
 
 # --- TensorRT (engines are built on the device that runs them) ----------------------------------------

@@ -28,8 +28,8 @@ import torch
 from . import __version__
 from .artifacts import ArtifactError, atomic_write_text, build_model, check_files, load_model, read_manifest, write_json
 from .latency import compare
-from .runtimes import (ONNX_FILE, TRT_FILE, TVM_FILE, Runtime, RuntimeUnavailable, onnx_runtime, torch_runtime,
-                       tvm_runtime)
+from .runtimes import (ONNX_FILE, TRT_FILE, TVM_FILE, Runtime, RuntimeUnavailable, close_runtimes, onnx_runtime,
+                       torch_runtime, tvm_runtime)
 
 BACKENDS = ("torch", "onnx", "tvm", "tvm-rpc", "tensorrt")
 GATES = ("min_clean_acc", "min_robust_acc", "max_latency_ms", "max_parity_error")
@@ -255,6 +255,7 @@ def _latency(runtimes: dict[str, Runtime], manifest: dict, chw, opts: VerifyOpti
                 log(f"latency {name} batch {b}: p50 {entry['p50_ms']:.3f} ms, p99 {entry['p99_ms']:.3f} ms"
                     + (f", dense original p50 {entry['dense_original']['p50_ms']:.3f} ms "
                        f"(speedup {entry['speedup_vs_dense']:.2f}x)" if "dense_original" in entry else ""))
+            close_runtimes([dense_rt])
     return out
 
 
@@ -372,6 +373,14 @@ def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
     model = load_model(bundle, device=opts.device)
     chw = _chw(manifest, model)
     runtimes = _runtimes(bundle, manifest, model, chw, opts, log)
+    try:
+        return _verify(bundle, output, manifest, model, chw, runtimes, gates, opts, log, t0)
+    finally:
+        close_runtimes(runtimes.values())  # an RPC device is free for the next client as soon as we are done
+
+
+def _verify(bundle: Path, output: Path, manifest: dict, model, chw, runtimes: dict[str, Runtime], gates: dict,
+            opts: VerifyOptions, log, t0: float) -> dict:
     x, y, dataset, num_classes = _eval_data(manifest, opts)
     eps = opts.eps if opts.eps is not None else (manifest.get("attack") or {}).get("eps", 8 / 255)
     log(f"verify {bundle} ({manifest['stage']}, {manifest['model']['name']}) on {', '.join(runtimes)}: "

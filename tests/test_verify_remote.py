@@ -137,6 +137,23 @@ def test_rpc_runtime_scores_and_times_the_library_on_the_remote(tvm_bundle, rpc_
 
 
 @needs_tvm
+def test_verify_frees_the_rpc_server_for_the_next_client(tvm_bundle, rpc_server, tmp_path):
+    """The Python RPC server serves one client at a time: verify must let its sessions go when it returns, even
+    ones only a reference cycle keeps (automatic collection is off here, so nothing else would free them)."""
+    from rsp.runtimes import rpc_session
+    from rsp.verify import VerifyOptions, run
+
+    address = rpc_server()
+    gc.disable()
+    try:
+        for i in range(2):
+            run(tvm_bundle, VerifyOptions(output=str(tmp_path / f"v{i}"), rpc=address, **FAST), log=lambda *_: None)
+            assert rpc_session(address, timeout=10).cpu(0).exist  # a second client is served right away
+    finally:
+        gc.enable()
+
+
+@needs_tvm
 def test_bad_rpc_input_is_one_line_and_exit_2(tvm_bundle, rpc_server, tmp_path):
     from rsp.verify import VerifyOptions, run
 
