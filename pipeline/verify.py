@@ -250,6 +250,8 @@ def _latency(runtimes: dict[str, Runtime], manifest: dict, chw, opts: VerifyOpti
                 entry = {**res["artifact"], "runtime": rt.info.get("runtime")}
                 if "dense" in res:
                     entry["dense_original"] = res["dense"]
+                    if name in ("tvm", "tvm-rpc"):
+                        entry["dense_original"]["build"] = dense_tvm_schedule(manifest)
                     entry["speedup_vs_dense"] = res["dense"]["p50_ms"] / res["artifact"]["p50_ms"]
                 out[f"{name}/batch{b}"] = entry
                 log(f"latency {name} batch {b}: p50 {entry['p50_ms']:.3f} ms, p99 {entry['p99_ms']:.3f} ms"
@@ -259,15 +261,37 @@ def _latency(runtimes: dict[str, Runtime], manifest: dict, chw, opts: VerifyOpti
     return out
 
 
+def dense_tvm_schedule(manifest: dict) -> dict:
+    """How verify builds the dense original for a TVM bundle: with the bundle's own tuning budget where it was
+    tuned (MetaSchedule on this machine, the bundle's records reused where its cache is here), so that the
+    speed-up compares tuned with tuned, not a tuned bundle with untuned dense code."""
+    import os
+
+    from .targets import get_target
+
+    target = get_target((manifest.get("target") or {}).get("name") or "x86-cpu")
+    tuning = ((manifest.get("artifacts") or {}).get("tvm") or {}).get("tuning") or {}
+    trials = int(tuning.get("trials_requested") or 0)
+    out = {"target": target.name, "tune_trials": 0, "schedule": "default (untuned)", "bundle_tune_trials": trials}
+    if trials and not target.has_cuda and target.arch == os.uname().machine:
+        cache = Path(tuning["cache"]) if tuning.get("cache") and Path(tuning["cache"]).is_dir() else None
+        out.update(tune_trials=trials, schedule="meta_schedule", tune_cache=str(cache) if cache else None)
+    elif trials:
+        out["note"] = "the bundle was tuned, but tuning needs the target's own CPU: the dense original is untuned"
+    return out
+
+
 def _dense_tvm_library(dense, chw, tmp: Path, manifest: dict, batch: int) -> Path:
     """The dense original built for the bundle's target (once per run: tvm and tvm-rpc share it)."""
     from .targets import get_target
     from .tvm_build import build
 
-    target = (manifest.get("target") or {}).get("name") or "x86-cpu"
-    path = tmp / f"dense.{target}.b{batch}.tvm.so"
+    how = dense_tvm_schedule(manifest)
+    path = tmp / f"dense.{how['target']}.b{batch}.tvm.so"
     if not path.is_file():
-        build(dense, chw, get_target(target), path, batch=batch, log=lambda *_: None)
+        cache = Path(how["tune_cache"]) if how.get("tune_cache") else None
+        build(dense, chw, get_target(how["target"]), path, batch=batch, tune_trials=how["tune_trials"],
+              tune_cache=cache, log=lambda *_: None)
     return path
 
 

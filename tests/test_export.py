@@ -490,6 +490,16 @@ def test_tuning_records_are_cached_and_reused(tmp_path):
     assert second["artifacts"]["tvm"]["tuning"]["trials_reused"] == 6
     assert second["parity"]["tvm"]["passed"] and second["artifacts"]["tvm"]["schedule"] == "meta_schedule"
 
+    # verify's speed-up compares like with like: the dense original gets the bundle's tuning (its records here)
+    from rsp.verify import VerifyOptions, run as verify
+
+    res = verify(tmp_path / "b", VerifyOptions(output=str(tmp_path / "v"), backends=["tvm"], n_examples=16, steps=2,
+                                               restarts=1, sanity=False, latency_runs=5, latency_batches=(1,)),
+                 log=lambda *_: None)
+    build = res["latency"]["tvm/batch1"]["dense_original"]["build"]
+    assert build["schedule"] == "meta_schedule" and build["tune_trials"] == build["bundle_tune_trials"] == 6
+    assert build["tune_cache"] == str(tmp_path / "cache")
+
 
 # --- per-layer kernel choice ----------------------------------------------------------------------------
 
