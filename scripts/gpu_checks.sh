@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, as one short run (the lent H100/H200 sessions: 10 minutes per command).
+# The checks that need a CUDA GPU, as one short run: a lent H100/H200 gives a session 15 minutes of device time
+# (machine start included) and 10 minutes per command, so the step time-outs below add up to about 8.5 minutes.
 # Each step writes its output under ${OUT:-gpu-checks}/ and the script goes on when one fails, so a single
 # call collects every figure; the summary at the end lists the exit code of each step.
 #
 #   pip install -e . --no-deps && bash scripts/gpu_checks.sh            # on the GPU machine
 #   RSP_GPU_CHECKS="pytest attack" bash scripts/gpu_checks.sh           # a subset
+#   RSP_GPU_CHECKS=methods bash scripts/gpu_checks.sh                   # issue 7's table on the GPU (resumable):
+#       copy the CIFAR-10 subset into the ignored gpu-data/ first (cp -r ../shared/data/cifar-10-subset gpu-data/)
+#       and carry gpu-data; RSP_METHODS_FLAGS overrides the model and budget
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-checks}
@@ -23,10 +27,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" >> "$OUT/gpu.txt" 2>&1
 for step in $STEPS; do
   case $step in
-    pytest)     run pytest 240 python -m pytest -q -m gpu -p no:cacheprovider ;;           # CUDA kernels, verify on cuda
-    kernels)    run kernels 240 python bench/kernels.py ;;                                 # BSR vs cuDNN, VGG-16 shapes
-    attack)     run attack 150 python bench/attack.py ;;                                   # rsp vs loop, fp32 and bf16
-    train_step) run train_step 240 python bench/train_step.py --objective pgd-at --batch-size 128 --steps 10 ;;
+    pytest)     run pytest 140 python -m pytest -q -m gpu -p no:cacheprovider ;;           # CUDA kernels, verify on cuda
+    kernels)    run kernels 170 python bench/kernels.py ;;                                 # BSR vs cuDNN, VGG-16 shapes
+    attack)     run attack 90 python bench/attack.py ;;                                   # rsp vs loop, fp32 and bf16
+    train_step) run train_step 110 python bench/train_step.py --objective pgd-at --batch-size 128 --steps 10 ;;
+    methods)    run methods 480 python scripts/methods_table.py --data-dir "${RSP_CIFAR_DIR:-gpu-data/cifar-10-subset}" \
+                    --device cuda --jobs 7 --root "${RSP_METHODS_ROOT:-/tmp/rsp-methods}" \
+                    ${RSP_METHODS_FLAGS:---model vgg16 --epochs 20 --method bcs --method magnitude --method lth --method hydra --method edge-popup --method admm --method anp-vs} ;;
     *) echo "unknown step $step" ;;
   esac
 done

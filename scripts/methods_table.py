@@ -18,6 +18,7 @@ import json
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 METHODS = ["bcs", "fixed", "magnitude", "lth", "hydra", "edge-popup", "admm", "anp-vs"]
@@ -36,7 +37,8 @@ def _done(folder: Path, name: str = "manifest.json") -> bool:
 
 def _run(cmd: list[str], dry: bool, log: Path | None) -> int:
     line = " ".join(shlex.quote(c) for c in cmd)
-    print(f"$ {line}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"$ {line}\n")  # one write: --jobs threads do not interleave within a line
+    sys.stderr.flush()
     if dry:
         return 0
     with open(log, "a") if log else subprocess.DEVNULL as out:
@@ -59,12 +61,13 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default="runs/methods")
     ap.add_argument("--train-flags", default="", help="more rsp train flags for every run, e.g. '--attack-steps 5'")
     ap.add_argument("--verify-flags", default="", help="more rsp verify flags, e.g. '--no-sanity' (a CPU budget)")
+    ap.add_argument("--jobs", type=int, default=1, help="rows run at a time (each row's steps stay in order)")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--report", action="store_true", help="run nothing: the table of the runs finished so far")
     args = ap.parse_args(argv)
     root = Path(args.root)
     rsp = [sys.executable, "-m", "rsp.cli"]
-    rows = []
+    specs = []
     for sparsity in args.sparsity or [0.9, 0.99]:
         for method in args.method or METHODS:
             run = root / f"{method}-{sparsity:g}"
@@ -84,23 +87,29 @@ def main(argv=None) -> int:
                       "--n-examples", str(args.n_examples), "--steps", "50", "--restarts", "10",
                       "--device", "cuda" if args.device in ("cuda", "auto") and _cuda() else "cpu",
                       "--output", str(run / "verify"), *shlex.split(args.verify_flags)]
-            rc = 0 if args.report else _advance(rsp, run, train, export, verify, args.dry_run)
-            row = {"method": method, "target_sparsity": sparsity, "commands": ["rsp " + " ".join(c) for c in
-                                                                             (train, export, verify)]}
-            if not args.dry_run and (run / "verify" / "verify.json").is_file():
-                v = json.loads((run / "verify" / "verify.json").read_text())
-                m = json.loads((run / "train" / "manifest.json").read_text())
-                row.update(sparsity=m["sparsity"], clean_acc=v["clean_acc"], robust_acc=v["robust_acc"],
-                           unreliable=v.get("unreliable"), n_examples=v.get("n_examples"),
-                           sanity_run=bool(v.get("sanity", {}).get("checks")),
-                           train_time_s=m["training"]["time_s"], val_robust_acc=m["metrics"].get("val_robust_acc"),
-                           val_clean_acc=m["metrics"].get("val_clean_acc"), selected_epoch=m["metrics"].get("epoch"),
-                           phases=", ".join(f"{p['name']} {p['steps']}" for p in m["method_config"].get("phases", [])))
-            elif args.report:
-                row["error"] = "not finished yet"
-            elif not args.dry_run:
-                row["error"] = f"exit code {rc}, see {run / 'log.txt'}"
-            rows.append(row)
+            specs.append((method, sparsity, run, train, export, verify))
+    # rows are independent: --jobs N runs N at a time (one GPU holds many small runs; a CPU gains little)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        codes = list(pool.map(lambda sp: 0 if args.report else _advance(rsp, *sp[2:], args.dry_run), specs))
+    rows = []
+    for (method, sparsity, run, train, export, verify), rc in zip(specs, codes):
+        row = {"method": method, "target_sparsity": sparsity, "commands": ["rsp " + " ".join(c) for c in
+                                                                         (train, export, verify)]}
+        if not args.dry_run and (run / "verify" / "verify.json").is_file():
+            v = json.loads((run / "verify" / "verify.json").read_text())
+            m = json.loads((run / "train" / "manifest.json").read_text())
+            row.update(sparsity=m["sparsity"], clean_acc=v["clean_acc"], robust_acc=v["robust_acc"],
+                       unreliable=v.get("unreliable"), n_examples=v.get("n_examples"),
+                       sanity_run=bool(v.get("sanity", {}).get("checks")),
+                       train_time_s=m["training"]["time_s"], val_robust_acc=m["metrics"].get("val_robust_acc"),
+                       val_clean_acc=m["metrics"].get("val_clean_acc"), selected_epoch=m["metrics"].get("epoch"),
+                       selected_collapsed=m["metrics"].get("selected_collapsed"),
+                       phases=", ".join(f"{p['name']} {p['steps']}" for p in m["method_config"].get("phases", [])))
+        elif args.report:
+            row["error"] = "not finished yet"
+        elif not args.dry_run:
+            row["error"] = f"exit code {rc}, see {run / 'log.txt'}"
+        rows.append(row)
     table = _markdown(rows, args)
     print(table)
     if not args.dry_run and not args.report:
@@ -155,7 +164,8 @@ def _markdown(rows, args) -> str:
         if "robust_acc" in r:
             lines.append(f"| {r['method']} | {r['target_sparsity']:g} | {r['sparsity']:.4f} | {r['clean_acc']:.4f} | "
                          f"{r['robust_acc']:.4f} | {_sanity(r)} | {r['selected_epoch']}: {r['val_clean_acc']:.3f} / "
-                         f"{r['val_robust_acc']:.3f} | {r['phases'] or 'train'} | {r['train_time_s']:.0f} |")
+                         f"{r['val_robust_acc']:.3f}{' (collapsed)' if r.get('selected_collapsed') else ''} | "
+                         f"{r['phases'] or 'train'} | {r['train_time_s']:.0f} |")
         else:
             lines.append(f"| {r['method']} | {r['target_sparsity']:g} | | | | {r.get('error', 'not run')} | | | |")
     cmds = ["", "Commands, per row:", ""]
