@@ -104,6 +104,7 @@ def main(argv=None) -> int:
                        train_time_s=m["training"]["time_s"], val_robust_acc=m["metrics"].get("val_robust_acc"),
                        val_clean_acc=m["metrics"].get("val_clean_acc"), selected_epoch=m["metrics"].get("epoch"),
                        selected_collapsed=m["metrics"].get("selected_collapsed"),
+                       unit_sparsity=m["method_config"].get("unit_sparsity"),  # ANP-VS: units pruned / gated
                        phases=", ".join(f"{p['name']} {p['steps']}" for p in m["method_config"].get("phases", [])))
         elif args.report:
             row["error"] = "not finished yet"
@@ -162,7 +163,8 @@ def _markdown(rows, args) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "robust_acc" in r:
-            lines.append(f"| {r['method']} | {r['target_sparsity']:g} | {r['sparsity']:.4f} | {r['clean_acc']:.4f} | "
+            units = f" (units {r['unit_sparsity']:.3f})" if r.get("unit_sparsity") is not None else ""
+            lines.append(f"| {r['method']} | {r['target_sparsity']:g} | {r['sparsity']:.4f}{units} | {r['clean_acc']:.4f} | "
                          f"{r['robust_acc']:.4f} | {_sanity(r)} | {r['selected_epoch']}: {r['val_clean_acc']:.3f} / "
                          f"{r['val_robust_acc']:.3f}{' (collapsed)' if r.get('selected_collapsed') else ''} | "
                          f"{r['phases'] or 'train'} | {r['train_time_s']:.0f} |")
