@@ -1,0 +1,55 @@
+"""scripts/methods_table.py: the comparison table is built from the run folders' own records."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "methods_table.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("methods_table", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_row(root: Path, name: str, *, clean, robust, epoch, collapsed=False, method_config=None):
+    run = root / name
+    (run / "train").mkdir(parents=True)
+    (run / "verify").mkdir()
+    (run / "train" / "manifest.json").write_text(json.dumps({
+        "status": "complete", "sparsity": 0.9, "training": {"time_s": 12.0},
+        "metrics": {"epoch": epoch, "val_clean_acc": 0.3, "val_robust_acc": 0.1, "selected_collapsed": collapsed},
+        "method_config": {"phases": [{"name": "pretrain", "steps": 5}, {"name": "finetune", "steps": 5}],
+                          **(method_config or {})}}))
+    (run / "verify" / "verify.json").write_text(json.dumps({
+        "clean_acc": clean, "robust_acc": robust, "unreliable": False, "n_examples": 517,
+        "sanity": {"checks": [{"name": "eps_zero", "passed": True}]}}))
+
+
+def test_report_renders_what_the_folders_record(tmp_path, capsys):
+    _fake_row(tmp_path, "bcs-0.9", clean=0.30, robust=0.18, epoch=4)
+    _fake_row(tmp_path, "anp-vs-0.9", clean=0.11, robust=0.10, epoch=3, collapsed=True,
+              method_config={"unit_sparsity": 0.25})
+    args = ["--data-dir", "d", "--root", str(tmp_path), "--sparsity", "0.9", "--report"]
+    assert _script().main(args + ["--method", "bcs", "--method", "anp-vs", "--method", "lth"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert "| 0.3000 | 0.1800 | pass | 4: 0.300 / 0.100 | pretrain 5, finetune 5 | 12 |" in rows["bcs"]
+    assert "0.9000 (units 0.250)" in rows["anp-vs"] and "(collapsed)" in rows["anp-vs"]
+    assert "not finished yet" in rows["lth"]
+    data = json.loads(out.strip().splitlines()[-1])
+    assert [r["method"] for r in data["rows"]] == ["bcs", "anp-vs", "lth"]
+
+
+def test_dry_run_keeps_each_rows_steps_in_order_with_jobs(tmp_path, capsys):
+    args = ["--data-dir", "d", "--root", str(tmp_path / "r"), "--dry-run", "--jobs", "3", "--sparsity", "0.9",
+            "--method", "bcs", "--method", "hydra", "--method", "lth"]
+    assert _script().main(args) == 0
+    cmds = [line for line in capsys.readouterr().err.splitlines() if line.startswith("$ ")]
+    assert len(cmds) == 9
+    for method in ("bcs", "hydra", "lth"):
+        steps = [c.split(" -m rsp.cli ")[1].split()[0] for c in cmds if f"/{method}-0.9/" in c]
+        assert steps == ["train", "export", "verify"], method
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
