@@ -453,4 +453,5 @@ def test_margin_and_evaluate_unchanged(trained):
     assert torch.allclose(margin(logits, torch.tensor([0, 0])), torch.tensor([1.0, -3.0]))
     r = evaluate(model, x[:64], y[:64], PGDConfig(eps=EPS, step_size=EPS / 4, steps=5),
                  generator=torch.Generator().manual_seed(0))
-    assert set(r) == {"clean_acc", "n", "robust_acc", "attack"}
+    assert set(r) == {"clean_acc", "n", "robust_acc", "attack", "top_class", "top_class_share"}
+    assert 0 < r["top_class_share"] <= 1 and r["top_class"] in set(y[:64].tolist()) | set(range(10))

@@ -15,6 +15,8 @@ from rsp.methods.anp import (ALPHA, EULER, BetaBernoulliGate, BetaBernoulliGates
 from rsp.models import create_model
 from rsp.sparse import dense_state_dict, frozen_weights, sparse_layers, sparsifiable_layers, to_dense
 
+TWO_PHASES = [0.8, 0.2]  # anp, finetune: the gate mechanics without the default's dense pre-training
+
 
 def _net():
     # conv -> BN like the registry models, a hidden linear with a bias, and the classifier (never gated)
@@ -271,7 +273,7 @@ def test_per_example_masks_survive_batchnorm():
 def test_unit_pruning_zero_rows_and_budget():
     torch.manual_seed(0)
     model, cfg = _net(), _cfg(sparsity=0.9)
-    method = create_method("anp-vs")
+    method = create_method("anp-vs", split=TWO_PHASES)
     tiny = {"0": [1, 5], "3": [0, 2, 3, 9], "8": [4]}
 
     def prune_some(sparse):
@@ -329,15 +331,22 @@ def test_small_cnn_end_to_end_with_pretraining():
     assert method.config()["phases"] == {"pretrain": 0.25, "anp": 0.5, "finetune": 0.25}
 
 
+def test_default_recipe_warm_starts_from_dense_robust_training():
+    phases = create_method("anp-vs").phases(_cfg())
+    assert [p.name for p in phases] == ["pretrain", "anp", "finetune"]
+    assert [p.fraction for p in phases] == pytest.approx([0.4, 0.4, 0.2])
+    assert [p.at_budget for p in phases] == [False, False, True]
+
+
 def test_kl_weight_and_n_train():
     cfg = _cfg(dataset="cifar10")
-    method = create_method("anp-vs")
+    method = create_method("anp-vs", split=TWO_PHASES)
     method.phases(cfg)
     assert method.kl_weight == 2.0 and method.default_vs_lambda == 1e-4
     sparse = method.enter(0, _net(), _ctx(cfg, 10))
     assert sparse.kl_scale == pytest.approx(2.0 / 64)
     assert float(sparse.extra_loss().detach()) == pytest.approx(float(sparse.kl().detach()) * 2.0 / 64)
-    m2 = create_method("anp-vs", kl_weight=0.5)
+    m2 = create_method("anp-vs", kl_weight=0.5, split=TWO_PHASES)
     m2.phases(_cfg(dataset="digits"))
     ctx = _ctx(cfg, 10)
     ctx.n_train = 0  # unknown: estimated from steps x batch / (anp share of epochs)
@@ -356,7 +365,7 @@ def test_resume_rebuilds_and_loads_strictly():
     # run A: two anp steps, a checkpoint, one more step
     torch.manual_seed(0)
     model_a = _net()
-    method_a = create_method("anp-vs")
+    method_a = create_method("anp-vs", split=TWO_PHASES)
     method_a.phases(cfg)
     sparse_a = method_a.enter(0, model_a, _ctx(cfg, 5))
     _train(model_a, sparse_a, 2, torch.Generator().manual_seed(0))
@@ -366,7 +375,7 @@ def test_resume_rebuilds_and_loads_strictly():
     # run B: a fresh process resumes inside the anp phase
     torch.manual_seed(123)
     model_b = _net()
-    method_b = create_method("anp-vs")
+    method_b = create_method("anp-vs", split=TWO_PHASES)
     method_b.phases(cfg)
     method_b.load_state_tensors(saved[2])
     sparse_b = method_b.enter(0, model_b, _ctx(cfg, 5, resuming=True))
@@ -394,7 +403,7 @@ def test_resume_rebuilds_and_loads_strictly():
     saved = _save(model_a, sparse_a2, method_a)
     torch.manual_seed(7)
     model_c = _net()
-    method_c = create_method("anp-vs")
+    method_c = create_method("anp-vs", split=TWO_PHASES)
     method_c.phases(cfg)
     method_c.load_state_tensors(saved[2])
     to_dense(model_c)  # the trainer folds before every phase after the first (a no-op on a fresh model)
