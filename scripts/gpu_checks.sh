@@ -32,7 +32,7 @@ for step in $STEPS; do
     attack)     run attack 90 python bench/attack.py ;;                                   # rsp vs loop, fp32 and bf16
     train_step) run train_step 110 python bench/train_step.py --objective pgd-at --batch-size 128 --steps 10 ;;
     methods)    run methods 480 python scripts/methods_table.py --data-dir "${RSP_CIFAR_DIR:-gpu-data/cifar-10-subset}" \
-                    --device cuda --jobs 7 --root "${RSP_METHODS_ROOT:-/tmp/rsp-methods}" \
+                    --device "${RSP_METHODS_DEVICE:-cuda}" --jobs 7 --root "${RSP_METHODS_ROOT:-/tmp/rsp-methods}" \
                     ${RSP_METHODS_FLAGS:---model vgg16 --epochs 20 --method bcs --method magnitude --method lth --method hydra --method edge-popup --method admm --method anp-vs} ;;
     *) echo "unknown step $step" ;;
   esac
