@@ -103,3 +103,28 @@ def test_trainer_selects_healthy_epochs_first(tmp_path, monkeypatch, script, cho
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["collapsed"] for r in lines] == [share > 0.5 for _, share in script]
     assert [r["epoch"] for r in lines if r["selected"]][-1] == chosen
+
+
+def test_trainer_recalibrates_batchnorm_at_each_phase_boundary_only(tmp_path, monkeypatch):
+    import rsp.train as train
+
+    calls = []
+    real = train.recalibrate_batchnorm
+
+    def spy(model, x, **kw):
+        calls.append(len(x))
+        return real(model, x, **kw)
+
+    monkeypatch.setattr(train, "recalibrate_batchnorm", spy)
+    cfg = resolve(None, {"epochs": 2, "attack_steps": 1, "batch_size": 64, "device": "cpu", "sparsity": 0.9,
+                         "method": "magnitude"})
+    out = tmp_path / "mag"
+    Trainer(cfg, out, progress=False, log=lambda *_: None).fit()
+    m = read_manifest(out, stage="train")
+    # two phases: one boundary, none at the start of the first phase; the first 2048 training images (all of digits')
+    assert calls == [min(train.BN_RECALIBRATION_IMAGES, m["dataset"]["n_train"])]
+    assert "re-estimated" in m["method_config"]["batchnorm_recalibration"]
+    calls.clear()
+    single = resolve(None, {"epochs": 1, "attack_steps": 1, "batch_size": 64, "device": "cpu", "sparsity": 0.9})
+    Trainer(single, tmp_path / "bcs", progress=False, log=lambda *_: None).fit()
+    assert calls == [] and "batchnorm_recalibration" not in read_manifest(tmp_path / "bcs")["method_config"]
