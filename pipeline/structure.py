@@ -317,7 +317,7 @@ def finetune(model: nn.Module, manifest: dict, splits, opts: StructureOptions, s
     from .data import DeviceBatches
     from .objectives import Objective
     from .sparse import FixedMask, dense_state_dict
-    from .train import TrainStep
+    from .train import TrainStep, beats_best, is_collapsed
 
     device = torch.device(opts.device)
     model = copy.deepcopy(model).to(device)
@@ -345,9 +345,11 @@ def finetune(model: nn.Module, manifest: dict, splits, opts: StructureOptions, s
     def validate():
         return evaluate(model, val_x, val_y, val_cfg, generator=torch.Generator(device).manual_seed(opts.seed))
 
-    best = validate()
+    r = validate()
+    # the trainer's selection rule: a healthy epoch beats a collapsed one (one class for most images), then the score
+    best = {"score": r[key], "collapsed": is_collapsed(r, val_y)}
     best_epoch, best_state = 0, {k: v.clone() for k, v in dense_state_dict(model).items()}
-    history = [{"epoch": 0, **best}]
+    history = [{"epoch": 0, **r, "collapsed": best["collapsed"]}]
     batches = DeviceBatches(train_x, train_y, min(batch, len(train_y)), generator=gen, shuffle=True,
                             augment_with=splits.info, drop_last=True)
     total = max(1, opts.finetune * len(batches))
@@ -361,11 +363,12 @@ def finetune(model: nn.Module, manifest: dict, splits, opts: StructureOptions, s
                 raise StructureError(f"fine-tuning diverged at epoch {epoch} (loss {loss.item()}); try a lower --finetune-lr")
             t += 1
         r = validate()
-        history.append({"epoch": epoch, **r})
+        collapsed = is_collapsed(r, val_y)
+        history.append({"epoch": epoch, **r, "collapsed": collapsed})
         log(f"finetune  epoch {epoch}/{opts.finetune}  val clean {r['clean_acc']:.3f}"
             + (f" robust {r['robust_acc']:.3f}" if val_cfg else ""))
-        if r[key] > best[key]:
-            best, best_epoch = r, epoch
+        if beats_best(r[key], collapsed, best):
+            best, best_epoch = {"score": r[key], "collapsed": collapsed}, epoch
             best_state = {k: v.clone() for k, v in dense_state_dict(model).items()}
     summary = {"epochs": opts.finetune, "selected_epoch": best_epoch, "selected_on": "val", "lr": opts.finetune_lr,
                "schedule": "cosine", "batch_size": batch, "objective": objective_name, "history": history, "note": note}

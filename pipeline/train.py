@@ -626,8 +626,8 @@ class Trainer:
         return out
 
 
-COLLAPSE_RULE = ("one class predicted for more than half of the validation images and for more than halfway from "
-                 "its true share to all of them")
+COLLAPSE_RULE = ("one class predicted for more than halfway from its true share to all of the validation images "
+                 "(so always for more than half of them)")
 
 
 def is_collapsed(val: dict, labels: torch.Tensor) -> bool:
@@ -640,7 +640,7 @@ def is_collapsed(val: dict, labels: torch.Tensor) -> bool:
     if share is None or not len(labels):
         return False
     true_share = (labels == val["top_class"]).float().mean().item()
-    return share > max(0.5, 0.5 * (1.0 + true_share))
+    return share > 0.5 * (1.0 + true_share)
 
 
 def beats_best(score: float, collapsed: bool, best: dict) -> bool:

@@ -17,6 +17,7 @@ Order of work, so a CI job fails early and cheaply on bad input:
 from __future__ import annotations
 
 import json
+import os
 import platform
 import tempfile
 import time
@@ -250,8 +251,8 @@ def _latency(runtimes: dict[str, Runtime], manifest: dict, chw, opts: VerifyOpti
                 entry = {**res["artifact"], "runtime": rt.info.get("runtime")}
                 if "dense" in res:
                     entry["dense_original"] = res["dense"]
-                    if name in ("tvm", "tvm-rpc"):
-                        entry["dense_original"]["build"] = dense_tvm_schedule(manifest)
+                    if "build" in dense_rt.info:  # how a TVM dense original was compiled (tuned like the bundle?)
+                        entry["dense_original"]["build"] = dense_rt.info["build"]
                     entry["speedup_vs_dense"] = res["dense"]["p50_ms"] / res["artifact"]["p50_ms"]
                 out[f"{name}/batch{b}"] = entry
                 log(f"latency {name} batch {b}: p50 {entry['p50_ms']:.3f} ms, p99 {entry['p99_ms']:.3f} ms"
@@ -265,8 +266,6 @@ def dense_tvm_schedule(manifest: dict) -> dict:
     """How verify builds the dense original for a TVM bundle: with the bundle's own tuning budget where it was
     tuned (MetaSchedule on this machine, the bundle's records reused where its cache is here), so that the
     speed-up compares tuned with tuned, not a tuned bundle with untuned dense code."""
-    import os
-
     from .targets import get_target
 
     target = get_target((manifest.get("target") or {}).get("name") or "x86-cpu")
@@ -281,8 +280,8 @@ def dense_tvm_schedule(manifest: dict) -> dict:
     return out
 
 
-def _dense_tvm_library(dense, chw, tmp: Path, manifest: dict, batch: int) -> Path:
-    """The dense original built for the bundle's target (once per run: tvm and tvm-rpc share it)."""
+def _dense_tvm_library(dense, chw, tmp: Path, manifest: dict, batch: int) -> tuple[Path, dict]:
+    """The dense original built for the bundle's target (once per run: tvm and tvm-rpc share it), and how."""
     from .targets import get_target
     from .tvm_build import build
 
@@ -292,7 +291,7 @@ def _dense_tvm_library(dense, chw, tmp: Path, manifest: dict, batch: int) -> Pat
         cache = Path(how["tune_cache"]) if how.get("tune_cache") else None
         build(dense, chw, get_target(how["target"]), path, batch=batch, tune_trials=how["tune_trials"],
               tune_cache=cache, log=lambda *_: None)
-    return path
+    return path, how
 
 
 def _dense_twin(name, dense, chw, tmp: Path, rt: Runtime, manifest: dict, opts: VerifyOptions, log) -> Runtime | None:
@@ -311,11 +310,12 @@ def _dense_twin(name, dense, chw, tmp: Path, rt: Runtime, manifest: dict, opts: 
             if name == "tensorrt":
                 return rt.load_other(path, "tensorrt-dense")
             return onnx_runtime(path, chw, opts.threads, "onnx-dense")
-        if name == "tvm":
-            return tvm_runtime(_dense_tvm_library(dense, chw, tmp, manifest, rt.batches[0]), chw, rt.batches[0],
-                               "tvm-dense", device=rt.info.get("device", "cpu").split(":")[0])
-        if name == "tvm-rpc":
-            return rt.load_other(_dense_tvm_library(dense, chw, tmp, manifest, rt.batches[0]), "tvm-rpc-dense")
+        if name in ("tvm", "tvm-rpc"):
+            path, how = _dense_tvm_library(dense, chw, tmp, manifest, rt.batches[0])
+            out = (tvm_runtime(path, chw, rt.batches[0], "tvm-dense", device=rt.info.get("device", "cpu").split(":")[0])
+                   if name == "tvm" else rt.load_other(path, "tvm-rpc-dense"))
+            out.info["build"] = how
+            return out
     except Exception as exc:  # the ratio is a bonus: never fail verify because the dense twin cannot build
         log(f"latency: no dense original on {name} ({str(exc).splitlines()[0][:120]})")
     return None

@@ -128,6 +128,27 @@ def test_block_pruning_zeroes_sparse_blocks_including_ragged_edges():
     assert removed == 0 and torch.equal(same["l.weight"], g)
 
 
+def test_finetune_selection_never_prefers_a_collapsed_epoch(tmp_path, monkeypatch):
+    """structure's fine-tune selects with the trainer's rule: a healthy epoch beats a collapsed one."""
+    import rsp.attacks
+    from rsp.data import load_dataset
+    from rsp.structure import finetune
+
+    scores = iter([(0.10, 0.2), (0.50, 1.0), (0.15, 0.2)])  # (clean acc, top-class share) for epochs 0, 1, 2
+
+    def fake_evaluate(model, x, y, cfg, **kw):
+        acc, share = next(scores)
+        return {"clean_acc": acc, "n": len(y), "top_class": int(y[0]), "top_class_share": share}
+
+    monkeypatch.setattr(rsp.attacks, "evaluate", fake_evaluate)
+    model = _sparse_model("small-cnn", {"in_channels": 1, "mean": [0.0], "std": [1.0]}, density=0.2)
+    manifest = {"objective": "natural", "attack": {"eps": 8 / 255, "step_size": 2 / 255, "steps": 1}}
+    opts = StructureOptions(k=0, finetune=2, finetune_lr=0.01, batch_size=256)
+    _, summary = finetune(model, manifest, load_dataset("digits"), opts, tmp_path, log=lambda *_: None)
+    assert [h["collapsed"] for h in summary["history"]] == [False, True, False]
+    assert summary["selected_epoch"] == 2  # 0.50 scored best, but one class took every image
+
+
 def test_finetune_keeps_the_structure_frozen_and_selects_on_validation(tmp_path):
     model = _sparse_model("small-cnn", {"in_channels": 1, "mean": [0.0], "std": [1.0]}, density=0.2)
     src = _folder(tmp_path, model, "small-cnn")
