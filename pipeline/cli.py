@@ -30,13 +30,26 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     raise typer.Exit(code)
 
 
+def _yaml_mapping(flag: str, text: str) -> dict:
+    """A flag's YAML mapping ('{width: 0.25}'), or a one-line error."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        _fail(f"{flag} {text!r}: not YAML ({str(exc).splitlines()[0]})")
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        _fail(f"{flag} {text!r}: expected a mapping such as '{{width: 0.25}}'")
+    return value
+
+
 def _bad_input_types():
     from .artifacts import ArtifactError
     from .config import ConfigError
     from .data import DataError
-    from .models import UnknownModelError
+    from .models import ModelArgumentError, UnknownModelError
 
-    return (ArtifactError, ConfigError, DataError, UnknownModelError)
+    return (ArtifactError, ConfigError, DataError, ModelArgumentError, UnknownModelError)
 
 
 @app.command(
@@ -50,38 +63,39 @@ def _bad_input_types():
 def train(
     dataset: Optional[str] = typer.Option(None, help="digits (embedded, no download) | cifar10 | cifar100 | svhn.", rich_help_panel="Data"),
     data_dir: Optional[str] = typer.Option(None, help="Folder holding cifar-10-batches-py/ (torchvision's root) or that folder itself.", rich_help_panel="Data"),
-    val_fraction: Optional[float] = typer.Option(None, help="Share of the training data held out for model selection [default: 0.1].", rich_help_panel="Data"),
+    val_fraction: Optional[float] = typer.Option(None, help="Share of the training data held out for model selection (default: 0.1).", rich_help_panel="Data"),
     extra_data: Optional[str] = typer.Option(None, help="RST: .npz/.safetensors of pseudo-labelled images (images, labels), mixed 50/50 into each batch.", rich_help_panel="Data"),
-    model: Optional[str] = typer.Option(None, help="Registry name (rsp models lists them) [default: the data set's: small-cnn, vgg16].", rich_help_panel="Model"),
-    sparsity: Optional[float] = typer.Option(None, help="Share of conv/linear weights that are zero, fixed from step one [default: 0.9].", rich_help_panel="Model"),
+    model: Optional[str] = typer.Option(None, help="Registry name (rsp models lists them) (default: the data set's: small-cnn, vgg16).", rich_help_panel="Model"),
+    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="YAML mapping of the model constructor's keyword arguments, e.g. '{width: 0.25}' (vgg), '{widen_factor: 4}' (wrn).", rich_help_panel="Model"),
+    sparsity: Optional[float] = typer.Option(None, help="Share of conv/linear weights that are zero, fixed from step one (default: 0.9).", rich_help_panel="Model"),
     method: Optional[str] = typer.Option(None, help="bcs (Bayesian connectivity sampling, sparse from step one) | fixed (random static mask) | dense; "
                                          "baselines that prune a dense robust model: magnitude | lth | hydra | admm | anp-vs; edge-popup (scores on random weights). "
-                                         "--epochs is a method's whole budget, split over its phases (see the manifest) [default: bcs].", rich_help_panel="Model"),
+                                         "--epochs is a method's whole budget, split over its phases (see the manifest) (default: bcs).", rich_help_panel="Model"),
     method_option: Optional[list[str]] = typer.Option(None, "--method-option", help="KEY=VALUE (YAML value) for the method's recipe, e.g. rounds=3; repeatable.", rich_help_panel="Model"),
-    rewire_every: Optional[int] = typer.Option(None, help="BCS: rebirth dead connections every N steps [default: 1].", rich_help_panel="Model"),
-    regrow: Optional[str] = typer.Option(None, help="BCS rebirth rule: random | l2 (nearest dormant to random active seeds) | l2-weighted (seeds: largest |theta|) [default: random].", rich_help_panel="Model"),
-    sigma: Optional[float] = typer.Option(None, help="BCS: noise std is lr * sigma [default: 1e-6].", rich_help_panel="Model"),
-    alpha: Optional[float] = typer.Option(None, help="BCS: L1 prior strength [default: 0].", rich_help_panel="Model"),
+    rewire_every: Optional[int] = typer.Option(None, help="BCS: rebirth dead connections every N steps (default: 1).", rich_help_panel="Model"),
+    regrow: Optional[str] = typer.Option(None, help="BCS rebirth rule: random | l2 (nearest dormant to random active seeds) | l2-weighted (seeds: largest |theta|) (default: random).", rich_help_panel="Model"),
+    sigma: Optional[float] = typer.Option(None, help="BCS: noise std is lr * sigma (default: 1e-6).", rich_help_panel="Model"),
+    alpha: Optional[float] = typer.Option(None, help="BCS: L1 prior strength (default: 0).", rich_help_panel="Model"),
     temperature: Optional[float] = typer.Option(None, help="BCS: SGLD temperature T, noise std sqrt(2 lr T) (overrides sigma).", rich_help_panel="Model"),
-    objective: Optional[str] = typer.Option(None, help="natural | pgd-at | mixed-at | trades | mart | rst [default: pgd-at].", rich_help_panel="Robustness"),
-    eps: Optional[str] = typer.Option(None, help="Linf radius, inputs in [0, 1]; fractions allowed [default: 8/255].", rich_help_panel="Robustness"),
-    attack_step_size: Optional[str] = typer.Option(None, help="PGD step size [default: 2/255].", rich_help_panel="Robustness"),
-    attack_steps: Optional[int] = typer.Option(None, help="PGD steps while training [default: 10].", rich_help_panel="Robustness"),
-    beta: Optional[float] = typer.Option(None, help="TRADES/MART/RST robust-loss weight [default: 6].", rich_help_panel="Robustness"),
-    vs_lambda: Optional[float] = typer.Option(None, help="ANP-VS vulnerability suppression, any method: + lambda * mean |z(x) - z(x_adv)| over ReLU features [default: 0].", rich_help_panel="Robustness"),
-    eval_attack_steps: Optional[int] = typer.Option(None, help="PGD steps of the per-epoch validation attack (model selection) [default: 10].", rich_help_panel="Robustness"),
-    test_attack_steps: Optional[int] = typer.Option(None, help="PGD steps of the final test-set attack [default: 20].", rich_help_panel="Robustness"),
-    epochs: Optional[int] = typer.Option(None, help="Epochs [default: 30].", rich_help_panel="Optimisation"),
+    objective: Optional[str] = typer.Option(None, help="natural | pgd-at | mixed-at | trades | mart | rst (default: pgd-at).", rich_help_panel="Robustness"),
+    eps: Optional[str] = typer.Option(None, help="Linf radius, inputs in [0, 1]; fractions allowed (default: 8/255).", rich_help_panel="Robustness"),
+    attack_step_size: Optional[str] = typer.Option(None, help="PGD step size (default: 2/255).", rich_help_panel="Robustness"),
+    attack_steps: Optional[int] = typer.Option(None, help="PGD steps while training (default: 10).", rich_help_panel="Robustness"),
+    beta: Optional[float] = typer.Option(None, help="TRADES/MART/RST robust-loss weight (default: 6).", rich_help_panel="Robustness"),
+    vs_lambda: Optional[float] = typer.Option(None, help="ANP-VS vulnerability suppression, any method: + lambda * mean |z(x) - z(x_adv)| over ReLU features (default: 0).", rich_help_panel="Robustness"),
+    eval_attack_steps: Optional[int] = typer.Option(None, help="PGD steps of the per-epoch validation attack (model selection) (default: 10).", rich_help_panel="Robustness"),
+    test_attack_steps: Optional[int] = typer.Option(None, help="PGD steps of the final test-set attack (default: 20).", rich_help_panel="Robustness"),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: 30).", rich_help_panel="Optimisation"),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps (smoke runs).", rich_help_panel="Optimisation"),
-    batch_size: Optional[int] = typer.Option(None, help="Global batch size [default: 128].", rich_help_panel="Optimisation"),
-    lr: Optional[float] = typer.Option(None, help="Initial learning rate; x0.1 at 50 % and 75 % of the epochs [default: 0.1].", rich_help_panel="Optimisation"),
-    weight_decay: Optional[float] = typer.Option(None, help="Decoupled (SGDW) weight decay on conv/linear weights [default: 5e-4].", rich_help_panel="Optimisation"),
-    seed: Optional[int] = typer.Option(None, help="Seed of init, data order, attacks, rewiring [default: 0].", rich_help_panel="Optimisation"),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda | auto [default: auto].", rich_help_panel="Runtime"),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast [default: on for CUDA].", rich_help_panel="Runtime"),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch size (default: 128).", rich_help_panel="Optimisation"),
+    lr: Optional[float] = typer.Option(None, help="Initial learning rate; x0.1 at 50 % and 75 % of the epochs (default: 0.1).", rich_help_panel="Optimisation"),
+    weight_decay: Optional[float] = typer.Option(None, help="Decoupled (SGDW) weight decay on conv/linear weights (default: 5e-4).", rich_help_panel="Optimisation"),
+    seed: Optional[int] = typer.Option(None, help="Seed of init, data order, attacks, rewiring (default: 0).", rich_help_panel="Optimisation"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | auto (default: auto).", rich_help_panel="Runtime"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for CUDA).", rich_help_panel="Runtime"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model.", rich_help_panel="Runtime"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch.", rich_help_panel="Runtime"),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder [default: runs/train-<time>].", rich_help_panel="Run"),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder (default: runs/train-<time>).", rich_help_panel="Run"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint.", rich_help_panel="Run"),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Recipe YAML (or a shipped recipe name); flags override it.", rich_help_panel="Run"),
     list_recipes: bool = typer.Option(False, "--list-recipes", help="Print the shipped recipes and exit.", rich_help_panel="Run"),
@@ -109,6 +123,8 @@ def train(
         vs_lambda=vs_lambda, eval_attack_steps=eval_attack_steps, test_attack_steps=test_attack_steps,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
         device=device, bf16=bf16, compile=compile, threads=threads).items() if v is not None}
+    if model_kwargs is not None:
+        overrides["model_kwargs"] = _yaml_mapping("--model-kwargs", model_kwargs)
     if method_option:
         import yaml
 
@@ -161,14 +177,14 @@ def structure(
     prune_block: Optional[str] = typer.Option(None, "--prune-block", help="Prune RxC blocks of the GEMM view (e.g. 4x4, 1x4 for a BSR kernel) instead of the study's vectors."),
     regroup: bool = typer.Option(True, "--regroup/--no-regroup", help="Permute channels to gather non-zeros (function unchanged)."),
     nm: Optional[str] = typer.Option(None, "--nm", help="N:M projection over the GEMM view, e.g. 2:4 for sparse tensor cores."),
-    block: Optional[list[str]] = typer.Option(None, "--block", help="Block shapes (RxC of out x in*kh*kw) to report zero shares for [default: 1x4 4x4 16x1 32x1]."),
-    plot_layer: Optional[list[str]] = typer.Option(None, "--plot-layer", help="Layers to draw (GEMM view PNG) [default: two]."),
+    block: Optional[list[str]] = typer.Option(None, "--block", help="Block shapes (RxC of out x in*kh*kw) to report zero shares for (default: 1x4 4x4 16x1 32x1)."),
+    plot_layer: Optional[list[str]] = typer.Option(None, "--plot-layer", help="Layers to draw (GEMM view PNG) (default: two)."),
     n_examples: int = typer.Option(500, help="Test images for clean/robust accuracy after each step (0: skip)."),
     attack_steps: int = typer.Option(20, help="PGD steps for the robust accuracy in the report (0: clean only)."),
     data_dir: Optional[str] = typer.Option(None, help="Data folder of the run's data set (not needed for digits)."),
     finetune: int = typer.Option(0, "--finetune", help="Epochs of robust fine-tuning with the structure frozen (same objective as training; selected on validation)."),
     finetune_lr: float = typer.Option(0.01, "--finetune-lr", help="Peak learning rate of the fine-tune (cosine)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Fine-tuning batch size [default: the run's]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Fine-tuning batch size (default: the run's)."),
     seed: int = typer.Option(0, "--seed", help="Seed of attacks and fine-tuning."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
 ) -> None:
@@ -279,7 +295,7 @@ def verify(
     backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="torch | onnx | tvm | tvm-rpc | tensorrt; repeat for several (default: every artifact in the bundle that runs here; tvm-rpc first with --rpc)."),
     dataset: Optional[str] = typer.Option(None, help="Evaluation data set (default: the bundle's)."),
     data_dir: Optional[str] = typer.Option(None, help="Data folder (as in rsp train; not needed for digits)."),
-    attacks: Optional[list[str]] = typer.Option(None, "--attacks", help="pgd (default); repeat for several."),
+    attacks: Optional[list[str]] = typer.Option(None, "--attacks", help="pgd | apgd-ce | apgd-dlr | apgd-t (targeted DLR) | square (black-box, queries the artifact) | autoattack (apgd-ce, apgd-t, square) | all; repeatable, robust = worst case over them (default: pgd)."),
     eps: Optional[str] = typer.Option(None, help="Linf radius; fractions allowed (default: the bundle's, 8/255)."),
     steps: int = typer.Option(50, help="Attack steps."),
     restarts: int = typer.Option(10, help="Random restarts; an example is robust only if it survives all."),
@@ -348,6 +364,7 @@ def pipeline(
     dataset: Optional[str] = typer.Option(None, help="digits (embedded) | cifar10 | cifar100 | svhn.", rich_help_panel="train"),
     data_dir: Optional[str] = typer.Option(None, help="Data folder (all stages).", rich_help_panel="train"),
     model: Optional[str] = typer.Option(None, help="Registry model.", rich_help_panel="train"),
+    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="YAML mapping of model constructor arguments, e.g. '{width: 0.25}'.", rich_help_panel="train"),
     sparsity: Optional[float] = typer.Option(None, help="Weight sparsity fixed from step one.", rich_help_panel="train"),
     method: Optional[str] = typer.Option(None, help="bcs | fixed | dense | magnitude | lth | hydra | edge-popup | admm | anp-vs (see rsp train --help).", rich_help_panel="train"),
     regrow: Optional[str] = typer.Option(None, help="BCS rebirth rule: random | l2 | l2-weighted.", rich_help_panel="train"),
@@ -389,6 +406,8 @@ def pipeline(
         overrides = {k_: v for k_, v in dict(dataset=dataset, data_dir=data_dir, model=model, sparsity=sparsity,
                                              method=method, regrow=regrow, objective=objective, epochs=epochs,
                                              max_steps=max_steps, seed=seed, device=device).items() if v is not None}
+        if model_kwargs is not None:
+            overrides["model_kwargs"] = _yaml_mapping("--model-kwargs", model_kwargs)
         import pathlib
 
         saved = pathlib.Path(output) / "train" / "config.yaml"

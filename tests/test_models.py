@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rsp.models import Normalize, UnknownModelError, create_model, list_models, register_model
+from rsp.models import ModelArgumentError, Normalize, UnknownModelError, create_model, list_models, register_model
 
 # Small but structurally complete versions of every registered model: each forward takes milliseconds.
 TINY = {
@@ -272,3 +272,12 @@ def test_register_model_rejects_duplicates():
     with pytest.raises(ValueError):
         register_model("vgg16")(lambda **kw: nn.Identity())
     assert list_models() == sorted(list_models())
+
+
+@pytest.mark.parametrize("kwargs,match", [({"widht": 0.25}, "takes no argument 'widht'"),
+                                          ({"width": 0.5}, "positive integer")])
+def test_bad_constructor_arguments_are_one_error_type(kwargs, match):
+    # bad input (a typo in --model-kwargs or a recipe), not a bug: the CLI turns it into a one-line exit 2
+    with pytest.raises(ModelArgumentError, match=match) as info:
+        create_model("resnet18", **kwargs)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)

@@ -128,6 +128,10 @@ def _one_line_error(r):
     (["--config", "/nonexistent.yaml"], "no config file"),
     (["--objective", "rst"], "extra-data"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+    (["--model-kwargs", "{widht: 0.25}"], "takes no argument 'widht'"),
+    (["--model-kwargs", "{channels: [0]}"], "positive"),
+    (["--model-kwargs", "[1, 2]"], "expected a mapping"),
+    (["--model-kwargs", "{width: "], "not YAML"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, match):
     err = _one_line_error(rsp_cli("train", *args, "--max-steps", "1", "--output", tmp_path / "o"))

@@ -7,6 +7,7 @@ data set's mean/std. Each model carries `rsp_family` and `rsp_config` (JSON-plai
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Iterable
 
 import torch.nn as nn
@@ -28,6 +29,10 @@ class UnknownModelError(KeyError):
         return f"unknown model {self.name!r}; available models: {', '.join(self.available)}"
 
 
+class ModelArgumentError(TypeError, ValueError):
+    """Constructor arguments a model does not take, or values it rejects (bad input, not a bug)."""
+
+
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: register a constructor under `name` (names are unique)."""
 
@@ -45,15 +50,24 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered model. Unknown kwargs raise TypeError, bad values ValueError."""
+    """Build a registered model. Unknown kwargs or bad values raise ModelArgumentError (a TypeError and a ValueError)."""
     try:
         fn = _REGISTRY[name]
     except KeyError:
         raise UnknownModelError(name, list_models()) from None
-    return fn(**kwargs)
+    params = inspect.signature(fn).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        accepted = ", ".join(n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL)
+        raise ModelArgumentError(f"model {name!r} takes no argument {', '.join(map(repr, unknown))}; "
+                                 f"it takes: {accepted}")
+    try:
+        return fn(**kwargs)
+    except (TypeError, ValueError) as exc:  # a value of the wrong type or range, e.g. width: -1
+        raise ModelArgumentError(f"model {name!r} with {kwargs}: {exc}") from None
 
 
-__all__ = ["Normalize", "UnknownModelError", "create_model", "list_models", "register_model"]
+__all__ = ["ModelArgumentError", "Normalize", "UnknownModelError", "create_model", "list_models", "register_model"]
 
 # Importing the families registers them; they import register_model from here, so this stays last.
 from . import resnet, small_cnn, vgg, wrn  # noqa: E402,F401
