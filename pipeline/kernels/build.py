@@ -383,24 +383,36 @@ def build_host(sources: KernelSource | Sequence[KernelSource] | str, *, cache_di
     correctness path (tests, parity), not a fast one."""
     if kind not in ("so", "obj"):
         raise ValueError(f"the host emulator is built as 'so' or 'obj', got {kind!r}")
+    flags = [opt, "-std=c++17", "-ffp-contract=off"]
+    return build_cxx(sources, flags, kind=kind, tvm_ffi=tvm_ffi, cxx=cxx, cache_dir=cache_dir, timeout=timeout,
+                     what="host emulator", suffix="host")
+
+
+def build_cxx(sources: KernelSource | Sequence[KernelSource] | str, flags: Sequence[str], *, kind: str = "so",
+              tvm_ffi: bool = False, cxx: str | None = None, cache_dir: str | Path | None = None,
+              timeout: float | None = 1800, what: str = "C++ kernels", suffix: str = "cpu") -> Path:
+    """Compile a generated unit with a C++ compiler (g++ by default, or ``cxx``, e.g. a cross compiler) into
+    the content-addressed cache: kind "so" (ctypes) or "obj" (``export_library(options=[obj])``)."""
+    if kind not in ("so", "obj"):
+        raise ValueError(f"C++ kernels are built as 'so' or 'obj', got {kind!r}")
     exe = cxx or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if not exe:
-        raise KernelBuildError("no C++ compiler found for the host emulator (g++/c++/clang++)")
+        raise KernelBuildError(f"no C++ compiler found for the {what} (g++/c++/clang++)")
     src, label = _source_of(sources)
-    flags = [opt, "-std=c++17", "-shared" if kind == "so" else "-c", "-fPIC", "-ffp-contract=off"]
+    flags = [*flags, "-shared" if kind == "so" else "-c", "-fPIC"]
     if tvm_ffi:
         flags += ["-DRSP_TVM_FFI"] + [f"-I{d}" for d in tvm_ffi_include_dirs()]
-    key = hashlib.sha256("\0".join([src, exe, *flags, "host"]).encode()).hexdigest()[:20]
+    key = hashlib.sha256("\0".join([src, exe, *flags, suffix]).encode()).hexdigest()[:20]
     folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / key
-    out = folder / f"{label}_host{'_tvm' if tvm_ffi else ''}.{'o' if kind == 'obj' else 'so'}"
+    out = folder / f"{label}_{suffix}{'_tvm' if tvm_ffi else ''}.{'o' if kind == 'obj' else 'so'}"
     if out.is_file():
         return out
     folder.mkdir(parents=True, exist_ok=True)
-    cpp = folder / f"{label}_host.cpp"
+    cpp = folder / f"{label}_{suffix}.cpp"
     _atomic_write(cpp, src)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        _run([exe, *flags, "-o", str(tmp), str(cpp)], folder / "host.log", f"{Path(exe).name} (host emulator) for {label}",
+        _run([exe, *flags, "-o", str(tmp), str(cpp)], folder / f"{suffix}.log", f"{Path(exe).name} ({what}) for {label}",
              timeout)
         os.replace(tmp, out)
     finally:

@@ -1,0 +1,222 @@
+"""Sparse convolution and linear kernels for CPUs, generated per layer, and when they pay.
+
+A layer's unit (``generate_cpu``) holds its non-zeros as constants (CSR rows of the GEMM view, per
+non-zero the stride-phase plane and the in-plane offset it reads, the values as exact hex floats) and
+calls the direct sparse convolution of ``cpu_kernels.h``: vectorised over output pixels (8 floats per
+vector, images of a batch stacked), one broadcast and NV loads + FMAs per non-zero, no im2col, zeros
+never touched. The unit has the host symbols of the CUDA units (``NAME_host(x, y, batch)``,
+``NAME_info``, with ``-DRSP_TVM_FFI`` the packed function ``NAME(x, y)`` on CPU tensors), so ctypes
+(``load_cpu_layer``), the Relax rewrite (``relax_link``) and ``export_library`` take it unchanged.
+
+Unlike ``build_host`` (the CUDA kernels' emulator: ``-O1``, no FMA contraction, for bit-exact checks)
+this is built to be fast: ``-O3`` for the target's CPU (``-march=x86-64-v3`` for x86-cpu, ``-mcpu=`` of
+a Jetson's cores) with FMA contraction, so its results differ from a dense convolution by rounding only.
+
+``estimate_cpu`` / ``plan_cpu_layers`` choose per layer: sparse when the estimated time of this kernel
+beats a dense direct/GEMM convolution at a realistic share of the core's FMA peak by ``min_speedup``.
+The constants are calibrated with ``bench/kernels.py --device cpu`` on this machine (AMD EPYC, AVX2):
+the sparse kernel sustains about ``SPARSE_NZ_VECTORS_PER_NS`` non-zero x 8-lane updates per ns, a
+dense library at batch 1 about ``DENSE_EFF`` of the peak.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .bsr import gemm_matrix
+from .codegen import HEADER_FILE, KernelSource, LayerSpec, conv_spec, linear_spec
+
+CPU_HEADER_FILE = Path(__file__).with_name("cpu_kernels.h")
+LANES = 8
+
+
+@dataclass(frozen=True)
+class CPU:
+    """What the CPU cost model needs of a core (one thread: the kernels are single-threaded per call)."""
+
+    name: str
+    clock_ghz: float
+    fma_lanes_per_cycle: int  # fp32 FMAs per cycle per core (2 x 8 for two AVX2 FMA ports)
+    march: tuple[str, ...]  # compiler flags selecting the ISA
+    # calibrated on the machine named in the module docstring with bench/kernels.py --device cpu
+    sparse_nz_vectors_per_ns: float = 1.8  # (non-zero, 8-lane vector) updates per ns in the inner loop
+    dense_eff: float = 0.6  # share of the FMA peak a dense conv library (oneDNN, one thread) reaches
+    pack_ns_per_value: float = 0.6  # input packing (padding, phase split) per input value
+    call_us: float = 2.0  # per call: scratch set-up, offset table
+
+
+CPUS = {
+    "x86-64-v3": CPU("x86-64-v3", 3.0, 16, ("-march=x86-64-v3",)),
+    # Jetson Orin's Cortex-A78AE: two 128-bit NEON FMA pipes (8 fp32 FMAs per cycle); the sparse rate is an
+    # estimate (half of x86's, an 8-float vector being two NEON registers) until measured on a board
+    "cortex-a78ae": CPU("cortex-a78ae", 2.2, 8, ("-mcpu=cortex-a78ae",), sparse_nz_vectors_per_ns=0.9),
+}
+
+
+def get_cpu(name: str | None) -> CPU:
+    if name in CPUS:
+        return CPUS[name]
+    raise ValueError(f"no CPU cost figures for {name!r}; known: {', '.join(CPUS)}")
+
+
+def _header() -> str:
+    return HEADER_FILE.read_text() + "\n" + CPU_HEADER_FILE.read_text()
+
+
+def _grid(spec: LayerSpec) -> tuple[int, int, int, int]:
+    """(Hs, Ws, SH, SW): the stride-phase plane of one image and the strides."""
+    (h, w), (ph, pw), (sh, sw) = spec.in_hw, spec.padding, spec.stride
+    return -(-(h + 2 * ph) // sh), -(-(w + 2 * pw) // sw), sh, sw
+
+
+def _hexf(v: float) -> str:
+    return "0.0f" if v == 0 else f"{float(v).hex()}f"
+
+
+def _int_array(name: str, values, per_line: int = 24) -> list[str]:
+    vals = [str(int(v)) for v in values] or ["0"]
+    body = [", ".join(vals[i:i + per_line]) for i in range(0, len(vals), per_line)]
+    return [f"static const int {name}[] = {{"] + [f"  {b}," for b in body] + ["};"]
+
+
+def _float_array(name: str, values, per_line: int = 8) -> list[str]:
+    vals = [_hexf(v) for v in values] or ["0.0f"]
+    body = [", ".join(vals[i:i + per_line]) for i in range(0, len(vals), per_line)]
+    return [f"static const float {name}[] = {{"] + [f"  {b}," for b in body] + ["};"]
+
+
+def generate_cpu(spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None = None, *, relu: bool = False,
+                 label: str = "") -> KernelSource:
+    """The C++ unit of one layer's CPU kernel (``KernelSource.mode == "cpu"``)."""
+    dense = weight.detach()
+    if tuple(dense.shape) != tuple(spec.weight_shape):
+        raise ValueError(f"weight shape {tuple(dense.shape)} does not match the layer {spec.weight_shape}")
+    w = gemm_matrix(dense).to(torch.float32).cpu().numpy()
+    b = None if bias is None else bias.detach().to(torch.float32).cpu().numpy().reshape(-1)
+    if b is not None and b.shape[0] != spec.out_channels:
+        raise ValueError(f"bias has {b.shape[0]} values, the layer {spec.out_channels} outputs")
+    m, k = w.shape
+    (kh, kw), (dh, dw) = spec.kernel, spec.dilation
+    hs, ws, sh, sw = _grid(spec)
+    rows, cols = np.nonzero(w)  # row-major: CSR order
+    c, tap = np.divmod(cols, kh * kw)
+    ry, rx = (tap // kw) * dh, (tap % kw) * dw
+    plane = (c * sh + ry % sh) * sw + rx % sw
+    off = (ry // sh) * ws + rx // sw
+    row_ptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=m))])
+    max_off = int(((kh - 1) * dh // sh) * ws + (kw - 1) * dw // sw)
+
+    digest = hashlib.sha256(json.dumps({"spec": spec.as_dict(), "relu": relu, "kind": "cpu"}).encode())
+    digest.update(np.ascontiguousarray(w).view(np.uint32).tobytes())
+    if b is not None:
+        digest.update(np.ascontiguousarray(b).view(np.uint32).tobytes())
+    digest.update(_header().encode())
+    tag = "".join(ch if ch.isalnum() else "_" for ch in label)
+    name = f"rsp_cpu_{tag}_{digest.hexdigest()[:12]}" if label else f"rsp_cpu_layer_{digest.hexdigest()[:12]}"
+    oh, ow = spec.out_hw
+    nnz = int(len(rows))
+    lines = [f"// generated by rsp.kernels.cpu: {name}", f"// {json.dumps(spec.as_dict())}", _header(),
+             f"namespace {name}_ns {{"]
+    lines += _int_array("row_ptr", row_ptr) + _int_array("plane", plane) + _int_array("off", off)
+    lines += _float_array("val", w[rows, cols])
+    if b is not None:
+        lines += _float_array("bias", b)
+    ch, (h, wd), (ph, pw) = spec.in_channels, spec.in_hw, spec.padding
+    lines += [f"static const rsp_cpu::Layer L = {{{ch}, {h}, {wd}, {m}, {oh}, {ow}, {sh}, {sw}, {ph}, {pw}, {hs}, {ws}, "
+              f"{max_off}, row_ptr, plane, off, val, {'bias' if b is not None else 'nullptr'}, "
+              f"{'true' if relu else 'false'}}};",
+              f"}}  // namespace {name}_ns"]
+    info = json.dumps({"name": name, "mode": "cpu", "nnz": nnz, "relu": relu, "spec": spec.as_dict()})
+    per_x, per_y = ch * h * wd, m * oh * ow
+    lines += [f'extern "C" const char* {name}_info(void) {{ return {json.dumps(info)}; }}',
+              f'extern "C" int {name}_host(const float* x, float* y, int batch) {{',
+              f"  return rsp_cpu::run({name}_ns::L, {nnz}, x, y, batch);",
+              "}",
+              "#ifdef RSP_TVM_FFI",
+              f"RSP_DEFINE_TVM_FFI_HOST({name}, {name}_host, {per_x}LL, {per_y}LL)",
+              "#endif", ""]
+    src = "\n".join(lines)
+    stats = {"nnz": nnz, "density": nnz / w.size if w.size else 0.0, "grid_per_image": hs * ws,
+             "source_bytes": len(src)}
+    return KernelSource(name=name, source=src, spec=spec, mode="cpu", rows_per_thread=1, groups=m, relu=relu,
+                        stats=stats)
+
+
+def build_cpu(sources: KernelSource | Sequence[KernelSource] | str, *, cpu: str = "x86-64-v3", kind: str = "so",
+              tvm_ffi: bool = False, cxx: str | None = None, cache_dir=None, timeout: float | None = 1800) -> Path:
+    """Compile CPU kernel units for ``cpu`` (``CPUS``; ``cxx`` a cross compiler for another machine)."""
+    from .build import build_cxx
+
+    flags = ["-O3", "-std=c++17", "-ffp-contract=fast", *get_cpu(cpu).march]
+    return build_cxx(sources, flags, kind=kind, tvm_ffi=tvm_ffi, cxx=cxx, cache_dir=cache_dir, timeout=timeout,
+                     what=f"CPU sparse kernels ({cpu})", suffix="cpu")
+
+
+def load_cpu_layer(ks: KernelSource, *, cpu: str = "x86-64-v3", lib=None, cache_dir=None):
+    """A callable layer on CPU tensors: ``y = layer(x)`` (ctypes; builds or reuses the .so)."""
+    from .build import HostLayer
+
+    return HostLayer(Path(lib) if lib else build_cpu(ks, cpu=cpu, cache_dir=cache_dir), ks)
+
+
+# --- when sparse pays -----------------------------------------------------------------------------
+
+
+def estimate_cpu(spec: LayerSpec, nnz: int, batch: int = 1, cpu: str | CPU = "x86-64-v3") -> dict:
+    """Estimated microseconds of a dense convolution and of this kernel on one core, and dense/sparse."""
+    c = cpu if isinstance(cpu, CPU) else get_cpu(cpu)
+    m, k = spec.gemm_shape
+    p = spec.pixels(batch)
+    dense = 2.0 * m * k * p / (2.0 * c.fma_lanes_per_cycle * c.clock_ghz * 1e3 * c.dense_eff)
+    hs, ws, sh, sw = _grid(spec)
+    grid = hs * ws * batch
+    nv = 4 if grid >= 32 else max(1, -(-grid // LANES))
+    vectors = -(-grid // (LANES * nv)) * nv  # 8-lane vectors per output row, padding included
+    compute = nnz * vectors / (c.sparse_nz_vectors_per_ns * 1e3)
+    pack = spec.in_channels * spec.in_hw[0] * spec.in_hw[1] * batch * c.pack_ns_per_value / 1e3
+    out = m * vectors * LANES * 0.3e-3  # writing the grid row and keeping the real outputs
+    sparse = c.call_us + compute + pack + out
+    return {"dense_us": dense, "sparse_us": sparse, "speedup": dense / sparse}
+
+
+def plan_cpu_layers(state: dict[str, torch.Tensor], geometry: dict[str, dict], *, batch: int = 1,
+                    cpu: str = "x86-64-v3", min_speedup: float = 1.1) -> dict[str, dict]:
+    """The per-layer plan on a CPU target, in the format of ``costmodel.plan_layers``."""
+    plan: dict[str, dict] = {}
+    for key, w in state.items():
+        if not key.endswith(".weight") or w.dim() not in (2, 4):
+            continue
+        name = key[: -len(".weight")]
+        g = geometry.get(name, {})
+        nnz = int((w != 0).sum())
+        entry: dict = {"shape": list(w.shape), "density": nnz / w.numel() if w.numel() else 0.0, "cpu": cpu}
+        reason = None
+        if w.dim() == 4:
+            if not g:
+                reason = "no geometry (input size) for this conv"
+            elif g.get("groups", 1) != 1:
+                reason = "grouped convolution"
+            elif isinstance(g.get("padding"), str):
+                reason = f"padding={g['padding']!r}"
+        if reason:
+            entry.update({"kernel": "dense", "block": None, "block_density": None, "est_speedup": None, "reason": reason})
+            plan[name] = entry
+            continue
+        if w.dim() == 4:
+            spec = conv_spec(w.shape, g["in_hw"], g.get("stride", 1), g.get("padding", 0), g.get("dilation", 1))
+            entry.update({"in_hw": list(spec.in_hw), "stride": list(spec.stride), "padding": list(spec.padding)})
+        else:
+            spec = linear_spec(w.shape)
+        e = estimate_cpu(spec, nnz, batch, cpu)
+        entry.update({"kernel": "sparse" if e["speedup"] >= min_speedup else "dense", "block": [1, 1],
+                      "block_density": entry["density"], "est_speedup": e["speedup"],
+                      "est_us": {"dense": e["dense_us"], "sparse": e["sparse_us"]}})
+        plan[name] = entry
+    return plan
