@@ -7,8 +7,10 @@ Formats (the target's defaults unless --format says otherwise):
             compiled here into a fatbin, Jetson host code is cross-linked for aarch64; CPU libraries built
             for this machine's architecture are checked against PyTorch like the ONNX model. On GPU targets
             the layers rsp.kernels' cost model marks sparse call rsp's BSR CUDA kernels, linked into the
-            library (--sparse-kernels auto; "host" links their CPU emulator into a CPU library instead, a
-            correctness path that runs the linkage here); manifest "kernels" records plan and symbols
+            library (--sparse-kernels auto); on CPU targets those the CPU cost model marks sparse call rsp's
+            CPU sparse kernels (rsp.kernels.cpu, compiled for the target's mcpu). "host" links the CUDA
+            kernels' CPU emulator into a CPU library instead, a correctness path that runs the GPU code's
+            linkage here; manifest "kernels" records plan and symbols
   tensorrt  TensorRT engines must be built on the device that runs them: the bundle carries the ONNX model,
             tensorrt.json (precision, 2:4 layers, shapes) and the matching trtexec command; `rsp verify`
             builds and caches the engine where the tensorrt package and a GPU are present
@@ -72,8 +74,9 @@ class ExportOptions:
     parity_images: int = 256
     tolerance: float = 1e-4  # fp32 max |logit difference|
     threads: int | None = None
-    # rsp's BSR kernels in the TVM library: auto (CUDA kernels on GPU targets, for the layers the cost model
-    # marks sparse), off, host (their CPU emulator in a CPU library: tests the linkage; correct, not fast)
+    # rsp's sparse kernels in the TVM library: auto (for the layers the cost model marks sparse: the CUDA
+    # kernels on GPU targets, the CPU kernels on CPU targets), off, host (the CUDA kernels' CPU emulator in a
+    # CPU library: tests the GPU code's linkage; correct, not fast)
     sparse_kernels: str = "auto"
     force_sparse: tuple[str, ...] = ()  # layers run sparse whatever the cost model says (tests, experiments)
 
@@ -164,36 +167,64 @@ def _planner():
         return None
 
 
+def _cpu_planner():
+    try:
+        from .kernels import cpu
+
+        return cpu
+    except Exception:  # absent or half-written: export must not depend on it
+        return None
+
+
 def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names: list[str], batch: int, *,
                 mode: str = "auto", force_sparse=()) -> dict:
-    """Per-layer kernel choice for the manifest: rsp.kernels.costmodel.plan_model(model, input_shape, arch=,
-    batch=) for the target's GPU (mode "host" on a CPU target: for the GPU its emulator stands in for, sm_87);
-    otherwise "dense" with the reason. force_sparse marks layers sparse whatever the estimate ("forced").
-    "linked" stays False here: the TVM build links the kernels and export records which (_record_linked)."""
-    plan = _planner()
+    """Per-layer kernel choice for the manifest. GPU targets (and mode "host", for the GPU its emulator stands
+    in for, sm_87): rsp.kernels.costmodel.plan_model(model, input_shape, arch=, batch=). CPU targets in mode
+    "auto": rsp.kernels.cpu.plan_cpu_layers for the target's mcpu. Otherwise "dense" with the reason.
+    force_sparse marks layers sparse whatever the estimate ("forced"). "linked" stays False here: the TVM
+    build links the kernels and export records which (_record_linked)."""
     arch = target.cuda_arch[0] if target.has_cuda else ("sm_87" if mode == "host" else None)
     result = None
-    if arch is None:
-        reason = "rsp's sparse kernels are CUDA kernels; this target has no GPU (--sparse-kernels host links their CPU emulator)"
-    elif plan is None:
-        reason = "rsp.kernels.costmodel.plan_model is not available"
-    else:
-        try:
+    reason = "--sparse-kernels off"
+    if mode == "off":
+        pass
+    elif arch is None:
+        cpu = _cpu_planner()
+        if cpu is None:
+            reason = "rsp.kernels.cpu is not available"
+        elif target.mcpu not in cpu.CPUS:
+            reason = f"no CPU kernel figures for mcpu {target.mcpu!r} (known: {', '.join(cpu.CPUS)})"
+        else:
             try:
-                rows = plan(model, (batch, *chw), arch=arch, batch=batch)
-            except TypeError:
-                rows = plan(model, (batch, *chw))
-            if isinstance(rows, dict):
-                rows = [{"layer": k, **dict(v)} for k, v in rows.items()]
-            rows = [dict(r) for r in rows]
-            for r in rows:
-                r.setdefault("layer", r.get("name"))
-            if rows and all(r.get("layer") and "kernel" in r for r in rows):
-                result = {"planner": "rsp.kernels.costmodel.plan_model", "arch": arch, "layers": rows}
-            else:
-                reason = "rsp.kernels.costmodel.plan_model returned no per-layer choice"
-        except Exception as exc:
-            reason = f"rsp.kernels.costmodel.plan_model failed ({type(exc).__name__}: {str(exc)[:120]})"
+                from .kernels.costmodel import layer_geometry
+
+                plan = cpu.plan_cpu_layers({k: v.detach() for k, v in model.state_dict().items()},
+                                           layer_geometry(model, (batch, *chw)), batch=batch, cpu=target.mcpu)
+                result = {"planner": "rsp.kernels.cpu.plan_cpu_layers", "cpu": target.mcpu,
+                          "layers": [{"layer": k, **v} for k, v in plan.items()]}
+            except Exception as exc:
+                reason = f"rsp.kernels.cpu.plan_cpu_layers failed ({type(exc).__name__}: {str(exc)[:120]})"
+    else:
+        plan = _planner()
+        if plan is None:
+            reason = "rsp.kernels.costmodel.plan_model is not available"
+        else:
+            try:
+                try:
+                    rows = plan(model, (batch, *chw), arch=arch, batch=batch)
+                except TypeError:
+                    rows = plan(model, (batch, *chw))
+                if isinstance(rows, dict):
+                    rows = [{"layer": k, **dict(v)} for k, v in rows.items()]
+                rows = [dict(r) for r in rows]
+                for r in rows:
+                    r.setdefault("layer", r.get("name"))
+                if rows and all(r.get("layer") and "kernel" in r for r in rows):
+                    result = {"planner": "rsp.kernels.costmodel.plan_model", "arch": arch, "layers": rows}
+                else:
+                    reason = "rsp.kernels.costmodel.plan_model returned no per-layer choice"
+            except Exception as exc:
+                reason = f"rsp.kernels.costmodel.plan_model failed ({type(exc).__name__}: {str(exc)[:120]})"
     if result is None:
         layers = []
         for n in names:
@@ -209,6 +240,15 @@ def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names:
     return result
 
 
+def sparse_kernel_kind(target: Target, mode: str) -> str | None:
+    """Which of rsp's kernels the TVM library links: "cuda", "host" (emulator), "cpu", or None (off)."""
+    if mode == "off":
+        return None
+    if mode == "host":
+        return "host"
+    return "cuda" if target.has_cuda else "cpu"
+
+
 def _record_linked(kernels: dict, info: dict | None, mode: str, why_not: str) -> dict:
     """The plan after the TVM build: which layers call rsp's kernels, their symbols and the object's hash."""
     linked = {ll["layer"]: ll for ll in (info or {}).get("layers", [])}
@@ -222,7 +262,10 @@ def _record_linked(kernels: dict, info: dict | None, mode: str, why_not: str) ->
     kernels["linked_layers"] = [{"layer": ll["layer"], "symbol": ll["symbol"], "op": ll["op"],
                                  "kernel_mode": ll["kernel_mode"]} for ll in linked.values()]
     kernels["object"] = (info or {}).get("object")
-    if linked and mode == "host":
+    if linked and kernels.get("planner") == "rsp.kernels.cpu.plan_cpu_layers" or linked and mode == "cpu":
+        kernels["note"] = (f"model.tvm.so calls rsp's CPU sparse kernels ({kernels.get('cpu')}) for the linked layers "
+                           "and TVM's kernels for the rest")
+    elif linked and mode == "host":
         kernels["note"] = ("model.tvm.so calls the host emulator of rsp's BSR kernels for the linked layers "
                            "(--sparse-kernels host: a correctness path for testing the linkage, not a fast one) "
                            "and TVM's kernels for the rest")
@@ -455,13 +498,15 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
 
         cache = Path(opts.tune_cache) if opts.tune_cache else None
         sparse = {r["layer"]: state[f"{r['layer']}.weight"] for r in kernels["layers"] if r["kernel"] == "sparse"}
-        link = mode != "off" and (target.has_cuda or mode == "host")
+        kind = sparse_kernel_kind(target, mode)
+        link = kind is not None and (kind != "cpu" or kernels.get("planner") is not None)
         result = tvm_build.build(model, chw, target, output / TVM_FILE, batch=opts.batch, nvcc=opts.nvcc,
                                  tune_trials=opts.tune_trials, tune_cache=cache, log=log,
-                                 sparse_layers=sparse if link else None, sparse_mode="host" if mode == "host" else "cuda")
+                                 sparse_layers=sparse if link else None, sparse_mode=kind or "cuda")
         files.append(TVM_FILE)
         artifacts["tvm"] = result.info
-        why_not = ("--sparse-kernels off" if mode == "off" else "no GPU on this target" if not link else
+        why_not = ("--sparse-kernels off" if mode == "off" else
+                   (kernels["layers"][0].get("reason", "no planner") if kernels["layers"] else "no layers") if not link else
                    "no layer is planned sparse" if not sparse else "not linked")
         _record_linked(kernels, result.info.get("sparse_kernels"), mode, why_not)
         if not target.has_cuda and target.arch == os.uname().machine:

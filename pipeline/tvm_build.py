@@ -610,7 +610,8 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
 
     sparse_layers ({layer: weight}): run these layers with rsp's BSR kernels instead of TVM's (the Relax
     rewrite of kernels.relax_link; the kernel object is linked into the library). sparse_mode "cuda": the
-    CUDA kernels (a GPU target); "host": their CPU emulator (a CPU target: tests the linkage, not fast)."""
+    CUDA kernels (a GPU target); "host": their CPU emulator (a CPU target: tests the linkage, not fast);
+    "cpu": rsp's CPU sparse kernels (a CPU target, compiled for its mcpu)."""
     tvm = require_tvm()
     from tvm.support import cc
 
@@ -618,8 +619,8 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
 
     if batch < 1:
         raise TVMBuildError(f"--batch must be >= 1, got {batch}")
-    if sparse_layers and sparse_mode not in ("cuda", "host"):
-        raise TVMBuildError(f"sparse kernel mode must be cuda or host, got {sparse_mode!r}")
+    if sparse_layers and sparse_mode not in ("cuda", "host", "cpu"):
+        raise TVMBuildError(f"sparse kernel mode must be cuda, host or cpu, got {sparse_mode!r}")
     if sparse_layers and (sparse_mode == "cuda") != target.has_cuda:
         raise TVMBuildError(f"target {target.name} " + ("has a GPU: link the CUDA kernels, not the host emulator"
                                                         if target.has_cuda else "has no GPU: rsp's CUDA kernels need "
@@ -663,9 +664,11 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
         if sparse_layers:
             from .kernels.relax_link import HOST_ARCH, link_sparse_layers
 
-            link = link_sparse_layers(mod, sparse_layers, arch=target.cuda_arch[0] if target.has_cuda else HOST_ARCH)
+            link = link_sparse_layers(mod, sparse_layers, arch=target.cuda_arch[0] if target.has_cuda else HOST_ARCH,
+                                      kind="cpu" if sparse_mode == "cpu" else "cuda")
             mod = link.mod
-            log(f"tvm: {len(link.linked)} layer(s) call rsp's {'CUDA' if sparse_mode == 'cuda' else 'host emulator'} "
+            what = {"cuda": "CUDA", "host": "host emulator", "cpu": f"CPU ({target.mcpu})"}[sparse_mode]
+            log(f"tvm: {len(link.linked)} layer(s) call rsp's {what} "
                 f"kernels: {', '.join(link.symbols) or '-'}"
                 + (f"; not linked: {', '.join(f'{k} ({v})' for k, v in link.not_linked.items())}" if link.not_linked else ""))
         t_import = time.perf_counter() - t0
@@ -702,7 +705,7 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
             obj = kernel_object(link.kernels, sparse_mode, archs=target.cuda_arch,
                                 nvcc=nvcc_info["path"] if nvcc_info else None,
                                 cross_cxx=target.cross_compiler if target.arch != host_arch else None,
-                                cxx=target.cross_compiler if target.arch != host_arch else None)
+                                cxx=target.cross_compiler if target.arch != host_arch else None, cpu=target.mcpu)
         except KernelBuildError as exc:
             raise TVMBuildError(f"building rsp's sparse kernels failed: {exc}") from None
         kwargs["options"] = obj["options"]

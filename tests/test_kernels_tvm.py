@@ -231,7 +231,6 @@ def test_sparse_kernel_options_bad_input(source, tmp_path):
         (dict(sparse_kernels="host", formats=["onnx"]), "add --format tvm"),
         (dict(force_sparse=("nope",)), "unknown layer 'nope'"),
         (dict(force_sparse=FORCED, sparse_kernels="off"), "force_sparse needs"),
-        (dict(force_sparse=FORCED), "no GPU"),  # auto on a CPU target: nothing to link forced layers with
     ]
     for over, match in cases:
         opts = dict(target="x86-cpu", formats=["tvm"], parity_images=8)
@@ -249,12 +248,39 @@ def test_sparse_kernel_options_bad_input(source, tmp_path):
 
 
 @needs_tvm
-def test_auto_on_a_cpu_target_links_nothing(source, tmp_path):
-    src, _ = source
+@needs_cxx
+def test_auto_on_a_cpu_target_plans_and_links_the_cpu_kernels(source, tmp_path):
+    from rsp.tvm_build import inspect_library, run_library
+
+    src, model = source
+    # this model's layers are too small to pay: the CPU cost model plans every layer dense, nothing is linked
     m = run(src, tmp_path / "x", ExportOptions(target="x86-cpu", formats=["tvm"], parity_images=8), log=lambda *_: None)
     k = m["kernels"]
-    assert k["linked"] is False and not k["linked_layers"] and k["object"] is None and "no GPU" in k["note"]
-    assert "sparse_kernels" not in m["artifacts"]["tvm"] and m["parity"]["tvm"]["passed"]
+    assert k["planner"] == "rsp.kernels.cpu.plan_cpu_layers" and k["cpu"] == "x86-64-v3"
+    assert all(r["kernel"] == "dense" and r["est_speedup"] < 1.1 for r in k["layers"])
+    assert k["linked"] is False and k["object"] is None and "no layer is planned sparse" in k["note"]
+    assert m["parity"]["tvm"]["passed"]
+    # forced layers: the CPU kernels are linked, and the library still matches PyTorch
+    out = tmp_path / "forced"
+    m = run(src, out, ExportOptions(target="x86-cpu", formats=["tvm"], force_sparse=FORCED, parity_images=64),
+            log=lambda *_: None)
+    k = m["kernels"]
+    assert k["linked"] is True and [r["layer"] for r in k["linked_layers"]] == list(FORCED)
+    assert "CPU sparse kernels" in k["note"] and k["object"]["cpu"] == "x86-64-v3"
+    assert "-march=x86-64-v3" in k["object"]["flags"]
+    assert m["artifacts"]["tvm"]["sparse_kernels"]["mode"] == "cpu"
+    symbols = [r["symbol"] for r in k["linked_layers"]]
+    assert all(sym.startswith("rsp_cpu_") for sym in symbols)
+    assert set(symbols) <= set(inspect_library(out / "model.tvm.so")["tvm_ffi_functions"])
+    assert m["parity"]["tvm"]["passed"] and m["parity"]["tvm"]["max_abs_err"] <= 1e-4
+    x = _images(37)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(run_library(out / "model.tvm.so", x.numpy(), 1) - ref).max() <= 1e-4
+    # --sparse-kernels off: the plan says why nothing is linked
+    m = run(src, tmp_path / "off", ExportOptions(target="x86-cpu", formats=["tvm"], sparse_kernels="off",
+                                                 parity_images=8), log=lambda *_: None)
+    assert m["kernels"]["linked"] is False and all(r["reason"] == "--sparse-kernels off" for r in m["kernels"]["layers"])
 
 
 # --- (c) Jetson: aarch64 library with SASS-only sm_87 kernels and their TVM FFI symbols ---------------

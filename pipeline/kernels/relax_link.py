@@ -143,9 +143,12 @@ def _linear(call, bindings) -> tuple[np.ndarray | None, LayerSpec | None, str]:
 
 
 def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST_ARCH, func: str = "main",
-                       **generate_kwargs) -> LinkResult:
+                       kind: str = "cuda", **generate_kwargs) -> LinkResult:
     """Replace the conv2d/linear calls of ``layers`` ({name: weight}) in ``mod[func]`` by calls of their
-    generated kernels (``R.call_dps_packed``). Layers with equal weights are matched in the given order."""
+    generated kernels (``R.call_dps_packed``). Layers with equal weights are matched in the given order.
+    kind "cuda": the BSR units of ``codegen`` (for a GPU, or their host emulator); "cpu": ``cpu.generate_cpu``."""
+    if kind not in ("cuda", "cpu"):
+        raise ValueError(f"kind must be 'cuda' or 'cpu', got {kind!r}")
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -177,8 +180,13 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
             if spec is None:
                 result.not_linked[layer] = reason
                 return super().visit_call_(call)
-            ks = generate(spec, torch.from_numpy(np.array(w, dtype=np.float32)), None, label=layer, arch=arch,
-                          **generate_kwargs)
+            wt = torch.from_numpy(np.array(w, dtype=np.float32))
+            if kind == "cpu":
+                from .cpu import generate_cpu
+
+                ks = generate_cpu(spec, wt, None, label=layer)
+            else:
+                ks = generate(spec, wt, None, label=layer, arch=arch, **generate_kwargs)
             result.linked.append(LinkedLayer(layer, "conv2d" if name == CONV2D else "linear", ks))
             x = self.visit_expr(call.args[0])
             return relax.call_dps_packed(ks.name, relax.Tuple([x]), call.ty)
@@ -198,10 +206,11 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
 
 
 def kernel_object(kernels: list[KernelSource], mode: str, *, archs=(), nvcc: str | None = None,
-                  cross_cxx: str | None = None, cxx: str | None = None, cache_dir=None) -> dict:
+                  cross_cxx: str | None = None, cxx: str | None = None, cache_dir=None, cpu: str = "x86-64-v3") -> dict:
     """Compile ``kernels`` with their TVM FFI entry points and return {"path", "options", "info"}: the object
     and the ``export_library(options=...)`` that link it. mode "cuda": nvcc for ``archs``, SASS only
-    (``cross_cxx``: the host compiler of another CPU, e.g. aarch64-linux-gnu-g++); "host": g++, the emulator."""
+    (``cross_cxx``: the host compiler of another CPU, e.g. aarch64-linux-gnu-g++); "host": g++, the emulator;
+    "cpu": the fast CPU kernels of ``rsp.kernels.cpu`` for ``cpu`` (``cxx``: a cross compiler)."""
     from .build import build_host, compile_kernels, cuda_major, find_nvcc, nvcc_version, tvm_link_options
 
     if not kernels:
@@ -220,8 +229,16 @@ def kernel_object(kernels: list[KernelSource], mode: str, *, archs=(), nvcc: str
         options = [str(obj)]
         info = {"compiler": Path(cxx).name if cxx else "g++ (host emulator)",
                 "note": "host emulator: CPU tensors, a correctness path, not a fast one"}
+    elif mode == "cpu":
+        from .cpu import build_cpu, get_cpu
+
+        obj = build_cpu(kernels, cpu=cpu, kind="obj", tvm_ffi=True, cxx=cxx, cache_dir=cache_dir)
+        options = [str(obj)]
+        info = {"compiler": Path(cxx).name if cxx else "g++", "cpu": cpu,
+                "flags": ["-O3", "-ffp-contract=fast", *get_cpu(cpu).march],
+                "note": "rsp's CPU sparse kernels (direct convolution over the non-zeros, single-threaded per call)"}
     else:
-        raise ValueError(f"mode must be 'cuda' or 'host', got {mode!r}")
+        raise ValueError(f"mode must be 'cuda', 'host' or 'cpu', got {mode!r}")
     obj = Path(obj)
     info.update({"file": obj.name, "kind": "obj", "sha256": hashlib.sha256(obj.read_bytes()).hexdigest(), "cache_key": obj.parent.name,
                  "bytes": obj.stat().st_size, "symbols": [ks.name for ks in kernels]})

@@ -1,0 +1,137 @@
+"""rsp's CPU sparse kernels (rsp.kernels.cpu): exact against dense convolution, and the CPU cost model's choice."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rsp.kernels.codegen import conv_spec, linear_spec
+from rsp.kernels.cpu import build_cpu, estimate_cpu, generate_cpu, load_cpu_layer, plan_cpu_layers
+
+CXX = shutil.which("g++")
+pytestmark = pytest.mark.skipif(CXX is None, reason="no g++ for the CPU kernels")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cpu_kernel_cache")
+
+
+def _sparse(shape, density, gen):
+    return torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) < density)
+
+
+def _layer(spec, w, cache, bias=None, relu=False):
+    return load_cpu_layer(generate_cpu(spec, w, bias, relu=relu, label="t"), cache_dir=cache)
+
+
+GEOMETRIES = [  # (weight shape, input hw, stride, padding, dilation)
+    ((16, 8, 3, 3), (9, 11), 1, 1, 1),       # odd sizes, 'same' padding
+    ((16, 8, 3, 3), (9, 11), 2, 1, 1),       # stride 2: four phase planes
+    ((12, 8, 1, 1), (8, 8), 2, 0, 1),        # a ResNet shortcut
+    ((8, 4, 3, 3), (10, 10), 1, 2, 2),       # dilation
+    ((8, 4, 5, 3), (7, 9), (2, 1), (1, 0), 1),  # non-square everything
+    ((32, 16, 3, 3), (2, 2), 1, 1, 1),       # a late VGG map: 2x2
+]
+
+
+@pytest.mark.parametrize("shape,hw,stride,padding,dilation", GEOMETRIES)
+def test_conv_matches_dense_convolution(shape, hw, stride, padding, dilation, cache):
+    gen = torch.Generator().manual_seed(0)
+    w = _sparse(shape, 0.2, gen)
+    bias = torch.randn(shape[0], generator=gen)
+    spec = conv_spec(shape, hw, stride, padding, dilation)
+    plain, fused = _layer(spec, w, cache), _layer(spec, w, cache, bias, relu=True)
+    for n in (1, 3):
+        x = torch.rand(n, shape[1], *hw, generator=gen)
+        ref = F.conv2d(x, w, None, stride, padding, dilation)
+        torch.testing.assert_close(plain(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused(x), (ref + bias.view(1, -1, 1, 1)).relu(), atol=1e-5, rtol=1e-5)
+
+
+def test_structured_patterns(cache):
+    """Empty output rows, a single non-zero, a whole input channel dead, a fully dense layer, an all-zero layer."""
+    gen = torch.Generator().manual_seed(1)
+    spec = conv_spec((8, 6, 3, 3), (7, 7), 1, 1)
+    x = torch.randn(2, 6, 7, 7, generator=gen)
+    w = _sparse((8, 6, 3, 3), 0.3, gen)
+    w[[1, 4, 7]] = 0  # rows with no non-zero
+    w[:, 2] = 0  # an input channel nobody reads
+    one = torch.zeros(8, 6, 3, 3)
+    one[5, 3, 0, 2] = -1.5  # one corner tap: reads padding at the border
+    for weight in (w, one, torch.randn(8, 6, 3, 3, generator=gen), torch.zeros(8, 6, 3, 3)):
+        torch.testing.assert_close(_layer(spec, weight, cache)(x), F.conv2d(x, weight, None, 1, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_batches_larger_than_a_cache_chunk(cache):
+    """16 channels of 37x37 padded planes are ~88 KB per image: a batch of 5 runs in chunks of 2, 2 and 1."""
+    gen = torch.Generator().manual_seed(2)
+    w = _sparse((4, 16, 3, 3), 0.1, gen)
+    layer = _layer(conv_spec(w.shape, (35, 35), 1, 1), w, cache)
+    x = torch.randn(5, 16, 35, 35, generator=gen)
+    y = layer(x)
+    torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1), atol=1e-5, rtol=1e-5)
+    for i in range(5):  # every image alone gives its row of the batch: no image reads another's data
+        torch.testing.assert_close(layer(x[i:i + 1].contiguous())[0], y[i], atol=1e-6, rtol=1e-6)
+
+
+def test_linear(cache):
+    gen = torch.Generator().manual_seed(3)
+    w, b = _sparse((10, 64), 0.3, gen), torch.randn(10, generator=gen)
+    layer = _layer(linear_spec(w.shape), w, cache, b)
+    for n in (1, 5, 37):
+        x = torch.randn(n, 64, generator=gen)
+        torch.testing.assert_close(layer(x), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="x must be"):
+        layer(torch.randn(2, 63))
+
+
+def test_units_are_content_addressed(cache):
+    gen = torch.Generator().manual_seed(4)
+    w = _sparse((8, 4, 3, 3), 0.2, gen)
+    spec = conv_spec(w.shape, (6, 6), 1, 1)
+    a, b = generate_cpu(spec, w, label="l"), generate_cpu(spec, w.clone(), label="l")
+    assert a.name == b.name and a.source == b.source and a.mode == "cpu" and a.stats["nnz"] == int((w != 0).sum())
+    w2 = w.clone()
+    w2[w2 != 0] *= 1.0000001  # a one-ulp-ish change in the values is a different kernel
+    assert generate_cpu(spec, w2, label="l").name != a.name
+    assert build_cpu(a, cache_dir=cache) == build_cpu(b, cache_dir=cache)  # built once
+    with pytest.raises(ValueError, match="does not match"):
+        generate_cpu(spec, torch.zeros(8, 4, 1, 1))
+
+
+def test_tvm_ffi_object(tmp_path, cache):
+    tvm_ffi = pytest.importorskip("tvm_ffi")
+    gen = torch.Generator().manual_seed(5)
+    w = _sparse((6, 4, 3, 3), 0.3, gen)
+    ks = generate_cpu(conv_spec(w.shape, (5, 5), 2, 1), w, label="ffi")
+    obj = build_cpu(ks, kind="obj", tvm_ffi=True, cache_dir=cache)
+    lib = tmp_path / "ffi.so"
+    r = subprocess.run([CXX, "-shared", "-o", str(lib), str(obj)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    fn = tvm_ffi.load_module(str(lib))[ks.name]
+    x, y = torch.randn(3, 4, 5, 5, generator=gen), torch.empty(3, 6, 3, 3)
+    fn(x, y)
+    torch.testing.assert_close(y, F.conv2d(x, w, None, 2, 1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="values per sample"):
+        fn(x, torch.empty(3, 6, 3, 2))
+
+
+def test_cost_model_prefers_sparse_only_where_it_pays():
+    vgg = conv_spec((512, 512, 3, 3), (4, 4), 1, 1)
+    k = 512 * 512 * 9
+    speedups = [estimate_cpu(vgg, int(d * k), 1)["speedup"] for d in (0.5, 0.1, 0.05, 0.01)]
+    assert speedups == sorted(speedups) and speedups[-1] > 10 and speedups[0] < 1.1
+    tiny = conv_spec((8, 1, 3, 3), (8, 8), 1, 1)  # a digits stem: the call overhead dominates
+    assert estimate_cpu(tiny, 7, 1)["speedup"] < 1.1
+    state = {"a.weight": torch.zeros(512, 512, 3, 3), "b.weight": torch.ones(8, 1, 3, 3), "bn.weight": torch.ones(8)}
+    state["a.weight"].view(-1)[::100] = 1.0  # 1 % dense
+    plan = plan_cpu_layers(state, {"a": {"in_hw": [4, 4], "stride": [1, 1], "padding": [1, 1]},
+                                   "b": {"in_hw": [8, 8], "stride": [1, 1], "padding": [1, 1]}})
+    assert set(plan) == {"a", "b"} and plan["a"]["kernel"] == "sparse" and plan["b"]["kernel"] == "dense"
+    assert plan["a"]["density"] == pytest.approx(0.01, abs=1e-4)
+    assert plan_cpu_layers({"c.weight": torch.ones(4, 4, 3, 3)}, {})["c"]["reason"].startswith("no geometry")
