@@ -1,7 +1,8 @@
 """Sparse BSR kernels vs dense convolution on VGG-16 (CIFAR) layer shapes, in one run.
 
     python bench/kernels.py              # GPU: generated CUDA kernels vs cuDNN, 90/95/99 %, batch 1 and 32
-    python bench/kernels.py --quick      # CPU, under a minute: the plain-torch BSR reference vs F.conv2d
+    python bench/kernels.py --quick      # CPU, under a minute: rsp's CPU sparse kernels vs F.conv2d, 3 shapes
+    python bench/kernels.py --device cpu # CPU, every VGG-16 shape (the CPU cost model's calibration)
     python bench/kernels.py --build-only --arch sm_90   # compile every kernel into $RSP_KERNEL_CACHE, no GPU
 
 Weights per layer shape and sparsity: "random" (unstructured, what rsp train produces) and "block"
@@ -13,6 +14,11 @@ exporter would pick (``mode=auto``: specialised, or generic above the code-size 
 kernel. Each candidate is captured ``--inner`` times into a CUDA graph (so host launch overhead does not
 count, for either side), replayed between CUDA events, and the candidates are interleaved round by round;
 the median per call is reported. Outputs are checked against dense fp32 before timing.
+
+On a CPU (no GPU, --quick or --device cpu) the candidates are dense ``F.conv2d`` / ``F.linear`` (oneDNN) on
+``--threads`` threads (default 1) and rsp's CPU sparse kernel for the layer (``rsp.kernels.cpu``,
+single-threaded), interleaved round by round; each row also has the CPU cost model's estimate, so its
+calibration can be checked against the measurement.
 
 Prints a table and, as its last line, one JSON object: per configuration dense/sparse latency and speedup,
 and per (sparsity, structure, batch) the VGG-16 total (every conv and the classifier, with their
@@ -98,29 +104,42 @@ def vgg_totals(results, layers, sparsities, structures, batches, key_time="spars
 
 
 def run_cpu(args, layers, sparsities, structures, batches):
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    """rsp's CPU sparse kernels (rsp.kernels.cpu, single-threaded) vs F.conv2d / F.linear (oneDNN) on
+    --threads threads (default 1: the same core), interleaved round by round, medians."""
+    from rsp.kernels.cpu import estimate_cpu, generate_cpu, load_cpu_layer
+
+    torch.set_num_threads(args.threads or 1)
     results = {}
     for name, out_ch, in_ch, hw, _ in [l for l in VGG16_LAYERS if l[0] in layers]:
         for sp in sparsities:
             for st in structures:
                 w = make_weight(out_ch, in_ch, hw, sp, st, seed=_seed(name, sp, st))
-                b = to_bsr(w, (4, 4) if st == "block" else (1, 1))
+                spec = spec_of(out_ch, in_ch, hw)
+                t_build = time.perf_counter()
+                layer = load_cpu_layer(generate_cpu(spec, w, label=name))
+                t_build = time.perf_counter() - t_build
                 for batch in batches:
                     gen = torch.Generator().manual_seed(batch)
                     x = torch.rand(batch, in_ch, hw, hw, generator=gen) if hw is not None else torch.rand(batch, in_ch, generator=gen)
                     dense = dense_fn(w, hw)
-                    sparse = (lambda x, b=b: bsr_conv2d(x, b, None, 1, 1)) if hw is not None else (lambda x, b=b: bsr_linear(x, b))
-                    err = (sparse(x) - dense(x)).abs().max().item()
+                    out = torch.empty(spec.output_shape(batch))
+                    err = (layer(x, out) - dense(x)).abs().max().item()
                     t = {"dense": [], "sparse": []}
+                    for cand, fn in (("dense", dense), ("sparse", lambda x: layer(x, out))):
+                        fn(x)  # warm-up: allocator, oneDNN primitive cache, the kernel's scratch
                     for _ in range(args.rounds):
-                        for cand, fn in (("dense", dense), ("sparse", sparse)):
+                        for cand, fn in (("dense", dense), ("sparse", lambda x: layer(x, out))):
+                            reps = max(1, args.inner // 10)
                             t0 = time.perf_counter()
-                            fn(x)
-                            t[cand].append(time.perf_counter() - t0)
+                            for _ in range(reps):
+                                fn(x)
+                            t[cand].append((time.perf_counter() - t0) / reps)
                     d, s = statistics.median(t["dense"]) * 1e6, statistics.median(t["sparse"]) * 1e6
-                    results[f"{name}/{st}@{sp:g}/b{batch}"] = {"dense_us": d, "sparse_us": s, "speedup": d / s,
-                                                               "mode": "reference", "block": list(b.block),
-                                                               "block_density": b.block_density, "max_err": err}
+                    est = estimate_cpu(spec, int((w != 0).sum()), batch)
+                    results[f"{name}/{st}@{sp:g}/b{batch}"] = {
+                        "dense_us": d, "sparse_us": s, "speedup": d / s, "mode": "cpu", "max_err": err,
+                        "density": float((w != 0).float().mean()), "build_s": round(t_build, 2),
+                        "est_speedup": est["speedup"], "est_us": {"dense": est["dense_us"], "sparse": est["sparse_us"]}}
     return results
 
 
@@ -263,7 +282,8 @@ def run_gpu(args, layers, sparsities, structures, batches):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CPU run under a minute: BSR reference vs F.conv2d on 3 shapes")
+    ap.add_argument("--quick", action="store_true", help="CPU run under a minute: rsp's CPU kernels vs F.conv2d on 3 shapes")
+    ap.add_argument("--threads", type=int, default=None, help="CPU: threads of the dense baseline (default 1)")
     ap.add_argument("--device", default="auto", help="auto, cuda or cpu")
     ap.add_argument("--layers", default=None, help="comma-separated names from: " + ",".join(l[0] for l in VGG16_LAYERS))
     ap.add_argument("--sparsities", default="0.9,0.95,0.99")
@@ -308,7 +328,7 @@ def main(argv=None):
         device, mode = torch.cuda.get_device_name(), "cuda"
     else:
         args.rounds = args.rounds or (3 if args.quick else 7)
-        results, arch, device, mode = run_cpu(args, layers, sparsities, structures, batches), None, "cpu", "cpu-reference"
+        results, arch, device, mode = run_cpu(args, layers, sparsities, structures, batches), None, "cpu", "cpu"
 
     totals = vgg_totals(results, layers, sparsities, structures, batches)
     print(f"{'configuration':<34}{'dense us':>12}{'sparse us':>12}{'speedup':>10}")
@@ -324,7 +344,8 @@ def main(argv=None):
         "bench": "kernels", "device": device, "mode": mode, "arch": arch, "torch": torch.__version__, "quick": args.quick,
         "cudnn_tf32": bool(torch.backends.cudnn.allow_tf32) if use_cuda else None,
         "layers": layers, "sparsities": sparsities, "structures": structures, "batches": batches,
-        "rounds": args.rounds, "inner": args.inner if use_cuda else None, "seconds": time.perf_counter() - t0,
+        "rounds": args.rounds, "inner": args.inner, "seconds": time.perf_counter() - t0,
+        "dense_threads": None if use_cuda else torch.get_num_threads(),
         "results": results, "ratios": {k: v["speedup"] for k, v in {**results, **totals}.items() if "speedup" in v},
         "vgg16_totals": totals, "speedup_99_b1": goal, "speedup_99_b1_per_layer": per_layer_99,
         "goal_speedup_min": GOAL_SPEEDUP,
