@@ -177,10 +177,11 @@ def _cpu_planner():
 
 
 def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names: list[str], batch: int, *,
-                mode: str = "auto", force_sparse=()) -> dict:
+                mode: str = "auto", force_sparse=(), tuned: bool = False) -> dict:
     """Per-layer kernel choice for the manifest. GPU targets (and mode "host", for the GPU its emulator stands
     in for, sm_87): rsp.kernels.costmodel.plan_model(model, input_shape, arch=, batch=). CPU targets in mode
-    "auto": rsp.kernels.cpu.plan_cpu_layers for the target's mcpu. Otherwise "dense" with the reason.
+    "auto": rsp.kernels.cpu.plan_cpu_layers for the target's mcpu, against TVM's untuned schedule or (tuned)
+    a dense library's speed. Otherwise "dense" with the reason.
     force_sparse marks layers sparse whatever the estimate ("forced"). "linked" stays False here: the TVM
     build links the kernels and export records which (_record_linked)."""
     arch = target.cuda_arch[0] if target.has_cuda else ("sm_87" if mode == "host" else None)
@@ -198,9 +199,11 @@ def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names:
             try:
                 from .kernels.costmodel import layer_geometry
 
+                baseline = "library" if tuned else "tvm-untuned"
                 plan = cpu.plan_cpu_layers({k: v.detach() for k, v in model.state_dict().items()},
-                                           layer_geometry(model, (batch, *chw)), batch=batch, cpu=target.mcpu)
-                result = {"planner": "rsp.kernels.cpu.plan_cpu_layers", "cpu": target.mcpu,
+                                           layer_geometry(model, (batch, *chw)), batch=batch, cpu=target.mcpu,
+                                           dense_baseline=baseline)
+                result = {"planner": "rsp.kernels.cpu.plan_cpu_layers", "cpu": target.mcpu, "dense_baseline": baseline,
                           "layers": [{"layer": k, **v} for k, v in plan.items()]}
             except Exception as exc:
                 reason = f"rsp.kernels.cpu.plan_cpu_layers failed ({type(exc).__name__}: {str(exc)[:120]})"
@@ -450,7 +453,8 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
     unknown = [n for n in (opts.force_sparse or ()) if n not in names]
     if unknown:
         raise ExportError(f"force_sparse: unknown layer {unknown[0]!r}; layers: {', '.join(names)}")
-    kernels = kernel_plan(model, chw, target, state, names, opts.batch, mode=mode, force_sparse=opts.force_sparse)
+    kernels = kernel_plan(model, chw, target, state, names, opts.batch, mode=mode, force_sparse=opts.force_sparse,
+                          tuned=opts.tune_trials > 0)
     bad = [r for r in kernels["layers"] if r.get("forced") and r.get("reason")]
     if bad:
         raise ExportError(f"cannot run layer {bad[0]['layer']} sparse: {bad[0]['reason']}")

@@ -135,3 +135,7 @@ def test_cost_model_prefers_sparse_only_where_it_pays():
     assert set(plan) == {"a", "b"} and plan["a"]["kernel"] == "sparse" and plan["b"]["kernel"] == "dense"
     assert plan["a"]["density"] == pytest.approx(0.01, abs=1e-4)
     assert plan_cpu_layers({"c.weight": torch.ones(4, 4, 3, 3)}, {})["c"]["reason"].startswith("no geometry")
+    # TVM's untuned schedule is a much slower alternative: the same stem pays there
+    assert estimate_cpu(tiny, 7, 1, dense_baseline="tvm-untuned")["speedup"] > 1.1
+    with pytest.raises(ValueError, match="dense_baseline"):
+        estimate_cpu(tiny, 7, 1, dense_baseline="cudnn")

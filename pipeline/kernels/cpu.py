@@ -13,7 +13,9 @@ this is built to be fast: ``-O3`` for the target's CPU (``-march=x86-64-v3`` for
 a Jetson's cores) with FMA contraction, so its results differ from a dense convolution by rounding only.
 
 ``estimate_cpu`` / ``plan_cpu_layers`` choose per layer: sparse when the estimated time of this kernel
-beats a dense direct/GEMM convolution at a realistic share of the core's FMA peak by ``min_speedup``.
+beats the dense alternative by ``min_speedup``: a dense library (oneDNN, a tuned TVM schedule) at a
+realistic share of the core's FMA peak, or TVM's untuned default schedule (an export without
+``--tune-trials``), which reaches only a few percent of it.
 The constants are calibrated with ``bench/kernels.py --device cpu`` on this machine (AMD EPYC, AVX2):
 the sparse kernel sustains about ``SPARSE_NZ_VECTORS_PER_NS`` non-zero x 8-lane updates per ns, a
 dense library at batch 1 about ``DENSE_EFF`` of the peak.
@@ -48,6 +50,9 @@ class CPU:
     # calibrated on the machine named in the module docstring with bench/kernels.py --device cpu
     sparse_nz_vectors_per_ns: float = 1.8  # (non-zero, 8-lane vector) updates per ns in the inner loop
     dense_eff: float = 0.6  # share of the FMA peak a dense conv library (oneDNN, one thread) reaches
+    # TVM's untuned default x86 schedule: the dense VGG-16 (width 0.25) library ran 20.7 ms per image here,
+    # 48x onnxruntime's 0.43 ms, i.e. ~2 % of the peak
+    untuned_tvm_eff: float = 0.02
     pack_ns_per_value: float = 0.6  # input packing (padding, phase split) per input value
     call_us: float = 2.0  # per call: scratch set-up, offset table
 
@@ -169,12 +174,22 @@ def load_cpu_layer(ks: KernelSource, *, cpu: str = "x86-64-v3", lib=None, cache_
 # --- when sparse pays -----------------------------------------------------------------------------
 
 
-def estimate_cpu(spec: LayerSpec, nnz: int, batch: int = 1, cpu: str | CPU = "x86-64-v3") -> dict:
-    """Estimated microseconds of a dense convolution and of this kernel on one core, and dense/sparse."""
+DENSE_BASELINES = ("library", "tvm-untuned")
+
+
+def estimate_cpu(spec: LayerSpec, nnz: int, batch: int = 1, cpu: str | CPU = "x86-64-v3", *,
+                 dense_baseline: str = "library") -> dict:
+    """Estimated microseconds of a dense convolution and of this kernel on one core, and dense/sparse.
+
+    dense_baseline: what the layer would otherwise run: "library" (oneDNN, or a tuned TVM schedule) or
+    "tvm-untuned" (TVM's default CPU schedule, what an export without --tune-trials compiles)."""
     c = cpu if isinstance(cpu, CPU) else get_cpu(cpu)
+    if dense_baseline not in DENSE_BASELINES:
+        raise ValueError(f"dense_baseline must be one of {', '.join(DENSE_BASELINES)}, got {dense_baseline!r}")
+    eff = c.dense_eff if dense_baseline == "library" else c.untuned_tvm_eff
     m, k = spec.gemm_shape
     p = spec.pixels(batch)
-    dense = 2.0 * m * k * p / (2.0 * c.fma_lanes_per_cycle * c.clock_ghz * 1e3 * c.dense_eff)
+    dense = 2.0 * m * k * p / (2.0 * c.fma_lanes_per_cycle * c.clock_ghz * 1e3 * eff)
     hs, ws, sh, sw = _grid(spec)
     grid = hs * ws * batch
     nv = 4 if grid >= 32 else max(1, -(-grid // LANES))
@@ -187,8 +202,9 @@ def estimate_cpu(spec: LayerSpec, nnz: int, batch: int = 1, cpu: str | CPU = "x8
 
 
 def plan_cpu_layers(state: dict[str, torch.Tensor], geometry: dict[str, dict], *, batch: int = 1,
-                    cpu: str = "x86-64-v3", min_speedup: float = 1.1) -> dict[str, dict]:
-    """The per-layer plan on a CPU target, in the format of ``costmodel.plan_layers``."""
+                    cpu: str = "x86-64-v3", min_speedup: float = 1.1, dense_baseline: str = "library") -> dict[str, dict]:
+    """The per-layer plan on a CPU target, in the format of ``costmodel.plan_layers`` (``estimate_cpu`` for
+    the dense baseline)."""
     plan: dict[str, dict] = {}
     for key, w in state.items():
         if not key.endswith(".weight") or w.dim() not in (2, 4):
@@ -214,8 +230,9 @@ def plan_cpu_layers(state: dict[str, torch.Tensor], geometry: dict[str, dict], *
             entry.update({"in_hw": list(spec.in_hw), "stride": list(spec.stride), "padding": list(spec.padding)})
         else:
             spec = linear_spec(w.shape)
-        e = estimate_cpu(spec, nnz, batch, cpu)
+        e = estimate_cpu(spec, nnz, batch, cpu, dense_baseline=dense_baseline)
         entry.update({"kernel": "sparse" if e["speedup"] >= min_speedup else "dense", "block": [1, 1],
+                      "dense_baseline": dense_baseline,
                       "block_density": entry["density"], "est_speedup": e["speedup"],
                       "est_us": {"dense": e["dense_us"], "sparse": e["sparse_us"]}})
         plan[name] = entry
