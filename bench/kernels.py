@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rsp.kernels import bsr_conv2d, bsr_linear, compile_kernels, conv_spec, generate, linear_spec, to_bsr  # noqa: E402
+from rsp.kernels import compile_kernels, conv_spec, generate, linear_spec  # noqa: E402
 from rsp.kernels.build import CudaLayer, KernelBuildError, local_arch  # noqa: E402
 
 # VGG-16 on 32x32 inputs: (name, out, in, input size; None for the classifier), and how often the shape occurs.

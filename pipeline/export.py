@@ -186,10 +186,8 @@ def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names:
     build links the kernels and export records which (_record_linked)."""
     arch = target.cuda_arch[0] if target.has_cuda else ("sm_87" if mode == "host" else None)
     result = None
-    reason = "--sparse-kernels off"
-    if mode == "off":
-        pass
-    elif arch is None:
+    reason = None
+    if arch is None:
         cpu = _cpu_planner()
         if cpu is None:
             reason = "rsp.kernels.cpu is not available"

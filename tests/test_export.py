@@ -529,4 +529,10 @@ def test_kernel_plan_uses_rsp_kernels_planner_when_present(monkeypatch):
     assert calls == [((1, 1, 8, 8), "sm_87", 1)] and planned["planner"] == "rsp.kernels.costmodel.plan_model"
     assert [r["kernel"] for r in planned["layers"]] == ["dense", "sparse", "sparse", "sparse"]
     cpu = export.kernel_plan(model, (1, 8, 8), get_target("x86-cpu"), state, names, 1)
-    assert cpu["planner"] is None and "no GPU" in cpu["layers"][0]["reason"]
+    assert cpu["planner"] == "rsp.kernels.cpu.plan_cpu_layers" and len(calls) == 1  # CPU targets: the CPU model
+    assert [r["layer"] for r in cpu["layers"]] == names
+    monkeypatch.setattr(export, "_cpu_planner", lambda: None)
+    cpu = export.kernel_plan(model, (1, 8, 8), get_target("x86-cpu"), state, names, 1)
+    assert cpu["planner"] is None and cpu["layers"][0]["reason"] == "rsp.kernels.cpu is not available"
+    off = export.kernel_plan(model, (1, 8, 8), get_target("jetson-orin-nano"), state, names, 1, mode="off")
+    assert off["planner"] == "rsp.kernels.costmodel.plan_model" and off["mode"] == "off"  # the plan, not linked

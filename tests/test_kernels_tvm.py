@@ -293,7 +293,10 @@ def test_auto_on_a_cpu_target_plans_and_links_the_cpu_kernels(source, tmp_path):
     # --sparse-kernels off: the plan says why nothing is linked
     m = run(src, tmp_path / "off", ExportOptions(target="x86-cpu", formats=["tvm"], sparse_kernels="off",
                                                  parity_images=8), log=lambda *_: None)
-    assert m["kernels"]["linked"] is False and all(r["reason"] == "--sparse-kernels off" for r in m["kernels"]["layers"])
+    k = m["kernels"]
+    assert k["linked"] is False and not k["linked_layers"] and "--sparse-kernels off" in k["note"]
+    assert all(r["not_linked_reason"] == "--sparse-kernels off" for r in k["layers"] if r["kernel"] == "sparse")
+    assert "sparse_kernels" not in m["artifacts"]["tvm"]
 
 
 # --- (c) Jetson: aarch64 library with SASS-only sm_87 kernels and their TVM FFI symbols ---------------

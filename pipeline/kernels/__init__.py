@@ -19,9 +19,13 @@ Modules:
 - ``costmodel``: ``estimate``, ``choose_kernel(shape, block_density, batch, arch, ...)`` -> "sparse" |
   "dense", ``plan_layers(state_dict, geometry, ...)`` / ``plan_model(model, input_shape, ...)`` -> the
   per-layer plan {kernel, block, block_density, est_speedup, ...} for the export manifest.
+- ``cpu``: rsp's sparse kernels for CPUs: ``generate_cpu(spec, weight)`` (a C++ unit with the layer's CSR
+  baked in: direct convolution vectorised over output pixels), ``build_cpu`` (``-O3`` for a target CPU),
+  ``load_cpu_layer`` (ctypes), ``estimate_cpu`` / ``plan_cpu_layers`` (the CPU cost model; what
+  ``rsp export --sparse-kernels auto`` uses on CPU targets).
 - ``relax_link`` (imports TVM when called): ``link_sparse_layers(mod, {layer: weight})`` rewrites a Relax
   module's conv2d/linear calls of those layers into ``R.call_dps_packed`` of their generated kernels;
-  ``kernel_object(kernels, "cuda"|"host", ...)`` compiles them for ``export_library(options=...)``.
+  ``kernel_object(kernels, "cuda"|"host"|"cpu", ...)`` compiles them for ``export_library(options=...)``.
   ``tvm_build.build(sparse_layers=...)`` / ``rsp export --sparse-kernels`` use both.
 
 Symbols of a generated unit (``NAME = KernelSource.name`` = ``rsp_<label>_<12 hex of the content hash>``):
