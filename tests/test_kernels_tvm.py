@@ -299,6 +299,40 @@ def test_auto_on_a_cpu_target_plans_and_links_the_cpu_kernels(source, tmp_path):
     assert "sparse_kernels" not in m["artifacts"]["tvm"]
 
 
+@needs_tvm
+@needs_cxx
+def test_cpu_kernels_share_tvms_thread_pool(tmp_path):
+    """A layer large enough to run its output rows in parallel on TVM's pool: the loader hands the kernel
+    TVM's parallel launch, and the result still matches PyTorch."""
+    import ctypes
+
+    import tvm
+
+    from rsp.tvm_build import run_library
+
+    torch.manual_seed(1)
+    model = create_model("small-cnn", num_classes=10, in_channels=1, mean=[0.5], std=[0.5], channels=[64, 64, 64]).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.mul_(torch.rand(m.weight.shape, generator=g) < 0.3)
+    folder = tmp_path / "run"
+    save_tensors(folder / "model.safetensors", model.state_dict())
+    write_manifest(folder, {"stage": "train", "status": "complete", "model": {"name": "small-cnn", "kwargs": model.rsp_config},
+                            "dataset": {"dataset": "digits"}, "input": {"shape": [1, 8, 8]}}, ["model.safetensors"])
+    m = run(folder, tmp_path / "x", ExportOptions(target="x86-cpu", formats=["tvm"], force_sparse=("features.3",),
+                                                  parity_images=64), log=lambda *_: None)
+    assert "features.3" in [r["layer"] for r in m["kernels"]["linked_layers"]] and m["parity"]["tvm"]["passed"]
+    lib = tmp_path / "x" / "model.tvm.so"
+    x = _images(33)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(run_library(lib, x.numpy(), 1) - ref).max() <= 1e-4
+    tvm.runtime.load_module(str(lib))  # the loader fills the library's context pointers
+    assert ctypes.CDLL(str(lib)).rsp_cpu_parallel_ready() == 1
+
+
 # --- (c) Jetson: aarch64 library with SASS-only sm_87 kernels and their TVM FFI symbols ---------------
 
 

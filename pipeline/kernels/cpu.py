@@ -12,6 +12,11 @@ Unlike ``build_host`` (the CUDA kernels' emulator: ``-O1``, no FMA contraction, 
 this is built to be fast: ``-O3`` for the target's CPU (``-march=x86-64-v3`` for x86-cpu, ``-mcpu=`` of
 a Jetson's cores) with FMA contraction, so its results differ from a dense convolution by rounding only.
 
+Threads: loaded by ctypes a call runs on the calling thread (what ``bench/kernels.py`` times against
+one-thread oneDNN); inside a TVM library, layers with enough work spread their output rows over TVM's own
+CPU thread pool (``TVMBackendParallelLaunch``, handed over by the library loader), so nothing competes
+with TVM's operators for the cores. The cost model is per core either way.
+
 ``estimate_cpu`` / ``plan_cpu_layers`` choose per layer: sparse when the estimated time of this kernel
 beats the dense alternative by ``min_speedup``: a dense library (oneDNN, a tuned TVM schedule) at a
 realistic share of the core's FMA peak, or TVM's untuned default schedule (an export without
@@ -41,7 +46,7 @@ LANES = 8
 
 @dataclass(frozen=True)
 class CPU:
-    """What the CPU cost model needs of a core (one thread: the kernels are single-threaded per call)."""
+    """What the CPU cost model needs of a core (it estimates one thread for both candidates)."""
 
     name: str
     clock_ghz: float

@@ -11,7 +11,8 @@
 // NV contiguous 8-float loads + FMAs for 8*NV outputs. Grid positions past the real output width are
 // computed and dropped (a few percent on 32x32 maps). Images of a batch are stacked along the grid, so
 // small late-stage maps (4x4, 2x2) still fill the vectors at batch > 1. Zeros cost nothing: only the
-// non-zeros of each output row are walked. Single-threaded: one call uses the calling thread.
+// non-zeros of each output row are walked. Inside a TVM library, large layers spread their output rows
+// over TVM's thread pool; elsewhere (ctypes) a call runs on the calling thread.
 //
 // Layout: x is NCHW float32 contiguous, y N x O x OH x OW (a linear layer is the 1x1 convolution of a
 // 1x1 image: x (N, C), y (N, O)).
@@ -64,10 +65,10 @@ static inline void row_block(const Layer& L, const float* xs, const int* abs_off
 
 template <int NV>
 static void rows(const Layer& L, const float* xs, const int* abs_off, long long grid, float* yrow, float* y,
-                 int batch) {
+                 int batch, int m0, int m1) {
   const long long per_img = (long long)L.Hs * L.Ws, steps = (grid + 8 * NV - 1) / (8 * NV);
   const long long ohw = (long long)L.OH * L.OW;
-  for (int m = 0; m < L.M; ++m) {
+  for (int m = m0; m < m1; ++m) {
     for (long long s = 0; s < steps; ++s) row_block<NV>(L, xs, abs_off, m, s * 8 * NV, yrow + s * 8 * NV);
     for (int n = 0; n < batch; ++n) {  // keep the real outputs: rows oy < OH, columns ox < OW of each image
       float* dst = y + ((long long)n * L.M + m) * ohw;
@@ -81,6 +82,69 @@ static void rows(const Layer& L, const float* xs, const int* abs_off, long long 
   }
 }
 
+// Output rows [m0, m1) over the packed chunk, with this thread's grid-row buffer.
+struct RowsTask {
+  const Layer* L;
+  const float* xs;
+  const int* abs_off;
+  long long grid, padded;
+  float* y;
+  int batch, nv;
+};
+
+static int rows_range(const RowsTask& t, int m0, int m1) {
+  static thread_local std::vector<float> yrow;
+  try {
+    yrow.resize((size_t)t.padded);
+  } catch (const std::bad_alloc&) {
+    return 1;
+  }
+  switch (t.nv) {
+    case 4: rows<4>(*t.L, t.xs, t.abs_off, t.grid, yrow.data(), t.y, t.batch, m0, m1); break;
+    case 3: rows<3>(*t.L, t.xs, t.abs_off, t.grid, yrow.data(), t.y, t.batch, m0, m1); break;
+    case 2: rows<2>(*t.L, t.xs, t.abs_off, t.grid, yrow.data(), t.y, t.batch, m0, m1); break;
+    default: rows<1>(*t.L, t.xs, t.abs_off, t.grid, yrow.data(), t.y, t.batch, m0, m1); break;
+  }
+  return 0;
+}
+
+// Inside a TVM library the output rows are spread over TVM's own CPU thread pool (the one its operators
+// use, so nothing is oversubscribed): the loader fills this weak pointer, as for TVM's generated code
+// (__TVMBackendAllocWorkspace and friends). Loaded by ctypes it stays null and the kernel runs serially.
+#ifdef RSP_TVM_FFI
+typedef struct {
+  void* sync_handle;
+  int32_t num_task;
+} ParallelEnv;  // TVMParallelGroupEnv
+typedef int (*ParallelLambda)(int task_id, ParallelEnv* penv, void* cdata);
+extern "C" __attribute__((weak)) void* __TVMBackendParallelLaunch = nullptr;
+
+// 1 when the loader has filled the pointer (tests call it through ctypes on a loaded TVM library).
+extern "C" __attribute__((weak)) int rsp_cpu_parallel_ready(void) { return __TVMBackendParallelLaunch != nullptr; }
+
+static int parallel_task(int task_id, ParallelEnv* penv, void* cdata) {
+  const RowsTask& t = *static_cast<const RowsTask*>(cdata);
+  const int n = penv->num_task > 0 ? penv->num_task : 1, m = t.L->M;
+  return rows_range(t, (int)((long long)m * task_id / n), (int)((long long)m * (task_id + 1) / n));
+}
+#endif
+
+// Below this many (non-zero x vector) updates (~30 us) a parallel launch costs more than it saves.
+static const long long PARALLEL_MIN_WORK = 50000;
+
+static int all_rows(const RowsTask& t, int nnz) {
+#ifdef RSP_TVM_FFI
+  typedef int (*Launch)(ParallelLambda, void*, int);
+  Launch launch = reinterpret_cast<Launch>(__TVMBackendParallelLaunch);
+  const long long work = (long long)nnz * (t.padded / 8);
+  if (launch && work >= PARALLEL_MIN_WORK && t.L->M > 1)
+    return launch(parallel_task, const_cast<RowsTask*>(&t), 0) == 0 ? 0 : 3;
+#else
+  (void)nnz;
+#endif
+  return rows_range(t, 0, t.L->M);
+}
+
 // One chunk of images: pack them, then every output row over their stacked grid.
 static int run_chunk(const Layer& L, int nnz, const float* x, float* y, int batch) {
   const long long per_img = (long long)L.Hs * L.Ws, grid = per_img * batch;
@@ -89,11 +153,10 @@ static int run_chunk(const Layer& L, int nnz, const float* x, float* y, int batc
   const long long stride = padded + L.max_off + 8;  // one phase plane (all images), read past the grid: zeros
   const int planes = L.C * L.SH * L.SW;
   if ((double)planes * (double)stride > 2147483647.0) return 2;  // offsets are 32-bit
-  static thread_local std::vector<float> xs, yrow;
+  static thread_local std::vector<float> xs;
   static thread_local std::vector<int> abs_off;
   try {
     xs.assign((size_t)(planes * stride), 0.0f);
-    yrow.resize((size_t)padded);
     abs_off.resize((size_t)nnz);
   } catch (const std::bad_alloc&) {
     return 1;
@@ -112,16 +175,12 @@ static int run_chunk(const Layer& L, int nnz, const float* x, float* y, int batc
         }
       }
     }
-  switch (nv) {
-    case 4: rows<4>(L, xs.data(), abs_off.data(), grid, yrow.data(), y, batch); break;
-    case 3: rows<3>(L, xs.data(), abs_off.data(), grid, yrow.data(), y, batch); break;
-    case 2: rows<2>(L, xs.data(), abs_off.data(), grid, yrow.data(), y, batch); break;
-    default: rows<1>(L, xs.data(), abs_off.data(), grid, yrow.data(), y, batch); break;
-  }
-  return 0;
+  const RowsTask task{&L, xs.data(), abs_off.data(), grid, padded, y, batch, nv};
+  return all_rows(task, nnz);
 }
 
-// Returns 0; 1: the scratch memory could not be allocated; 2: an image is too large for 32-bit offsets.
+// Returns 0; 1: the scratch memory could not be allocated; 2: an image is too large for 32-bit offsets;
+// 3: TVM's parallel launch failed.
 // Images are taken in chunks whose packed input stays within about 256 KB (the per-core L2 of current
 // x86 and Arm cores): every non-zero re-reads the chunk, so a chunk that spills to L3 runs 2-3x slower.
 static int run(const Layer& L, int nnz, const float* x, float* y, int batch) {
