@@ -528,8 +528,8 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
                              "reason": f"the library is for {target.triple}" + (f" + CUDA {','.join(target.cuda_arch)}"
                                                                                 if target.has_cuda else "")
                              + "; `rsp verify` checks it on the device"}
-            log(f"tvm: {TVM_FILE} for {target.triple} ({result.info['library']['elf_machine']}), "
-                + (f"SASS {','.join(result.info['library']['sass'])}, no CUDA source" if target.has_cuda else ""))
+            log(f"tvm: {TVM_FILE} for {target.triple} ({result.info['library']['elf_machine']})"
+                + (f", SASS {','.join(result.info['library']['sass'])}, no CUDA source" if target.has_cuda else ""))
 
     if "tvm" not in formats:
         _record_linked(kernels, None, mode, "no TVM library in this bundle")

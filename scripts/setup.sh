@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # System packages the tests need beyond pip. Idempotent; safe to run on every CI start.
 #   g++-aarch64-linux-gnu  cross-compiles the aarch64 host library of Jetson TVM bundles (rsp export
-#                          --target jetson-*); tests that need it skip without it.
+#                          --target jetson-*, arm64-cpu); tests that need it skip without it.
+#   qemu-user              runs the arm64 build of rsp's CPU sparse kernels in the tests (skipped without it).
 # (nvcc, for the sm_87 fatbin, comes with a CUDA toolkit and is not installed here.)
 set -uo pipefail
 
 need=()
 command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || need+=(g++-aarch64-linux-gnu)
 command -v file >/dev/null 2>&1 || need+=(file)
+command -v qemu-aarch64 >/dev/null 2>&1 || need+=(qemu-user)   # runs the arm64 CPU kernels' tests here
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

@@ -68,6 +68,12 @@ def test_registry_names_the_required_targets_with_their_hardware():
     assert reg["jetson-thor"].cuda_arch == ("sm_110",) and reg["jetson-thor"].tvm["tag"] == "nvidia/jetson-agx-thor"
     assert set(reg["cuda"].cuda_arch) == {"sm_80", "sm_90"} and reg["cuda"].triple.startswith("x86_64")
     assert reg["x86-cpu"].cuda_arch == () and reg["x86-cpu"].tensorrt is None and "tensorrt" not in reg["x86-cpu"].formats
+    # a CPU-only Arm board: cross-compiled host library, rsp's CPU kernels built for its core (rsp.kernels.cpu)
+    from rsp.kernels.cpu import CPUS
+
+    arm = reg["arm64-cpu"]
+    assert arm.cuda_arch == () and arm.triple == "aarch64-linux-gnu" and arm.cross_compiler == CROSS_CXX
+    assert arm.mcpu in CPUS and reg["x86-cpu"].mcpu in CPUS
     # Xavier is listed only with its requirement stated: CUDA 13 cannot compile sm_72
     xavier = reg["jetson-agx-xavier"]
     assert xavier.cuda_arch == ("sm_72",) and xavier.cuda_toolkit_max_major == 12 and "tvm" not in xavier.formats
@@ -84,7 +90,7 @@ def test_every_target_is_one_declarative_yaml_file():
 
 
 def test_unknown_target_lists_the_registry():
-    with pytest.raises(ArtifactError, match="unknown target 'nope'; available targets: cuda, "):
+    with pytest.raises(ArtifactError, match="unknown target 'nope'; available targets: arm64-cpu, cuda, "):
         get_target("nope")
 
 

@@ -139,3 +139,56 @@ def test_cost_model_prefers_sparse_only_where_it_pays():
     assert estimate_cpu(tiny, 7, 1, dense_baseline="tvm-untuned")["speedup"] > 1.1
     with pytest.raises(ValueError, match="dense_baseline"):
         estimate_cpu(tiny, 7, 1, dense_baseline="cudnn")
+
+
+CROSS_CXX = shutil.which("aarch64-linux-gnu-g++")
+QEMU = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
+
+DRIVER = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+extern "C" int %(name)s_host(const float* x, float* y, int batch);
+int main(int argc, char** argv) {
+  const int batch = atoi(argv[1]);
+  const long nx = atol(argv[2]), ny = atol(argv[3]);
+  std::vector<float> x(nx), y(ny);
+  FILE* f = fopen(argv[4], "rb");
+  if (!f || fread(x.data(), 4, nx, f) != (size_t)nx) return 3;
+  fclose(f);
+  const int rc = %(name)s_host(x.data(), y.data(), batch);
+  f = fopen(argv[5], "wb");
+  fwrite(y.data(), 4, ny, f);
+  fclose(f);
+  return rc;
+}
+"""
+
+
+@pytest.mark.skipif(CROSS_CXX is None or QEMU is None,
+                    reason="needs aarch64-linux-gnu-g++ and qemu-aarch64 (scripts/setup.sh installs both)")
+@pytest.mark.parametrize("shape,hw,stride,padding", [((16, 8, 3, 3), (9, 11), 1, 1), ((12, 8, 3, 3), (8, 8), 2, 1),
+                                                     ((32, 16, 3, 3), (2, 2), 1, 1)])
+def test_arm64_build_matches_dense_convolution_under_qemu(shape, hw, stride, padding, tmp_path):
+    """The unit compiled for a Cortex-A76 (NEON: each 8-float vector is two registers), run under qemu."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(6)
+    w = _sparse(shape, 0.2, gen)
+    spec = conv_spec(shape, hw, stride, padding)
+    ks = generate_cpu(spec, w, label="arm")
+    src = tmp_path / "unit.cpp"
+    src.write_text(ks.source + DRIVER % {"name": ks.name})
+    exe = tmp_path / "unit"
+    r = subprocess.run([CROSS_CXX, "-O3", "-std=c++17", "-ffp-contract=fast", "-mcpu=cortex-a76", "-static", "-o",
+                        str(exe), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    batch = 3
+    x = torch.rand(batch, shape[1], *hw, generator=gen)
+    (tmp_path / "x.bin").write_bytes(x.numpy().astype("<f4").tobytes())
+    ref = F.conv2d(x, w, None, stride, padding)
+    r = subprocess.run([QEMU, str(exe), str(batch), str(x.numel()), str(ref.numel()), str(tmp_path / "x.bin"),
+                        str(tmp_path / "y.bin")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    y = torch.from_numpy(np.frombuffer((tmp_path / "y.bin").read_bytes(), dtype="<f4").copy()).view(ref.shape)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)

@@ -333,6 +333,26 @@ def test_cpu_kernels_share_tvms_thread_pool(tmp_path):
     assert ctypes.CDLL(str(lib)).rsp_cpu_parallel_ready() == 1
 
 
+@needs_tvm
+@needs_cross
+def test_arm64_cpu_library_links_cortex_a76_kernels(source, tmp_path):
+    from rsp.tvm_build import inspect_library
+
+    src, _ = source
+    m = run(src, tmp_path / "arm", ExportOptions(target="arm64-cpu", formats=["onnx", "tvm"], parity_images=16),
+            log=lambda *_: None)
+    k = m["kernels"]
+    assert k["planner"] == "rsp.kernels.cpu.plan_cpu_layers" and k["cpu"] == "cortex-a76" and k["linked"] is True
+    assert k["object"]["cpu"] == "cortex-a76" and "-mcpu=cortex-a76" in k["object"]["flags"]
+    assert k["object"]["compiler"] == CROSS_CXX
+    info = inspect_library(tmp_path / "arm" / "model.tvm.so")
+    assert info["elf_machine"] == "aarch64"
+    assert {r["symbol"] for r in k["linked_layers"]} <= set(info["tvm_ffi_functions"])
+    assert m["parity"]["onnx"]["passed"] and m["parity"]["tvm"]["passed"] is None  # runs on the board, not here
+    out = subprocess.run(["file", str(tmp_path / "arm" / "model.tvm.so")], capture_output=True, text=True).stdout
+    assert "ARM aarch64" in out and "shared object" in out
+
+
 # --- (c) Jetson: aarch64 library with SASS-only sm_87 kernels and their TVM FFI symbols ---------------
 
 

@@ -67,6 +67,8 @@ CPUS = {
     # Jetson Orin's Cortex-A78AE: two 128-bit NEON FMA pipes (8 fp32 FMAs per cycle); the sparse rate is an
     # estimate (half of x86's, an 8-float vector being two NEON registers) until measured on a board
     "cortex-a78ae": CPU("cortex-a78ae", 2.2, 8, ("-mcpu=cortex-a78ae",), sparse_nz_vectors_per_ns=0.9),
+    # Raspberry Pi 5 / RK3588: two 128-bit NEON FMA pipes at 2.4 GHz; estimated like the A78AE until measured
+    "cortex-a76": CPU("cortex-a76", 2.4, 8, ("-mcpu=cortex-a76",), sparse_nz_vectors_per_ns=0.9),
 }
 
 
