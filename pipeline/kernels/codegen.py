@@ -315,6 +315,17 @@ def generic_block(w: torch.Tensor, blocks=GENERIC_BLOCKS) -> tuple[int, int]:
     return best[1]
 
 
+def layer_arrays(spec: LayerSpec, dense: torch.Tensor, bias: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The float32 GEMM view (out x in*kh*kw) of a layer's weight and its bias, checked against the spec."""
+    if tuple(dense.shape) != tuple(spec.weight_shape):
+        raise ValueError(f"weight shape {tuple(dense.shape)} does not match the layer {spec.weight_shape}")
+    w = gemm_matrix(dense).to(torch.float32).cpu().numpy()
+    b = None if bias is None else bias.detach().to(torch.float32).cpu().numpy().reshape(-1)
+    if b is not None and b.shape[0] != spec.out_channels:
+        raise ValueError(f"bias has {b.shape[0]} values, the layer {spec.out_channels} outputs")
+    return w, b
+
+
 def generate(spec: LayerSpec, weight: torch.Tensor | BSR, bias: torch.Tensor | None = None, *, relu: bool = False,
              label: str = "", mode: str = "auto", rows_per_thread: int | None = None, block=None,
              arch: str = "sm_87", max_statements: int = DEFAULT_MAX_STATEMENTS) -> KernelSource:
@@ -331,12 +342,7 @@ def generate(spec: LayerSpec, weight: torch.Tensor | BSR, bias: torch.Tensor | N
     else:
         bsr_in = None
         dense = weight.detach()
-    if tuple(dense.shape) != tuple(spec.weight_shape):
-        raise ValueError(f"weight shape {tuple(dense.shape)} does not match the layer {spec.weight_shape}")
-    w = gemm_matrix(dense).to(torch.float32).cpu().numpy()
-    b = None if bias is None else bias.detach().to(torch.float32).cpu().numpy().reshape(-1)
-    if b is not None and b.shape[0] != spec.out_channels:
-        raise ValueError(f"bias has {b.shape[0]} values, the layer {spec.out_channels} outputs")
+    w, b = layer_arrays(spec, dense, bias)
     if mode not in ("auto", "specialized", "generic"):
         raise ValueError(f"mode must be auto, specialized or generic, got {mode!r}")
     g = int(rows_per_thread or auto_rows_per_thread(spec, arch, weight=dense))

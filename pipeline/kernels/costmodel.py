@@ -156,6 +156,31 @@ def layer_geometry(model: torch.nn.Module, input_shape=(1, 3, 32, 32)) -> dict[s
     return out
 
 
+def plan_spec(w: torch.Tensor, geometry: dict, entry: dict, *, max_taps: int | None = None) -> LayerSpec | None:
+    """The LayerSpec of a conv (OIHW, with its geometry) or linear weight for a plan entry, which it updates:
+    the conv's in_hw/stride/padding, or, where no kernel applies, kernel "dense" and the reason (then None)."""
+    reason = None
+    if w.dim() == 4:
+        g = geometry
+        if not g:
+            reason = "no geometry (input size) for this conv"
+        elif g.get("groups", 1) != 1:
+            reason = "grouped convolution"
+        elif isinstance(g.get("padding"), str):
+            reason = f"padding={g['padding']!r}"
+        elif max_taps is not None and w.shape[2] * w.shape[3] > max_taps:
+            reason = f"more than {max_taps} taps"
+    if reason:
+        entry.update({"kernel": "dense", "block": None, "block_density": None, "est_speedup": None, "reason": reason})
+        return None
+    if w.dim() == 2:
+        return linear_spec(w.shape)
+    g = geometry
+    spec = conv_spec(w.shape, g["in_hw"], g.get("stride", 1), g.get("padding", 0), g.get("dilation", 1))
+    entry.update({"in_hw": list(spec.in_hw), "stride": list(spec.stride), "padding": list(spec.padding)})
+    return spec
+
+
 def plan_layers(state: dict[str, torch.Tensor], geometry: dict[str, dict] | None = None, *, batch: int = 1,
                 arch: str = "sm_87", blocks=DEFAULT_BLOCKS, min_speedup: float = 1.1) -> dict[str, dict]:
     """The per-layer kernel plan for a model's state dict, for the export manifest.
@@ -174,25 +199,10 @@ def plan_layers(state: dict[str, torch.Tensor], geometry: dict[str, dict] | None
         name = key[: -len(".weight")]
         g = geometry.get(name, {})
         entry: dict = {"shape": list(w.shape), "density": float((w != 0).float().mean().item()) if w.numel() else 0.0}
-        reason = None
-        if w.dim() == 4:
-            if not g:
-                reason = "no geometry (input size) for this conv"
-            elif g.get("groups", 1) != 1:
-                reason = "grouped convolution"
-            elif isinstance(g.get("padding"), str):
-                reason = f"padding={g['padding']!r}"
-            elif w.shape[2] * w.shape[3] >= 64:
-                reason = "more than 63 taps"
-        if reason:
-            entry.update({"kernel": "dense", "block": None, "block_density": None, "est_speedup": None, "reason": reason})
+        spec = plan_spec(w, g, entry, max_taps=63)
+        if spec is None:
             plan[name] = entry
             continue
-        if w.dim() == 4:
-            spec = conv_spec(w.shape, g["in_hw"], g.get("stride", 1), g.get("padding", 0), g.get("dilation", 1))
-            entry.update({"in_hw": list(spec.in_hw), "stride": list(spec.stride), "padding": list(spec.padding)})
-        else:
-            spec = linear_spec(w.shape)
         best = None
         for blk in blocks:
             bd = block_density(w, blk)

@@ -37,8 +37,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .bsr import gemm_matrix
-from .codegen import HEADER_FILE, KernelSource, LayerSpec, conv_spec, linear_spec
+from .codegen import HEADER_FILE, KernelSource, LayerSpec, layer_arrays
+from .costmodel import plan_spec
 
 CPU_HEADER_FILE = Path(__file__).with_name("cpu_kernels.h")
 LANES = 8
@@ -107,13 +107,7 @@ def _float_array(name: str, values, per_line: int = 8) -> list[str]:
 def generate_cpu(spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None = None, *, relu: bool = False,
                  label: str = "") -> KernelSource:
     """The C++ unit of one layer's CPU kernel (``KernelSource.mode == "cpu"``)."""
-    dense = weight.detach()
-    if tuple(dense.shape) != tuple(spec.weight_shape):
-        raise ValueError(f"weight shape {tuple(dense.shape)} does not match the layer {spec.weight_shape}")
-    w = gemm_matrix(dense).to(torch.float32).cpu().numpy()
-    b = None if bias is None else bias.detach().to(torch.float32).cpu().numpy().reshape(-1)
-    if b is not None and b.shape[0] != spec.out_channels:
-        raise ValueError(f"bias has {b.shape[0]} values, the layer {spec.out_channels} outputs")
+    w, b = layer_arrays(spec, weight.detach(), bias)
     m, k = w.shape
     (kh, kw), (dh, dw) = spec.kernel, spec.dilation
     hs, ws, sh, sw = _grid(spec)
@@ -220,23 +214,10 @@ def plan_cpu_layers(state: dict[str, torch.Tensor], geometry: dict[str, dict], *
         g = geometry.get(name, {})
         nnz = int((w != 0).sum())
         entry: dict = {"shape": list(w.shape), "density": nnz / w.numel() if w.numel() else 0.0, "cpu": cpu}
-        reason = None
-        if w.dim() == 4:
-            if not g:
-                reason = "no geometry (input size) for this conv"
-            elif g.get("groups", 1) != 1:
-                reason = "grouped convolution"
-            elif isinstance(g.get("padding"), str):
-                reason = f"padding={g['padding']!r}"
-        if reason:
-            entry.update({"kernel": "dense", "block": None, "block_density": None, "est_speedup": None, "reason": reason})
+        spec = plan_spec(w, g, entry)
+        if spec is None:
             plan[name] = entry
             continue
-        if w.dim() == 4:
-            spec = conv_spec(w.shape, g["in_hw"], g.get("stride", 1), g.get("padding", 0), g.get("dilation", 1))
-            entry.update({"in_hw": list(spec.in_hw), "stride": list(spec.stride), "padding": list(spec.padding)})
-        else:
-            spec = linear_spec(w.shape)
         e = estimate_cpu(spec, nnz, batch, cpu, dense_baseline=dense_baseline)
         entry.update({"kernel": "sparse" if e["speedup"] >= min_speedup else "dense", "block": [1, 1],
                       "dense_baseline": dense_baseline,
