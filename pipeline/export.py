@@ -263,7 +263,7 @@ def _record_linked(kernels: dict, info: dict | None, mode: str, why_not: str) ->
     kernels["linked_layers"] = [{"layer": ll["layer"], "symbol": ll["symbol"], "op": ll["op"],
                                  "kernel_mode": ll["kernel_mode"]} for ll in linked.values()]
     kernels["object"] = (info or {}).get("object")
-    if linked and kernels.get("planner") == "rsp.kernels.cpu.plan_cpu_layers" or linked and mode == "cpu":
+    if linked and kernels.get("planner") == "rsp.kernels.cpu.plan_cpu_layers":
         kernels["note"] = (f"model.tvm.so calls rsp's CPU sparse kernels ({kernels.get('cpu')}) for the linked layers "
                            "and TVM's kernels for the rest")
     elif linked and mode == "host":
