@@ -384,8 +384,34 @@ def _accuracy(model, manifest, opts, splits) -> dict:
     eps = opts.eps if opts.eps is not None else att.get("eps", 8 / 255)
     cfg = PGDConfig(eps, att.get("step_size", 2 / 255), opts.attack_steps) if opts.attack_steps else None
     x, y = splits.test_x[: opts.n_examples], splits.test_y[: opts.n_examples]
+    from .train import is_collapsed
+
     r = evaluate(model, x.to(opts.device), y.to(opts.device), cfg, generator=torch.Generator(opts.device).manual_seed(opts.seed))
-    return {"clean_acc": r["clean_acc"], "robust_acc": r.get("robust_acc"), "n": r["n"], "attack": r.get("attack")}
+    return {"clean_acc": r["clean_acc"], "robust_acc": r.get("robust_acc"), "n": r["n"], "attack": r.get("attack"),
+            "top_class_share": r.get("top_class_share"), "collapsed": is_collapsed(r, y)}
+
+
+# A prune step that removes more than this share of the remaining non-zeros changes the model a lot.
+PRUNE_WARN_SHARE = 0.1
+
+
+def prune_warnings(before: dict, after: dict, pruned: int, nnz_before: int, k: int, finetune: int) -> list[str]:
+    """What a user must hear about a lossy prune step: a large share of the weights gone, accuracy halved,
+    a collapsed classifier (steps' entries as recorded: clean_acc, collapsed, top_class_share)."""
+    found = []
+    share = pruned / nnz_before if nnz_before else 0.0
+    if share > PRUNE_WARN_SHARE:
+        found.append(f"{share:.0%} of the remaining non-zeros ({pruned} of {nnz_before})")
+    a, b = before.get("clean_acc"), after.get("clean_acc")
+    if a is not None and b is not None and b < 0.5 * a:
+        found.append(f"clean accuracy {a:.3f} -> {b:.3f}")
+    if after.get("collapsed") and not before.get("collapsed"):
+        found.append(f"one class now takes {after['top_class_share']:.0%} of the test predictions")
+    if not found:
+        return []
+    advice = ("" if finetune else "win it back with --finetune N, ") + \
+        "use --k 0 (exact changes only), or train with --regrow l2-weighted so that vectors keep several non-zeros"
+    return [f"the prune step (k = {k}) cost {'; '.join(found)}: {advice}"]
 
 
 def run(source: str | Path, output: str | Path, opts: StructureOptions, log=print) -> dict:
@@ -452,10 +478,12 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
         record("regroup", state, model, "channel permutations, function unchanged")
         for n in pictures:
             write_png(output / f"weights_{n.replace('.', '_')}_regrouped.png", weight_picture(state[f"{n}.weight"]))
+    nnz_before = sum(int((state[f"{n}.weight"] != 0).sum()) for n in layer_names)
     state, pruned = prune_vectors(state, layer_names, opts.k, prune_block)
     model.load_state_dict(state)
     unit = "vectors" if prune_block is None else f"{prune_block[0]}x{prune_block[1]} blocks"
     record("prune", state, model, f"{unit} with <= {opts.k} non-zeros zeroed ({pruned} weights)")
+    warnings = prune_warnings(steps[-2], steps[-1], pruned, nnz_before, opts.k, opts.finetune)
     state, new_kwargs, removed = shrink(state, groups, name, kwargs, model)
     small = build_model({"model": {"name": name, "kwargs": new_kwargs}})
     small.load_state_dict(state, strict=True)
@@ -472,12 +500,17 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
         small.load_state_dict(state)
         record("finetune", state, small, f"{opts.finetune} epochs, structure frozen, selected epoch "
                f"{tuned['selected_epoch']} on validation")
+        if steps[-1].get("collapsed") and not steps[0].get("collapsed"):
+            warnings.append(f"after fine-tuning one class still takes {steps[-1]['top_class_share']:.0%} of the test "
+                            "predictions: the structured model is a constant classifier")
+    for w in warnings:
+        log(f"warning: {w}")
 
     save_tensors(output / MODEL_FILE, state)
     analysis = {"steps": steps, "groups": [g.__dict__ for g in groups], "removed_channels": removed}
     atomic_write_text(output / "analysis.json", json.dumps(analysis, indent=1) + "\n")
     atomic_write_text(output / "config.yaml", json.dumps({**opts.__dict__, "source": str(source)}, indent=1) + "\n")
-    report = _markdown(manifest, source, steps, pictures, removed, opts, nm_skipped)
+    report = _markdown(manifest, source, steps, pictures, removed, opts, nm_skipped, warnings)
     atomic_write_text(output / "report.md", report)
     layers, sparsity = layer_report(state, layer_names)
     final = steps[-1]
@@ -496,6 +529,7 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
         "params": {"before": _n_params(load_tensors(source / MODEL_FILE)), "after": _n_params(state)},
         "structure": {"regroup": opts.regroup, "k": opts.k, "prune_unit": opts.prune_block or "vector", "nm": opts.nm,
                       "removed_channels": removed, "nm_skipped_layers": nm_skipped, "finetune": tuned,
+                      "warnings": warnings,
                       "time_s": round(time.perf_counter() - t0, 3)},
         "metrics": {"clean_acc": final.get("clean_acc"), "robust_acc": final.get("robust_acc"), "split": "test",
                     "n_test": final.get("n"), "attack": final.get("attack"),
@@ -516,10 +550,13 @@ def _sha(path: Path) -> str:
     return sha256_file(path)
 
 
-def _markdown(manifest, source, steps, pictures, removed, opts, nm_skipped) -> str:
+def _markdown(manifest, source, steps, pictures, removed, opts, nm_skipped, warnings=()) -> str:
     lines = ["# rsp structure report", "", f"Source: `{source}` ({manifest['model']['name']}, method "
              f"{manifest.get('method')}, objective {manifest.get('objective')}, target sparsity "
-             f"{manifest.get('target_sparsity')}).", "",
+             f"{manifest.get('target_sparsity')}).", ""]
+    if warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+    lines += [
              f"Accuracy on the first {opts.n_examples} test images (clean, and PGD-{opts.attack_steps}); "
              "model selection happened in `rsp train` on a validation split, not here.", "",
              "| step | sparsity | zero vectors | zero kernels | zero in-channels | zero filters | 2:4 ok | clean | robust | note |",

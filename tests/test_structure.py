@@ -248,3 +248,27 @@ def test_nm_output_is_what_tensorrt_accepts_as_2_4():
     assert not any(_trt_24_layers(state, ["a", "l"]).values())
     out, _ = project_nm(state, ["a", "l"], 2, 4)
     assert all(_trt_24_layers(out, ["a", "l"]).values())
+
+
+def test_a_lossy_prune_step_is_reported_as_a_warning(tmp_path):
+    """At 99 % most vectors hold a single non-zero: k = 1 removes much of the model, and the user hears it."""
+    model = _sparse_model("small-cnn", {"in_channels": 1, "mean": [0.0], "std": [1.0]}, density=0.01,
+                          zero_channels=False)
+    src = _folder(tmp_path, model, "small-cnn")
+    logged = []
+    m = run(src, tmp_path / "k1", StructureOptions(k=1, n_examples=0), log=logged.append)
+    (w,) = m["structure"]["warnings"]
+    assert "the prune step (k = 1) cost" in w and "of the remaining non-zeros" in w and "--finetune" in w
+    assert f"warning: {w}" in logged
+    assert "## Warnings" in (tmp_path / "k1" / "report.md").read_text()
+    m = run(src, tmp_path / "k0", StructureOptions(k=0, n_examples=0), log=lambda *_: None)
+    assert m["structure"]["warnings"] == [] and "## Warnings" not in (tmp_path / "k0" / "report.md").read_text()
+
+
+def test_prune_warnings_on_accuracy_and_collapse():
+    from rsp.structure import prune_warnings
+
+    healthy, fine = {"clean_acc": 0.8, "collapsed": False}, {"clean_acc": 0.78, "collapsed": False}
+    assert prune_warnings(healthy, fine, 5, 1000, 1, 0) == []
+    (w,) = prune_warnings(healthy, {"clean_acc": 0.1, "collapsed": True, "top_class_share": 1.0}, 5, 1000, 1, 3)
+    assert "clean accuracy 0.800 -> 0.100" in w and "one class now takes 100%" in w and "--finetune" not in w
