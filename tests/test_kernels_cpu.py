@@ -36,6 +36,7 @@ GEOMETRIES = [  # (weight shape, input hw, stride, padding, dilation)
     ((8, 4, 3, 3), (10, 10), 1, 2, 2),       # dilation
     ((8, 4, 5, 3), (7, 9), (2, 1), (1, 0), 1),  # non-square everything
     ((32, 16, 3, 3), (2, 2), 1, 1, 1),       # a late VGG map: 2x2
+    ((8, 3, 9, 9), (20, 20), 2, 4, 1),       # 81 taps: beyond the CUDA kernels' tap mask, not these
 ]
 
 

@@ -155,6 +155,26 @@ def test_rewrite_folded_linear_and_unsupported_conv():
     assert [op for op, _ in _calls(res.mod)] == ["relax.call_dps_packed", "relax.nn.conv2d"]
 
 
+@needs_tvm
+def test_rewrite_tap_limit_is_the_cuda_kernels_only():
+    """A 9x9 conv (81 taps) is beyond the CUDA kernels' 64-bit tap mask, not beyond the CPU kernels."""
+    from tvm import relax
+
+    from rsp.kernels.relax_link import link_sparse_layers
+
+    w = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(2))
+    bb = relax.BlockBuilder()
+    im = relax.Var("im", relax.TensorType((1, 3, 12, 12), "float32"))
+    with bb.function("main", [im]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.conv2d(im, relax.const(w.numpy()), padding=(4, 4, 4, 4)))
+        bb.emit_func_output(out)
+    cuda = link_sparse_layers(bb.get(), {"big": w})
+    assert not cuda.linked and cuda.not_linked["big"] == "more than 63 taps"
+    cpu = link_sparse_layers(bb.get(), {"big": w}, kind="cpu")
+    assert [ll.layer for ll in cpu.linked] == ["big"] and cpu.linked[0].kernel.mode == "cpu"
+
+
 # --- the host FFI variant of a kernel unit ----------------------------------------------------------
 
 

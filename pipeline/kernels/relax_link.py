@@ -85,8 +85,9 @@ def _f32(ty) -> bool:
     return str(getattr(ty, "dtype", "")) == "float32"
 
 
-def _conv(call, bindings) -> tuple[np.ndarray | None, LayerSpec | None, str]:
-    """(OIHW weight, spec, "") of a conv2d call the kernels can run, else (weight or None, None, reason)."""
+def _conv(call, bindings, max_taps: int | None = 63) -> tuple[np.ndarray | None, LayerSpec | None, str]:
+    """(OIHW weight, spec, "") of a conv2d call the kernels can run, else (weight or None, None, reason).
+    max_taps: the CUDA kernels' limit (a 64-bit tap mask per pixel); the CPU kernels have none (None)."""
     w = _const_array(call.args[1], bindings)
     if w is None:
         return None, None, "the weight is not a constant"
@@ -106,8 +107,8 @@ def _conv(call, bindings) -> tuple[np.ndarray | None, LayerSpec | None, str]:
             return w, None, f"asymmetric padding {pad}"
         pad = pad[:2]
     pad = pad * 2 if len(pad) == 1 else pad
-    if w.shape[2] * w.shape[3] >= 64:
-        return w, None, "more than 63 taps"
+    if max_taps is not None and w.shape[2] * w.shape[3] > max_taps:
+        return w, None, f"more than {max_taps} taps"
     try:
         spec = conv_spec(w.shape, xs[2:], [int(v) for v in a.strides], pad, [int(v) for v in a.dilation])
     except ValueError as exc:
@@ -170,7 +171,8 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
             name = getattr(call.op, "name", "")
             if name not in (CONV2D, MATMUL):
                 return super().visit_call_(call)
-            w, spec, reason = (_conv if name == CONV2D else _linear)(call, bindings)
+            w, spec, reason = (_conv(call, bindings, None if kind == "cpu" else 63) if name == CONV2D
+                               else _linear(call, bindings))
             if w is None or tuple(w.shape) not in shapes:
                 return super().visit_call_(call)
             queue = wanted.get(_key(w))
