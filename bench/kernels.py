@@ -124,12 +124,13 @@ def run_cpu(args, layers, sparsities, structures, batches):
                     dense = dense_fn(w, hw)
                     out = torch.empty(spec.output_shape(batch))
                     err = (layer(x, out) - dense(x)).abs().max().item()
-                    t = {"dense": [], "sparse": []}
-                    for cand, fn in (("dense", dense), ("sparse", lambda x: layer(x, out))):
+                    candidates = {"dense": dense, "sparse": lambda x, out=out: layer(x, out)}
+                    t = {cand: [] for cand in candidates}
+                    for fn in candidates.values():
                         fn(x)  # warm-up: allocator, oneDNN primitive cache, the kernel's scratch
+                    reps = max(1, args.inner // 10)
                     for _ in range(args.rounds):
-                        for cand, fn in (("dense", dense), ("sparse", lambda x: layer(x, out))):
-                            reps = max(1, args.inner // 10)
+                        for cand, fn in candidates.items():
                             t0 = time.perf_counter()
                             for _ in range(reps):
                                 fn(x)

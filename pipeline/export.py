@@ -157,23 +157,24 @@ def _trt_24_layers(state: dict, names: list[str]) -> dict[str, bool]:
     return out
 
 
-def _planner():
-    """rsp.kernels' per-layer planner (costmodel.plan_model), if that sibling module provides one yet."""
-    try:
-        from .kernels import costmodel
+def _kernels_module(name: str):
+    """A module of rsp.kernels, or None where it cannot be imported: export must not depend on the kernels."""
+    import importlib
 
-        return getattr(costmodel, "plan_model", None)
-    except Exception:  # absent or half-written: export must not depend on it
+    try:
+        return importlib.import_module(f".kernels.{name}", __package__)
+    except Exception:
         return None
+
+
+def _planner():
+    """rsp.kernels' per-layer GPU planner (costmodel.plan_model), if available."""
+    return getattr(_kernels_module("costmodel"), "plan_model", None)
 
 
 def _cpu_planner():
-    try:
-        from .kernels import cpu
-
-        return cpu
-    except Exception:  # absent or half-written: export must not depend on it
-        return None
+    """rsp.kernels.cpu (plan_cpu_layers and its CPU figures), if available."""
+    return _kernels_module("cpu")
 
 
 def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names: list[str], batch: int, *,
@@ -198,8 +199,8 @@ def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names:
                 from .kernels.costmodel import layer_geometry
 
                 baseline = "library" if tuned else "tvm-untuned"
-                plan = cpu.plan_cpu_layers({k: v.detach() for k, v in model.state_dict().items()},
-                                           layer_geometry(model, (batch, *chw)), batch=batch, cpu=target.mcpu,
+                weights = {f"{n}.weight": state[f"{n}.weight"] for n in names}  # module order
+                plan = cpu.plan_cpu_layers(weights, layer_geometry(model, (batch, *chw)), batch=batch, cpu=target.mcpu,
                                            dense_baseline=baseline)
                 result = {"planner": "rsp.kernels.cpu.plan_cpu_layers", "cpu": target.mcpu, "dense_baseline": baseline,
                           "layers": [{"layer": k, **v} for k, v in plan.items()]}
@@ -501,15 +502,17 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
         cache = Path(opts.tune_cache) if opts.tune_cache else None
         sparse = {r["layer"]: state[f"{r['layer']}.weight"] for r in kernels["layers"] if r["kernel"] == "sparse"}
         kind = sparse_kernel_kind(target, mode)
-        link = kind is not None and (kind != "cpu" or kernels.get("planner") is not None)
         result = tvm_build.build(model, chw, target, output / TVM_FILE, batch=opts.batch, nvcc=opts.nvcc,
                                  tune_trials=opts.tune_trials, tune_cache=cache, log=log,
-                                 sparse_layers=sparse if link else None, sparse_mode=kind or "cuda")
+                                 sparse_layers=sparse if kind else None, sparse_mode=kind or "cuda")
         files.append(TVM_FILE)
         artifacts["tvm"] = result.info
-        why_not = ("--sparse-kernels off" if mode == "off" else
-                   (kernels["layers"][0].get("reason", "no planner") if kernels["layers"] else "no layers") if not link else
-                   "no layer is planned sparse" if not sparse else "not linked")
+        if kind is None:
+            why_not = "--sparse-kernels off"
+        elif kernels.get("planner") is None:  # no plan: every layer says why
+            why_not = kernels["layers"][0]["reason"] if kernels["layers"] else "no conv/linear layer"
+        else:
+            why_not = "no layer is planned sparse" if not sparse else "not linked"
         _record_linked(kernels, result.info.get("sparse_kernels"), mode, why_not)
         if not target.has_cuda and target.arch == os.uname().machine:
             # the library runs one static batch per call, untuned CPU code slowly (0.3 s per image for an

@@ -377,6 +377,7 @@ def finetune(model: nn.Module, manifest: dict, splits, opts: StructureOptions, s
 
 def _accuracy(model, manifest, opts, splits) -> dict:
     from .attacks import PGDConfig, evaluate
+    from .train import is_collapsed
 
     if splits is None:
         return {}
@@ -384,8 +385,6 @@ def _accuracy(model, manifest, opts, splits) -> dict:
     eps = opts.eps if opts.eps is not None else att.get("eps", 8 / 255)
     cfg = PGDConfig(eps, att.get("step_size", 2 / 255), opts.attack_steps) if opts.attack_steps else None
     x, y = splits.test_x[: opts.n_examples], splits.test_y[: opts.n_examples]
-    from .train import is_collapsed
-
     r = evaluate(model, x.to(opts.device), y.to(opts.device), cfg, generator=torch.Generator(opts.device).manual_seed(opts.seed))
     return {"clean_acc": r["clean_acc"], "robust_acc": r.get("robust_acc"), "n": r["n"], "attack": r.get("attack"),
             "top_class_share": r.get("top_class_share"), "collapsed": is_collapsed(r, y)}
@@ -395,10 +394,12 @@ def _accuracy(model, manifest, opts, splits) -> dict:
 PRUNE_WARN_SHARE = 0.1
 
 
-def prune_warnings(before: dict, after: dict, pruned: int, nnz_before: int, k: int, finetune: int) -> list[str]:
+def prune_warnings(before: dict, after: dict, k: int, finetune: int) -> list[str]:
     """What a user must hear about a lossy prune step: a large share of the weights gone, accuracy halved,
-    a collapsed classifier (steps' entries as recorded: clean_acc, collapsed, top_class_share)."""
+    a collapsed classifier (the steps' entries as recorded: analysis, clean_acc, collapsed, top_class_share)."""
     found = []
+    nnz_before = before["analysis"]["overall"]["nonzero"]
+    pruned = nnz_before - after["analysis"]["overall"]["nonzero"]
     share = pruned / nnz_before if nnz_before else 0.0
     if share > PRUNE_WARN_SHARE:
         found.append(f"{share:.0%} of the remaining non-zeros ({pruned} of {nnz_before})")
@@ -478,12 +479,11 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
         record("regroup", state, model, "channel permutations, function unchanged")
         for n in pictures:
             write_png(output / f"weights_{n.replace('.', '_')}_regrouped.png", weight_picture(state[f"{n}.weight"]))
-    nnz_before = sum(int((state[f"{n}.weight"] != 0).sum()) for n in layer_names)
     state, pruned = prune_vectors(state, layer_names, opts.k, prune_block)
     model.load_state_dict(state)
     unit = "vectors" if prune_block is None else f"{prune_block[0]}x{prune_block[1]} blocks"
     record("prune", state, model, f"{unit} with <= {opts.k} non-zeros zeroed ({pruned} weights)")
-    warnings = prune_warnings(steps[-2], steps[-1], pruned, nnz_before, opts.k, opts.finetune)
+    warnings = prune_warnings(steps[-2], steps[-1], opts.k, opts.finetune)
     state, new_kwargs, removed = shrink(state, groups, name, kwargs, model)
     small = build_model({"model": {"name": name, "kwargs": new_kwargs}})
     small.load_state_dict(state, strict=True)

@@ -268,7 +268,10 @@ def test_a_lossy_prune_step_is_reported_as_a_warning(tmp_path):
 def test_prune_warnings_on_accuracy_and_collapse():
     from rsp.structure import prune_warnings
 
-    healthy, fine = {"clean_acc": 0.8, "collapsed": False}, {"clean_acc": 0.78, "collapsed": False}
-    assert prune_warnings(healthy, fine, 5, 1000, 1, 0) == []
-    (w,) = prune_warnings(healthy, {"clean_acc": 0.1, "collapsed": True, "top_class_share": 1.0}, 5, 1000, 1, 3)
+    def step(nonzero, **kw):
+        return {"analysis": {"overall": {"nonzero": nonzero}}, **kw}
+
+    healthy, fine = step(1000, clean_acc=0.8, collapsed=False), step(995, clean_acc=0.78, collapsed=False)
+    assert prune_warnings(healthy, fine, 1, 0) == []
+    (w,) = prune_warnings(healthy, step(995, clean_acc=0.1, collapsed=True, top_class_share=1.0), 1, 3)
     assert "clean accuracy 0.800 -> 0.100" in w and "one class now takes 100%" in w and "--finetune" not in w

@@ -49,6 +49,7 @@ import torch
 from .bsr import BSR, block_density, from_bsr, gemm_matrix, to_bsr
 
 HEADER_FILE = Path(__file__).with_name("bsr_kernels.cuh")
+CUDA_MAX_TAPS = 63  # kernel taps per pixel: the geometry's tap-validity mask is one 64-bit word
 THREADS = 128  # threads per block for large pixel counts (the launcher uses fewer, a multiple of 32, below)
 # Specialised code above this many statements (loads + FMAs) falls back to the generic kernel: about
 # 16 bytes of SASS each, so 120k statements are ~2 MB of code and a minute or two of nvcc per arch.
@@ -182,8 +183,8 @@ def _header() -> str:
 def _geometry_type(spec: LayerSpec) -> str:
     (h, w), (oh, ow), (kh, kw) = spec.in_hw, spec.out_hw, spec.kernel
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
-    if kh * kw >= 64:
-        raise ValueError(f"kernels with more than 63 taps are not supported ({kh}x{kw})")
+    if kh * kw > CUDA_MAX_TAPS:
+        raise ValueError(f"kernels with more than {CUDA_MAX_TAPS} taps are not supported ({kh}x{kw})")
     return (f"RspConv<{spec.in_channels}, {h}, {w}, {spec.out_channels}, {oh}, {ow}, {kh}, {kw}, "
             f"{sh}, {sw}, {ph}, {pw}, {dh}, {dw}>")
 

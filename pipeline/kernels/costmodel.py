@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .bsr import DEFAULT_BLOCKS, block_density, parse_block
-from .codegen import LayerSpec, conv_spec, linear_spec
+from .codegen import CUDA_MAX_TAPS, LayerSpec, conv_spec, linear_spec
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,13 @@ def layer_geometry(model: torch.nn.Module, input_shape=(1, 3, 32, 32)) -> dict[s
     return out
 
 
+def weight_layers(state: dict[str, torch.Tensor]):
+    """(layer name, weight) of every conv (OIHW) and linear weight in a state dict, in its order."""
+    for key, w in state.items():
+        if key.endswith(".weight") and w.dim() in (2, 4):
+            yield key[: -len(".weight")], w
+
+
 def plan_spec(w: torch.Tensor, geometry: dict, entry: dict, *, max_taps: int | None = None) -> LayerSpec | None:
     """The LayerSpec of a conv (OIHW, with its geometry) or linear weight for a plan entry, which it updates:
     the conv's in_hw/stride/padding, or, where no kernel applies, kernel "dense" and the reason (then None)."""
@@ -193,13 +200,9 @@ def plan_layers(state: dict[str, torch.Tensor], geometry: dict[str, dict] | None
     """
     geometry = geometry or {}
     plan: dict[str, dict] = {}
-    for key, w in state.items():
-        if not key.endswith(".weight") or w.dim() not in (2, 4):
-            continue
-        name = key[: -len(".weight")]
-        g = geometry.get(name, {})
+    for name, w in weight_layers(state):
         entry: dict = {"shape": list(w.shape), "density": float((w != 0).float().mean().item()) if w.numel() else 0.0}
-        spec = plan_spec(w, g, entry, max_taps=63)
+        spec = plan_spec(w, geometry.get(name, {}), entry, max_taps=CUDA_MAX_TAPS)
         if spec is None:
             plan[name] = entry
             continue

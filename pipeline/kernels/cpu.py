@@ -9,8 +9,9 @@ never touched. The unit has the host symbols of the CUDA units (``NAME_host(x, y
 (``load_cpu_layer``), the Relax rewrite (``relax_link``) and ``export_library`` take it unchanged.
 
 Unlike ``build_host`` (the CUDA kernels' emulator: ``-O1``, no FMA contraction, for bit-exact checks)
-this is built to be fast: ``-O3`` for the target's CPU (``-march=x86-64-v3`` for x86-cpu, ``-mcpu=`` of
-a Jetson's cores) with FMA contraction, so its results differ from a dense convolution by rounding only.
+this is built to be fast (``cpu_flags``): ``-O3`` for the target's CPU (``-march=x86-64-v3`` for x86-cpu,
+``-mcpu=cortex-a76`` for arm64-cpu) with FMA contraction, so its results differ from a dense convolution
+by rounding only.
 
 Threads: loaded by ctypes a call runs on the calling thread (what ``bench/kernels.py`` times against
 one-thread oneDNN); inside a TVM library, layers with enough work spread their output rows over TVM's own
@@ -21,9 +22,9 @@ with TVM's operators for the cores. The cost model is per core either way.
 beats the dense alternative by ``min_speedup``: a dense library (oneDNN, a tuned TVM schedule) at a
 realistic share of the core's FMA peak, or TVM's untuned default schedule (an export without
 ``--tune-trials``), which reaches only a few percent of it.
-The constants are calibrated with ``bench/kernels.py --device cpu`` on this machine (AMD EPYC, AVX2):
-the sparse kernel sustains about ``SPARSE_NZ_VECTORS_PER_NS`` non-zero x 8-lane updates per ns, a
-dense library at batch 1 about ``DENSE_EFF`` of the peak.
+The ``CPU`` figures are calibrated with ``bench/kernels.py --device cpu`` on this machine (AMD EPYC,
+AVX2): the sparse kernel sustains ``sparse_nz_vectors_per_ns`` (non-zero x 8-lane vector) updates per ns,
+a dense library one thread ``dense_eff`` of the FMA peak.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from .codegen import HEADER_FILE, KernelSource, LayerSpec, layer_arrays
-from .costmodel import plan_spec
+from .costmodel import plan_spec, weight_layers
 
 CPU_HEADER_FILE = Path(__file__).with_name("cpu_kernels.h")
 LANES = 8
@@ -59,6 +60,7 @@ class CPU:
     # 48x onnxruntime's 0.43 ms, i.e. ~2 % of the peak
     untuned_tvm_eff: float = 0.02
     pack_ns_per_value: float = 0.6  # input packing (padding, phase split) per input value
+    store_ns_per_value: float = 0.3  # writing a grid row and keeping its real outputs, per grid value
     call_us: float = 2.0  # per call: scratch set-up, offset table
 
 
@@ -76,6 +78,18 @@ def get_cpu(name: str | None) -> CPU:
     if name in CPUS:
         return CPUS[name]
     raise ValueError(f"no CPU cost figures for {name!r}; known: {', '.join(CPUS)}")
+
+
+def cpu_flags(cpu: str) -> list[str]:
+    """Compiler flags of the CPU kernels for ``cpu`` (``CPUS``)."""
+    return ["-O3", "-std=c++17", "-ffp-contract=fast", *get_cpu(cpu).march]
+
+
+def vectors_per_row(grid: int) -> int:
+    """8-lane vectors one output row takes over ``grid`` positions: NV vectors per step as ``rsp_cpu::run``
+    picks them (4 from 32 positions on, else 3 / 2 / 1 from 24 / 16 / 1), padding included."""
+    nv = 4 if grid >= 32 else 3 if grid >= 24 else 2 if grid >= 16 else 1
+    return -(-grid // (LANES * nv)) * nv
 
 
 def _header() -> str:
@@ -160,8 +174,7 @@ def build_cpu(sources: KernelSource | Sequence[KernelSource] | str, *, cpu: str 
     """Compile CPU kernel units for ``cpu`` (``CPUS``; ``cxx`` a cross compiler for another machine)."""
     from .build import build_cxx
 
-    flags = ["-O3", "-std=c++17", "-ffp-contract=fast", *get_cpu(cpu).march]
-    return build_cxx(sources, flags, kind=kind, tvm_ffi=tvm_ffi, cxx=cxx, cache_dir=cache_dir, timeout=timeout,
+    return build_cxx(sources, cpu_flags(cpu), kind=kind, tvm_ffi=tvm_ffi, cxx=cxx, cache_dir=cache_dir, timeout=timeout,
                      what=f"CPU sparse kernels ({cpu})", suffix="cpu")
 
 
@@ -192,12 +205,10 @@ def estimate_cpu(spec: LayerSpec, nnz: int, batch: int = 1, cpu: str | CPU = "x8
     p = spec.pixels(batch)
     dense = 2.0 * m * k * p / (2.0 * c.fma_lanes_per_cycle * c.clock_ghz * 1e3 * eff)
     hs, ws, sh, sw = _grid(spec)
-    grid = hs * ws * batch
-    nv = 4 if grid >= 32 else max(1, -(-grid // LANES))
-    vectors = -(-grid // (LANES * nv)) * nv  # 8-lane vectors per output row, padding included
+    vectors = vectors_per_row(hs * ws * batch)
     compute = nnz * vectors / (c.sparse_nz_vectors_per_ns * 1e3)
     pack = spec.in_channels * spec.in_hw[0] * spec.in_hw[1] * batch * c.pack_ns_per_value / 1e3
-    out = m * vectors * LANES * 0.3e-3  # writing the grid row and keeping the real outputs
+    out = m * vectors * LANES * c.store_ns_per_value / 1e3
     sparse = c.call_us + compute + pack + out
     return {"dense_us": dense, "sparse_us": sparse, "speedup": dense / sparse}
 
@@ -207,14 +218,10 @@ def plan_cpu_layers(state: dict[str, torch.Tensor], geometry: dict[str, dict], *
     """The per-layer plan on a CPU target, in the format of ``costmodel.plan_layers`` (``estimate_cpu`` for
     the dense baseline)."""
     plan: dict[str, dict] = {}
-    for key, w in state.items():
-        if not key.endswith(".weight") or w.dim() not in (2, 4):
-            continue
-        name = key[: -len(".weight")]
-        g = geometry.get(name, {})
+    for name, w in weight_layers(state):
         nnz = int((w != 0).sum())
         entry: dict = {"shape": list(w.shape), "density": nnz / w.numel() if w.numel() else 0.0, "cpu": cpu}
-        spec = plan_spec(w, g, entry)
+        spec = plan_spec(w, geometry.get(name, {}), entry)
         if spec is None:
             plan[name] = entry
             continue

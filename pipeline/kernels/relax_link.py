@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .codegen import KernelSource, LayerSpec, conv_spec, generate, linear_spec
+from .codegen import CUDA_MAX_TAPS, KernelSource, LayerSpec, conv_spec, generate, linear_spec
 
 CONV2D, MATMUL, PERMUTE = "relax.nn.conv2d", "relax.matmul", "relax.permute_dims"
 HOST_ARCH = "sm_87"  # the plan (and kernel shape) the host emulator stands in for on a CPU target
@@ -85,7 +85,7 @@ def _f32(ty) -> bool:
     return str(getattr(ty, "dtype", "")) == "float32"
 
 
-def _conv(call, bindings, max_taps: int | None = 63) -> tuple[np.ndarray | None, LayerSpec | None, str]:
+def _conv(call, bindings, max_taps: int | None = CUDA_MAX_TAPS) -> tuple[np.ndarray | None, LayerSpec | None, str]:
     """(OIHW weight, spec, "") of a conv2d call the kernels can run, else (weight or None, None, reason).
     max_taps: the CUDA kernels' limit (a 64-bit tap mask per pixel); the CPU kernels have none (None)."""
     w = _const_array(call.args[1], bindings)
@@ -171,7 +171,7 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
             name = getattr(call.op, "name", "")
             if name not in (CONV2D, MATMUL):
                 return super().visit_call_(call)
-            w, spec, reason = (_conv(call, bindings, None if kind == "cpu" else 63) if name == CONV2D
+            w, spec, reason = (_conv(call, bindings, None if kind == "cpu" else CUDA_MAX_TAPS) if name == CONV2D
                                else _linear(call, bindings))
             if w is None or tuple(w.shape) not in shapes:
                 return super().visit_call_(call)
@@ -232,13 +232,13 @@ def kernel_object(kernels: list[KernelSource], mode: str, *, archs=(), nvcc: str
         info = {"compiler": Path(cxx).name if cxx else "g++ (host emulator)",
                 "note": "host emulator: CPU tensors, a correctness path, not a fast one"}
     elif mode == "cpu":
-        from .cpu import build_cpu, get_cpu
+        from .cpu import build_cpu, cpu_flags
 
         obj = build_cpu(kernels, cpu=cpu, kind="obj", tvm_ffi=True, cxx=cxx, cache_dir=cache_dir)
         options = [str(obj)]
-        info = {"compiler": Path(cxx).name if cxx else "g++", "cpu": cpu,
-                "flags": ["-O3", "-ffp-contract=fast", *get_cpu(cpu).march],
-                "note": "rsp's CPU sparse kernels (direct convolution over the non-zeros, single-threaded per call)"}
+        info = {"compiler": Path(cxx).name if cxx else "g++", "cpu": cpu, "flags": cpu_flags(cpu),
+                "note": "rsp's CPU sparse kernels (direct convolution over the non-zeros; large layers run their "
+                        "output rows on TVM's thread pool)"}
     else:
         raise ValueError(f"mode must be 'cuda', 'host' or 'cpu', got {mode!r}")
     obj = Path(obj)
