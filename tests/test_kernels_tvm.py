@@ -107,14 +107,14 @@ def test_rewrite_replaces_exactly_the_planned_layers(source):
     before = _calls(mod)
     assert [op for op, _ in before].count("relax.nn.conv2d") == 3 and ("relax.matmul", None) in before
     # matched by values, not order: the dict's order is reversed on purpose
-    res = link_sparse_layers(mod, {n: sd[f"{n}.weight"] for n in reversed(FORCED)})
+    res = link_sparse_layers(mod, {n: sd[f"{n}.weight"] for n in reversed(FORCED)}, fuse=False)
     assert not res.not_linked and sorted(res.symbols) == sorted(FORCED)
     after = _calls(res.mod)
     packed = [s for op, s in after if op == "relax.call_dps_packed"]
     assert packed == [res.symbols["features.3"], res.symbols["classifier"]]  # in graph order
     assert [op for op, _ in after].count("relax.nn.conv2d") == 2 and "relax.matmul" not in [op for op, _ in after]
     assert "relax.permute_dims" not in [op for op, _ in after]  # the replaced linear's weight transpose is gone
-    # BN, ReLU, bias add stay TVM operators
+    # fuse=False: BN, ReLU, bias add stay TVM operators
     assert [op for op, _ in after].count("relax.nn.batch_norm") == 3 and ("relax.add", None) in after
     script = res.mod.script(show_meta=False)
     assert f'R.call_dps_packed("{res.symbols["features.3"]}", (' in script and "out_ty=R.Tensor((2, 16, 8, 8)" in script
@@ -124,7 +124,7 @@ def test_rewrite_replaces_exactly_the_planned_layers(source):
     # a weight that is not in the module (one value changed) links nothing and says why
     w = sd["features.7.weight"].clone()
     w.view(-1)[0] += 1.0
-    res2 = link_sparse_layers(mod, {"features.7": w})
+    res2 = link_sparse_layers(mod, {"features.7": w}, fuse=False)
     assert not res2.linked and "no conv2d/matmul with this weight" in res2.not_linked["features.7"]
     assert [op for op, _ in _calls(res2.mod)] == [op for op, _ in before]
 
@@ -321,14 +321,9 @@ def test_auto_on_a_cpu_target_plans_and_links_the_cpu_kernels(source, tmp_path):
 
 @needs_tvm
 @needs_cxx
-def test_cpu_kernels_share_tvms_thread_pool(tmp_path):
-    """A layer large enough to run its output rows in parallel on TVM's pool: the loader hands the kernel
-    TVM's parallel launch, and the result still matches PyTorch."""
-    import ctypes
-
-    import tvm
-
-    from rsp.tvm_build import run_library
+def test_cpu_kernels_thread_pool(tmp_path):
+    """A layer large enough to run its output rows in parallel on rsp's pool matches PyTorch on 1 and 2
+    threads (RSP_NUM_THREADS, in a fresh process each: the pool is made once per library load)."""
 
     torch.manual_seed(1)
     model = create_model("small-cnn", num_classes=10, in_channels=1, mean=[0.5], std=[0.5], channels=[64, 64, 64]).eval()
@@ -348,9 +343,17 @@ def test_cpu_kernels_share_tvms_thread_pool(tmp_path):
     x = _images(33)
     with torch.no_grad():
         ref = model(x).numpy()
-    assert np.abs(run_library(lib, x.numpy(), 1) - ref).max() <= 1e-4
-    tvm.runtime.load_module(str(lib))  # the loader fills the library's context pointers
-    assert ctypes.CDLL(str(lib)).rsp_cpu_parallel_ready() == 1
+    np.save(tmp_path / "x.npy", x.numpy())
+    script = ("import sys, ctypes, numpy as np; from rsp.tvm_build import run_library; "
+              f"y = run_library({str(lib)!r}, np.load({str(tmp_path / 'x.npy')!r}), 1); "
+              f"np.save(sys.argv[1], y); print(ctypes.CDLL({str(lib)!r}).rsp_cpu_threads())")
+    for threads in (1, 2):
+        out = tmp_path / f"y{threads}.npy"
+        r = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "RSP_NUM_THREADS": str(threads)})
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split()[-1] == str(threads)  # the pool has the threads asked for
+        assert np.abs(np.load(out) - ref).max() <= 1e-4
 
 
 @needs_tvm

@@ -82,7 +82,8 @@ def get_cpu(name: str | None) -> CPU:
 
 def cpu_flags(cpu: str) -> list[str]:
     """Compiler flags of the CPU kernels for ``cpu`` (``CPUS``)."""
-    return ["-O3", "-std=c++17", "-ffp-contract=fast", *get_cpu(cpu).march]
+    # no memset/memcpy idiom calls: the kernels' short row loops are cheaper inline (cpu_kernels.h, pack)
+    return ["-O3", "-std=c++17", "-ffp-contract=fast", "-fno-tree-loop-distribute-patterns", *get_cpu(cpu).march]
 
 
 def vectors_per_row(grid: int) -> int:
@@ -109,31 +110,99 @@ def _hexf(v: float) -> str:
 def _int_array(name: str, values, per_line: int = 24) -> list[str]:
     vals = [str(int(v)) for v in values] or ["0"]
     body = [", ".join(vals[i:i + per_line]) for i in range(0, len(vals), per_line)]
-    return [f"static const int {name}[] = {{"] + [f"  {b}," for b in body] + ["};"]
+    return [f"static constexpr int {name}[] = {{"] + [f"  {b}," for b in body] + ["};"]
 
 
 def _float_array(name: str, values, per_line: int = 8) -> list[str]:
     vals = [_hexf(v) for v in values] or ["0.0f"]
     body = [", ".join(vals[i:i + per_line]) for i in range(0, len(vals), per_line)]
-    return [f"static const float {name}[] = {{"] + [f"  {b}," for b in body] + ["};"]
+    return [f"static constexpr float {name}[] = {{"] + [f"  {b}," for b in body] + ["};"]
+
+
+# Packed input per chunk of images: about the per-core L2 of current x86 and Arm cores (every non-zero re-reads
+# the chunk, so a chunk that spills to L3 runs 2-3x slower).
+CHUNK_BYTES = 256 << 10
+POOLS = (0, 2)
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What a CPU kernel does to a convolution's output row before writing it: + bias (a folded BatchNorm's
+    shift), + a residual input of the convolution's output shape, ReLU, then a 2x2 / stride-2 max pool."""
+
+    relu: bool = False
+    residual: bool = False
+    pool: int = 0  # 0 or 2
+
+    def as_dict(self) -> dict:
+        return {"relu": self.relu, "residual": self.residual, "pool": self.pool}
+
+
+def output_shape(spec: LayerSpec, batch: int, epilogue: Epilogue = Epilogue()) -> tuple[int, ...]:
+    """The kernel's output: the layer's, halved (floor) per spatial axis by a fused pool."""
+    shape = spec.output_shape(batch)
+    if epilogue.pool:
+        if len(shape) != 4:
+            raise ValueError("a fused max pool needs a convolution")
+        shape = (*shape[:2], shape[2] // 2, shape[3] // 2)
+    return shape
+
+
+def chunk_layout(spec: LayerSpec) -> tuple[int, int, int]:
+    """(images per chunk, floats per phase plane, read slack): the packed layout the offsets are baked for."""
+    (kh, kw), (dh, dw) = spec.kernel, spec.dilation
+    hs, ws, sh, sw = _grid(spec)
+    per_img = hs * ws
+    planes = spec.in_channels * sh * sw
+    slack = ((kh - 1) * dh // sh) * ws + (kw - 1) * dw // sw + LANES
+    chunk = max(1, CHUNK_BYTES // (planes * per_img * 4))
+    while chunk > 1 and planes * (chunk * per_img + slack) >= 2 ** 31:
+        chunk //= 2
+    if planes * (chunk * per_img + slack) >= 2 ** 31:
+        raise ValueError(f"an input of {spec.in_channels}x{spec.in_hw[0]}x{spec.in_hw[1]} is too large for the CPU "
+                         "kernels' 32-bit offsets")
+    return chunk, chunk * per_img + slack, slack
 
 
 def generate_cpu(spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None = None, *, relu: bool = False,
+                 residual: bool = False, pool: int = 0, normalize: tuple | None = None, gap: tuple[int, int] | None = None,
                  label: str = "") -> KernelSource:
-    """The C++ unit of one layer's CPU kernel (``KernelSource.mode == "cpu"``)."""
+    """The C++ unit of one layer's CPU kernel (``KernelSource.mode == "cpu"``), with its fused epilogue:
+    + bias, + residual input (``NAME(x, r, y)``), ReLU, 2x2 max pool (``pool=2``); and prologue: the input
+    normalisation ``normalize=(mean, std)`` ((x - mean[c]) / std[c], then the zero padding), or for a linear
+    layer ``gap=(H, W)``: its input is the (N, C, H, W) map whose spatial mean it takes."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    epi = Epilogue(bool(relu), bool(residual), int(pool))
+    sub = div = None
+    if normalize is not None:
+        sub, div = (np.asarray(v, dtype=np.float32).reshape(-1) for v in normalize)
+        if sub.shape != (spec.in_channels,) or div.shape != (spec.in_channels,) or not (div != 0).all():
+            raise ValueError(f"normalize needs {spec.in_channels} means and non-zero stds")
+    if gap is not None:
+        gap = (int(gap[0]), int(gap[1]))
+        if spec.in_hw != (1, 1) or spec.kernel != (1, 1) or min(gap) < 1:
+            raise ValueError("gap is the prologue of a linear layer, with a map of at least 1x1")
     w, b = layer_arrays(spec, weight.detach(), bias)
     m, k = w.shape
     (kh, kw), (dh, dw) = spec.kernel, spec.dilation
     hs, ws, sh, sw = _grid(spec)
+    if pool and spec.out_hw[0] < 2 or pool and spec.out_hw[1] < 2:
+        raise ValueError(f"a 2x2 pool needs at least a 2x2 output, the layer has {spec.out_hw}")
+    chunk, stride, slack = chunk_layout(spec)
     rows, cols = np.nonzero(w)  # row-major: CSR order
     c, tap = np.divmod(cols, kh * kw)
     ry, rx = (tap // kw) * dh, (tap % kw) * dw
     plane = (c * sh + ry % sh) * sw + rx % sw
-    off = (ry // sh) * ws + rx // sw
+    aoff = plane.astype(np.int64) * stride + (ry // sh) * ws + rx // sw
     row_ptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=m))])
-    max_off = int(((kh - 1) * dh // sh) * ws + (kw - 1) * dw // sw)
 
-    digest = hashlib.sha256(json.dumps({"spec": spec.as_dict(), "relu": relu, "kind": "cpu"}).encode())
+    prologue = {"normalize": normalize is not None, "gap": list(gap) if gap else None}
+    digest = hashlib.sha256(json.dumps({"spec": spec.as_dict(), "epilogue": epi.as_dict(), "prologue": prologue,
+                                        "kind": "cpu"}).encode())
+    for extra in (sub, div):
+        if extra is not None:
+            digest.update(extra.view(np.uint32).tobytes())
     digest.update(np.ascontiguousarray(w).view(np.uint32).tobytes())
     if b is not None:
         digest.update(np.ascontiguousarray(b).view(np.uint32).tobytes())
@@ -144,29 +213,43 @@ def generate_cpu(spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | Non
     nnz = int(len(rows))
     lines = [f"// generated by rsp.kernels.cpu: {name}", f"// {json.dumps(spec.as_dict())}", _header(),
              f"namespace {name}_ns {{"]
-    lines += _int_array("row_ptr", row_ptr) + _int_array("plane", plane) + _int_array("off", off)
+    lines += _int_array("row_ptr", row_ptr) + _int_array("aoff", aoff)
     lines += _float_array("val", w[rows, cols])
     if b is not None:
         lines += _float_array("bias", b)
+    if sub is not None:
+        lines += _float_array("in_sub", sub) + _float_array("in_div", div)
     ch, (h, wd), (ph, pw) = spec.in_channels, spec.in_hw, spec.padding
-    lines += [f"static const rsp_cpu::Layer L = {{{ch}, {h}, {wd}, {m}, {oh}, {ow}, {sh}, {sw}, {ph}, {pw}, {hs}, {ws}, "
-              f"{max_off}, row_ptr, plane, off, val, {'bias' if b is not None else 'nullptr'}, "
-              f"{'true' if relu else 'false'}}};",
+    # constexpr: the kernel templates (rsp_cpu::run<L>) are compiled for this layer's geometry, so the short
+    # loops of a small map (packing 2x2 rows, a 3-vector grid) are unrolled and the shape checks fold away
+    lines += [f"static constexpr rsp_cpu::Layer L = {{{ch}, {h}, {wd}, {m}, {oh}, {ow}, {sh}, {sw}, {ph}, {pw}, {hs}, {ws}, "
+              f"{chunk}, {stride}LL, {slack}, row_ptr, aoff, val, {'bias' if b is not None else 'nullptr'}, "
+              f"{'true' if epi.relu else 'false'}, {'true' if epi.residual else 'false'}, {epi.pool}, "
+              f"{'in_sub, in_div' if sub is not None else 'nullptr, nullptr'}, {gap[0] if gap else 0}, {gap[1] if gap else 0}}};",
               f"}}  // namespace {name}_ns"]
-    info = json.dumps({"name": name, "mode": "cpu", "nnz": nnz, "relu": relu, "spec": spec.as_dict()})
-    per_x, per_y = ch * h * wd, m * oh * ow
+    info = json.dumps({"name": name, "mode": "cpu", "nnz": nnz, "epilogue": epi.as_dict(), "prologue": prologue,
+                       "bias": b is not None, "spec": spec.as_dict()})
+    per_x, per_r = ch * (gap[0] * gap[1] if gap else h * wd), m * oh * ow
+    per_y = int(np.prod(output_shape(spec, 1, epi)))
     lines += [f'extern "C" const char* {name}_info(void) {{ return {json.dumps(info)}; }}',
-              f'extern "C" int {name}_host(const float* x, float* y, int batch) {{',
-              f"  return rsp_cpu::run({name}_ns::L, {nnz}, x, y, batch);",
+              f'extern "C" int {name}_run(const float* x, const float* r, float* y, int batch) {{',
+              f"  return rsp_cpu::run<{name}_ns::L>({nnz}, x, r, y, batch);",
               "}",
+              f'extern "C" int {name}_host(const float* x, float* y, int batch) {{ return {name}_run(x, nullptr, y, batch); }}',
               "#ifdef RSP_TVM_FFI",
-              f"RSP_DEFINE_TVM_FFI_HOST({name}, {name}_host, {per_x}LL, {per_y}LL)",
+              (f"RSP_DEFINE_TVM_FFI_CPU_RESIDUAL({name}, {name}_run, {per_x}LL, {per_r}LL, {per_y}LL)" if epi.residual
+               else f"RSP_DEFINE_TVM_FFI_CPU({name}, {name}_run, {per_x}LL, {per_y}LL)"),
               "#endif", ""]
     src = "\n".join(lines)
-    stats = {"nnz": nnz, "density": nnz / w.size if w.size else 0.0, "grid_per_image": hs * ws,
-             "source_bytes": len(src)}
-    return KernelSource(name=name, source=src, spec=spec, mode="cpu", rows_per_thread=1, groups=m, relu=relu,
+    stats = {"nnz": nnz, "density": nnz / w.size if w.size else 0.0, "grid_per_image": hs * ws, "chunk": chunk,
+             "epilogue": epi.as_dict(), "prologue": prologue, "bias": b is not None, "source_bytes": len(src)}
+    return KernelSource(name=name, source=src, spec=spec, mode="cpu", rows_per_thread=1, groups=m, relu=epi.relu,
                         stats=stats)
+
+
+def kernel_epilogue(ks: KernelSource) -> Epilogue:
+    e = ks.stats.get("epilogue") or {}
+    return Epilogue(bool(e.get("relu", ks.relu)), bool(e.get("residual", False)), int(e.get("pool", 0)))
 
 
 def build_cpu(sources: KernelSource | Sequence[KernelSource] | str, *, cpu: str = "x86-64-v3", kind: str = "so",
@@ -178,11 +261,46 @@ def build_cpu(sources: KernelSource | Sequence[KernelSource] | str, *, cpu: str 
                      what=f"CPU sparse kernels ({cpu})", suffix="cpu")
 
 
-def load_cpu_layer(ks: KernelSource, *, cpu: str = "x86-64-v3", lib=None, cache_dir=None):
-    """A callable layer on CPU tensors: ``y = layer(x)`` (ctypes; builds or reuses the .so)."""
-    from .build import HostLayer
+class CpuLayer:
+    """A compiled CPU kernel through ctypes: ``y = layer(x)``, or ``layer(x, residual=r)`` (on the calling thread)."""
 
-    return HostLayer(Path(lib) if lib else build_cpu(ks, cpu=cpu, cache_dir=cache_dir), ks)
+    def __init__(self, lib_path: Path, ks: KernelSource):
+        import ctypes
+
+        self.path, self.kernel, self.spec = Path(lib_path), ks, ks.spec
+        self.epilogue = kernel_epilogue(ks)
+        self._lib = ctypes.CDLL(str(self.path))
+        self._fn = getattr(self._lib, f"{ks.name}_run")
+        self._fn.restype = ctypes.c_int
+        self._fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        name, spec, n = self.kernel.name, self.spec, x.shape[0] if x.dim() else 0
+        gap = (self.kernel.stats.get("prologue") or {}).get("gap")
+        x_shape = (n, spec.in_channels, *gap) if gap else spec.input_shape(n)
+        for what, t, shape in (("x", x, x_shape), ("residual", residual, spec.output_shape(n))):
+            if t is None:
+                continue
+            if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape:
+                raise ValueError(f"{name}: {what} must be a contiguous float32 CPU tensor of shape {shape}")
+        if self.epilogue.residual and residual is None:
+            raise ValueError(f"{name}: this layer adds a residual input: pass residual=")
+        if residual is not None and not self.epilogue.residual:
+            raise ValueError(f"{name}: this layer takes no residual input")
+        shape = output_shape(spec, n, self.epilogue)
+        if out is None:
+            out = torch.empty(shape, dtype=torch.float32)
+        elif tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"{name}: out must be a contiguous float32 {shape}")
+        rc = self._fn(x.data_ptr(), residual.data_ptr() if residual is not None else None, out.data_ptr(), n)
+        if rc != 0:
+            raise RuntimeError(f"{name}: CPU kernel failed ({rc})")
+        return out
+
+
+def load_cpu_layer(ks: KernelSource, *, cpu: str = "x86-64-v3", lib=None, cache_dir=None) -> CpuLayer:
+    """A callable layer on CPU tensors: ``y = layer(x)`` (ctypes; builds or reuses the .so)."""
+    return CpuLayer(Path(lib) if lib else build_cpu(ks, cpu=cpu, cache_dir=cache_dir), ks)
 
 
 # --- when sparse pays -----------------------------------------------------------------------------

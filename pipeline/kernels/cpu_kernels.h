@@ -1,21 +1,31 @@
 // rsp.kernels.cpu: the shared part of every generated sparse convolution / linear kernel for CPUs.
 //
 // rsp.kernels.cpu pastes this file (after bsr_kernels.cuh, for the TVM FFI macros) at the top of each
-// generated unit; the unit adds the layer's constants (CSR rows of the GEMM view, per non-zero the input
-// plane and in-plane offset it reads, the values as exact hex-float literals) and calls rsp_cpu::run.
+// generated unit; the unit adds the layer's constants (CSR rows of the GEMM view, per non-zero its absolute
+// offset in the packed input, the values as exact hex-float literals, the fused epilogue) and calls
+// rsp_cpu::run.
 //
 // Why this layout: a direct sparse convolution that vectorises over *output pixels*, with no im2col.
 // The padded input of each image is split into stride phases (SH x SW planes per channel, each Ws wide),
-// and the output is computed on a grid of Hs x Ws positions per image; then every (channel, tap) reads
-// its plane at one constant offset from the output position, so one non-zero weight is one broadcast and
-// NV contiguous 8-float loads + FMAs for 8*NV outputs. Grid positions past the real output width are
-// computed and dropped (a few percent on 32x32 maps). Images of a batch are stacked along the grid, so
-// small late-stage maps (4x4, 2x2) still fill the vectors at batch > 1. Zeros cost nothing: only the
-// non-zeros of each output row are walked. Inside a TVM library, large layers spread their output rows
-// over TVM's thread pool; elsewhere (ctypes) a call runs on the calling thread.
+// and the output is computed on a grid of positions q = oy * Ws + ox per image; then every (channel, tap)
+// reads its plane at one constant offset from q, so one non-zero weight is one broadcast and NV contiguous
+// 8-float loads + FMAs for 8*NV outputs. Only the grid up to the last real output of the last image is
+// computed ((OH - 1) * Ws + OW positions: a 4x4 map with padding 1 takes 3 vectors, not the 6x6 plane).
+// Images of a batch are stacked along the grid, so small late-stage maps (4x4, 2x2) still fill the vectors
+// at batch > 1. Zeros cost nothing: only the non-zeros of each output row are walked. Each row keeps at
+// least 8 independent accumulators (the non-zeros are split U ways), so the FMA latency is hidden even when
+// a row is one vector wide.
 //
-// Layout: x is NCHW float32 contiguous, y N x O x OH x OW (a linear layer is the 1x1 convolution of a
-// 1x1 image: x (N, C), y (N, O)).
+// The packed layout of a chunk is fixed per layer (``chunk`` images, ``stride`` floats per phase plane), so
+// the per-non-zero offsets are compile-time constants, and packing writes every grid position (padding
+// included) exactly once: no memset, no offset table per call.
+//
+// Epilogue, fused per output row: + bias (BatchNorm folded into the weights and bias by the exporter),
+// + a residual input (same shape as the convolution's output), ReLU, then an optional 2x2 / stride-2 max
+// pool; one pass over the row's grid, no extra tensor between TVM operators.
+//
+// Layout: x is NCHW float32 contiguous, y N x O x OH' x OW' (OH' = OH / 2 with the pool; a linear layer is
+// the 1x1 convolution of a 1x1 image: x (N, C), y (N, O)).
 #ifndef RSP_CPU_KERNELS_H_
 #define RSP_CPU_KERNELS_H_
 
@@ -38,163 +48,441 @@ static inline void store8(float* p, v8 v) { memcpy(p, &v, sizeof v); }
 
 struct Layer {
   int C, H, W, M, OH, OW, SH, SW, PH, PW;
-  int Hs, Ws;      // a stride-phase plane per image: ceil(Hp / SH) x ceil(Wp / SW) of the padded input
-  int max_off;     // the largest in-plane offset any non-zero reads
+  int Hs, Ws;          // a stride-phase plane per image: ceil(Hp / SH) x ceil(Wp / SW) of the padded input
+  int chunk;           // images per packed chunk (its input stays in L2)
+  long long stride;    // floats per phase plane of a chunk: chunk * Hs * Ws + slack
+  int slack;           // floats read past the last image's plane (the largest offset + one vector)
   const int* row_ptr;  // M + 1
-  const int* plane;    // per non-zero: plane index (c * SH + row phase) * SW + column phase
-  const int* off;      // per non-zero: in-plane offset (row // SH) * Ws + col // SW
+  const int* aoff;     // per non-zero: plane * stride + (row // SH) * Ws + col // SW
   const float* val;    // per non-zero
   const float* bias;   // M or nullptr
   bool relu;
+  bool residual;  // y += r (N x M x OH x OW) before the ReLU
+  int pool;       // 0, or 2: 2x2 max pool with stride 2 after the ReLU
+  // prologue, fused into the packing: the model's input normalisation (x - sub[c]) / div[c] (before the
+  // zero padding, as in the model), or a global average pool of a GH x GW map (a linear layer's input)
+  const float* in_sub;  // C or nullptr
+  const float* in_div;  // C or nullptr
+  int GH, GW;           // 0: no pool
 };
 
-// acc[v] += w * x[off + 8v] for the non-zeros of one output row, over NV vectors of 8 grid positions.
-template <int NV>
-static inline void row_block(const Layer& L, const float* xs, const int* abs_off, int m, long long q0, float* out) {
-  v8 acc[NV];
-  const float b = L.bias ? L.bias[m] : 0.0f;
-  for (int v = 0; v < NV; ++v) acc[v] = (v8){b, b, b, b, b, b, b, b};
-  const float* base = xs + q0;
-  for (int j = L.row_ptr[m], e = L.row_ptr[m + 1]; j < e; ++j) {
-    const float* p = base + abs_off[j];
+// acc += w * x[aoff + 8v] over the non-zeros [j0, j1) of one output row, for NV vectors of 8 grid positions
+// from base; U partial sums keep NV * U accumulators independent (FMA latency), added at the end.
+template <int NV, int U>
+static inline void row_block(const Layer& L, const float* base, int j0, int j1, float b, float* out) {
+  v8 acc[U][NV];
+  for (int u = 0; u < U; ++u)
+    for (int v = 0; v < NV; ++v) acc[u][v] = (v8){0, 0, 0, 0, 0, 0, 0, 0};
+  int j = j0;
+  for (; j + U <= j1; j += U)
+    for (int u = 0; u < U; ++u) {
+      const float* p = base + L.aoff[j + u];
+      const float w = L.val[j + u];
+      for (int v = 0; v < NV; ++v) acc[u][v] += load8(p + 8 * v) * w;
+    }
+  for (; j < j1; ++j) {
+    const float* p = base + L.aoff[j];
     const float w = L.val[j];
-    for (int v = 0; v < NV; ++v) acc[v] += load8(p + 8 * v) * w;
+    for (int v = 0; v < NV; ++v) acc[0][v] += load8(p + 8 * v) * w;
   }
-  for (int v = 0; v < NV; ++v) store8(out + 8 * v, acc[v]);
+  for (int v = 0; v < NV; ++v) {
+    v8 s = (v8){b, b, b, b, b, b, b, b};
+    for (int u = 0; u < U; ++u) s += acc[u][v];
+    store8(out + 8 * v, s);
+  }
 }
 
-template <int NV>
-static void rows(const Layer& L, const float* xs, const int* abs_off, long long grid, float* yrow, float* y,
-                 int batch, int m0, int m1) {
-  const long long per_img = (long long)L.Hs * L.Ws, steps = (grid + 8 * NV - 1) / (8 * NV);
-  const long long ohw = (long long)L.OH * L.OW;
-  for (int m = m0; m < m1; ++m) {
-    for (long long s = 0; s < steps; ++s) row_block<NV>(L, xs, abs_off, m, s * 8 * NV, yrow + s * 8 * NV);
-    for (int n = 0; n < batch; ++n) {  // keep the real outputs: rows oy < OH, columns ox < OW of each image
-      float* dst = y + ((long long)n * L.M + m) * ohw;
-      const float* src = yrow + n * per_img;
-      for (int oy = 0; oy < L.OH; ++oy)
-        for (int ox = 0; ox < L.OW; ++ox) {
-          const float v = src[(long long)oy * L.Ws + ox];
-          dst[(long long)oy * L.OW + ox] = (L.relu && v < 0.0f) ? 0.0f : v;
+// The grid of one output row: steps of 4 vectors, then a 1-3 vector tail.
+template <const Layer& L>
+static inline void row_grid(const float* xs, int m, long long vectors, float* yrow) {
+  const int j0 = L.row_ptr[m], j1 = L.row_ptr[m + 1];
+  const float b = L.bias ? L.bias[m] : 0.0f;
+  long long v = 0;
+  for (; v + 4 <= vectors; v += 4) row_block<4, 2>(L, xs + 8 * v, j0, j1, b, yrow + 8 * v);
+  switch (vectors - v) {
+    case 3: row_block<3, 3>(L, xs + 8 * v, j0, j1, b, yrow + 8 * v); break;
+    case 2: row_block<2, 4>(L, xs + 8 * v, j0, j1, b, yrow + 8 * v); break;
+    case 1: row_block<1, 8>(L, xs + 8 * v, j0, j1, b, yrow + 8 * v); break;
+    default: break;
+  }
+}
+
+// Keep the real outputs of row m of each image: + residual, ReLU, 2x2 max pool.
+template <const Layer& L>
+static inline void row_epilogue(const float* yrow, const float* r, float* y, int m, int batch) {
+  const long long per_img = (long long)L.Hs * L.Ws, ohw = (long long)L.OH * L.OW;
+  const int PH_ = L.pool ? L.OH / 2 : L.OH, PW_ = L.pool ? L.OW / 2 : L.OW;
+  const bool relu = L.relu;
+  for (int n = 0; n < batch; ++n) {
+    const float* src = yrow + n * per_img;
+    const float* res = r ? r + ((long long)n * L.M + m) * ohw : nullptr;
+    float* dst = y + ((long long)n * L.M + m) * PH_ * PW_;
+    if (!L.pool) {
+      for (int oy = 0; oy < L.OH; ++oy) {
+        const float* s = src + (long long)oy * L.Ws;
+        float* d = dst + (long long)oy * L.OW;
+        if (res) {
+          const float* rr = res + (long long)oy * L.OW;
+          if (relu)
+            for (int ox = 0; ox < L.OW; ++ox) { const float v = s[ox] + rr[ox]; d[ox] = v > 0.0f ? v : 0.0f; }
+          else
+            for (int ox = 0; ox < L.OW; ++ox) d[ox] = s[ox] + rr[ox];
+        } else if (relu) {
+          for (int ox = 0; ox < L.OW; ++ox) { const float v = s[ox]; d[ox] = v > 0.0f ? v : 0.0f; }
+        } else {
+          for (int ox = 0; ox < L.OW; ++ox) d[ox] = s[ox];
         }
+      }
+      continue;
     }
+    for (int py = 0; py < PH_; ++py)
+      for (int px = 0; px < PW_; ++px) {
+        float best = 0.0f;
+        for (int dy = 0; dy < 2; ++dy)
+          for (int dx = 0; dx < 2; ++dx) {
+            const int oy = 2 * py + dy, ox = 2 * px + dx;
+            float v = src[(long long)oy * L.Ws + ox];
+            if (res) v += res[(long long)oy * L.OW + ox];
+            if (relu && v < 0.0f) v = 0.0f;
+            if ((dy | dx) == 0 || v > best) best = v;
+          }
+        dst[(long long)py * PW_ + px] = best;
+      }
   }
 }
 
 // Output rows [m0, m1) over the packed chunk, with this thread's grid-row buffer.
 struct RowsTask {
-  const Layer* L;
+  int (*rows)(const RowsTask&, int, int);  // rows_range<L> of the layer
+  const int* row_ptr;
+  int M;
   const float* xs;
-  const int* abs_off;
-  long long grid, padded;
+  const float* r;
+  long long vectors;
   float* y;
-  int batch, nv;
+  int batch;
 };
 
+// Rows [m0, m1), row by row. (Tiling the grid across all rows, so a tile of the input stays in L1, was
+// measured slower at 99 %: a row has a few non-zeros per tile, and the per-tile row overhead and the
+// spilled output buffer cost more than the L2 reads it saves.)
+template <const Layer& L>
 static int rows_range(const RowsTask& t, int m0, int m1) {
   static thread_local std::vector<float> yrow;
   try {
-    yrow.resize((size_t)t.padded);
+    if (yrow.size() < (size_t)(t.vectors * 8)) yrow.resize((size_t)(t.vectors * 8));
   } catch (const std::bad_alloc&) {
     return 1;
   }
-  switch (t.nv) {
-    case 4: rows<4>(*t.L, t.xs, t.abs_off, t.grid, yrow.data(), t.y, t.batch, m0, m1); break;
-    case 3: rows<3>(*t.L, t.xs, t.abs_off, t.grid, yrow.data(), t.y, t.batch, m0, m1); break;
-    case 2: rows<2>(*t.L, t.xs, t.abs_off, t.grid, yrow.data(), t.y, t.batch, m0, m1); break;
-    default: rows<1>(*t.L, t.xs, t.abs_off, t.grid, yrow.data(), t.y, t.batch, m0, m1); break;
+  for (int m = m0; m < m1; ++m) {
+    row_grid<L>(t.xs, m, t.vectors, yrow.data());
+    row_epilogue<L>(yrow.data(), t.r, t.y, m, t.batch);
   }
   return 0;
 }
 
-// Inside a TVM library the output rows are spread over TVM's own CPU thread pool (the one its operators
-// use, so nothing is oversubscribed): the loader fills this weak pointer, as for TVM's generated code
-// (__TVMBackendAllocWorkspace and friends). Loaded by ctypes it stays null and the kernel runs serially.
+// Inside a TVM library the output rows are spread over rsp's own small thread pool. TVM's pool was tried
+// first and measured: its parallel launch costs more than a whole 99 % sparse layer (a VGG-16 took 2.1 ms on
+// 2 threads against 0.9 ms on 1), because its workers sleep between launches. rsp's workers spin for a
+// short while after each task (RSP_CPU_SPIN_US, default 2000) and then sleep, so the layers of one
+// inference, a few microseconds apart, hand over in a cache-line round trip. Threads: RSP_NUM_THREADS, else
+// TVM_NUM_THREADS (what the user set for the TVM runtime), else the CPUs this process may run on. The
+// graph around the kernels holds no TVM compute (the exporter fuses it into the kernels), so the two pools
+// do not compete. Loaded by ctypes (no RSP_TVM_FFI) a call runs serially on the calling thread.
+static const long long ROW_COST = 4;  // the per-row epilogue, in non-zero equivalents (load balancing)
+
+static int rows_task(const RowsTask& t, int task, int ntask) {
+  if (ntask <= 1) return t.rows(t, 0, t.M);
+  // rows split by cost (non-zeros + a constant per row), so every thread gets an equal share
+  const int M = t.M;
+  const long long total = t.row_ptr[M] + ROW_COST * M;
+  auto split = [&](long long target) {
+    int lo = 0, hi = M;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (t.row_ptr[mid] + ROW_COST * mid < target) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  const int m0 = split(total * task / ntask), m1 = task + 1 == ntask ? M : split(total * (task + 1) / ntask);
+  return m0 < m1 ? t.rows(t, m0, m1) : 0;
+}
+
 #ifdef RSP_TVM_FFI
-typedef struct {
-  void* sync_handle;
-  int32_t num_task;
-} ParallelEnv;  // TVMParallelGroupEnv
-typedef int (*ParallelLambda)(int task_id, ParallelEnv* penv, void* cdata);
-extern "C" __attribute__((weak)) void* __TVMBackendParallelLaunch = nullptr;
+}  // namespace rsp_cpu
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
 
-// 1 when the loader has filled the pointer (tests call it through ctypes on a loaded TVM library).
-extern "C" __attribute__((weak)) int rsp_cpu_parallel_ready(void) { return __TVMBackendParallelLaunch != nullptr; }
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define RSP_CPU_PAUSE() _mm_pause()
+#elif defined(__aarch64__)
+#define RSP_CPU_PAUSE() asm volatile("yield" ::: "memory")
+#else
+#define RSP_CPU_PAUSE() ((void)0)
+#endif
+namespace rsp_cpu {
 
-static int parallel_task(int task_id, ParallelEnv* penv, void* cdata) {
-  const RowsTask& t = *static_cast<const RowsTask*>(cdata);
-  const int n = penv->num_task > 0 ? penv->num_task : 1, m = t.L->M;
-  return rows_range(t, (int)((long long)m * task_id / n), (int)((long long)m * (task_id + 1) / n));
+struct Pool {
+  int n = 1;  // threads, the caller included
+  long long spin_us = 2000;
+  std::atomic<unsigned> gen{0};
+  std::atomic<int> pending{0}, err{0};
+  std::atomic<bool> stop{false};
+  const RowsTask* task = nullptr;
+  std::mutex mu, busy;
+  std::condition_variable cv;
+  int sleepers = 0;
+  std::vector<std::thread> workers;
+};
+
+static long long env_int(const char* name, long long fallback) {
+  const char* v = getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  const long long x = strtoll(v, &end, 10);
+  return (end && *end == 0 && x > 0) ? x : fallback;
+}
+
+static void worker_loop(Pool* p, int id, unsigned seen) {  // seen: the generation before the first task
+  for (;;) {
+    unsigned g;
+    auto t0 = std::chrono::steady_clock::now();
+    int spins = 0;
+    while ((g = p->gen.load(std::memory_order_acquire)) == seen) {
+      if (p->stop.load(std::memory_order_relaxed)) return;
+      RSP_CPU_PAUSE();
+      if (++spins % 64) continue;
+      if (std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count() < p->spin_us)
+        continue;
+      std::unique_lock<std::mutex> lk(p->mu);
+      ++p->sleepers;
+      p->cv.wait(lk, [&] { return p->gen.load(std::memory_order_acquire) != seen || p->stop.load(); });
+      --p->sleepers;
+      if (p->stop.load()) return;
+    }
+    seen = g;
+    const int e = rows_task(*p->task, id, p->n);
+    if (e) p->err.store(e);
+    p->pending.fetch_sub(1, std::memory_order_acq_rel);
+  }
+}
+
+static Pool* g_pool = nullptr;
+static std::once_flag* g_pool_once = new std::once_flag;
+
+static void pool_after_fork() {  // the child has none of the workers: abandon the pool, make a new one on use
+  g_pool = nullptr;
+  g_pool_once = new std::once_flag;
+}
+
+static Pool* pool() {
+  std::call_once(*g_pool_once, [] {
+    Pool* p = new Pool;
+    cpu_set_t set;
+    long long cpus = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+    p->n = (int)env_int("RSP_NUM_THREADS", env_int("TVM_NUM_THREADS", cpus));
+    if (p->n > 64) p->n = 64;
+    p->spin_us = env_int("RSP_CPU_SPIN_US", 2000);
+    try {
+      for (int i = 1; i < p->n; ++i) p->workers.emplace_back(worker_loop, p, i, p->gen.load());
+    } catch (...) {  // no threads: run serially
+      p->stop = true;
+      p->cv.notify_all();
+      for (auto& w : p->workers) w.join();
+      p->workers.clear();
+      p->stop = false;
+      p->n = 1;
+    }
+    static bool registered = false;
+    if (!registered) registered = pthread_atfork(nullptr, nullptr, pool_after_fork) == 0;
+    g_pool = p;
+  });
+  return g_pool;
+}
+
+// The library is unloaded (dlclose) or the process exits: stop and join the workers, which run code of
+// this library.
+__attribute__((destructor)) static void pool_shutdown() {
+  Pool* p = g_pool;
+  if (!p) return;
+  {
+    std::lock_guard<std::mutex> lk(p->mu);
+    p->stop = true;
+  }
+  p->cv.notify_all();
+  for (auto& w : p->workers)
+    if (w.joinable()) w.join();
+  p->workers.clear();
+}
+
+extern "C" __attribute__((weak)) int rsp_cpu_threads(void) { return pool()->n; }
+
+static int launch(const RowsTask& t) {
+  Pool* p = pool();
+  if (p->n <= 1 || !p->busy.try_lock()) return rows_task(t, 0, 1);  // another caller holds the pool: serially
+  p->task = &t;
+  p->err.store(0);
+  p->pending.store(p->n - 1, std::memory_order_relaxed);
+  bool wake;
+  {
+    std::lock_guard<std::mutex> lk(p->mu);
+    p->gen.fetch_add(1, std::memory_order_release);
+    wake = p->sleepers > 0;
+  }
+  if (wake) p->cv.notify_all();
+  int e = rows_task(t, 0, p->n);
+  while (p->pending.load(std::memory_order_acquire) != 0) RSP_CPU_PAUSE();
+  if (!e) e = p->err.load();
+  p->busy.unlock();
+  return e;
 }
 #endif
 
-// Below this many (non-zero x vector) updates (~30 us) a parallel launch costs more than it saves.
-static const long long PARALLEL_MIN_WORK = 50000;
+// Below this much work (non-zero x vector updates, the per-row epilogue included: ~10 us) one thread is
+// quicker than a hand-over.
+#ifndef RSP_CPU_PARALLEL_MIN_WORK
+#define RSP_CPU_PARALLEL_MIN_WORK 16384
+#endif
+static const long long PARALLEL_MIN_WORK = RSP_CPU_PARALLEL_MIN_WORK;
 
 static int all_rows(const RowsTask& t, int nnz) {
 #ifdef RSP_TVM_FFI
-  typedef int (*Launch)(ParallelLambda, void*, int);
-  Launch launch = reinterpret_cast<Launch>(__TVMBackendParallelLaunch);
-  const long long work = (long long)nnz * (t.padded / 8);
-  if (launch && work >= PARALLEL_MIN_WORK && t.L->M > 1)
-    return launch(parallel_task, const_cast<RowsTask*>(&t), 0) == 0 ? 0 : 3;
+  const long long work = ((long long)nnz + ROW_COST * t.M) * t.vectors;
+  if (work >= PARALLEL_MIN_WORK && t.M > 1) return launch(t);
 #else
   (void)nnz;
 #endif
-  return rows_range(t, 0, t.L->M);
+  return t.rows(t, 0, t.M);
+}
+
+static inline void fill0(float* d, long long n) {
+  for (long long i = 0; i < n; ++i) d[i] = 0.0f;
+}
+
+// Pack images [0, nb) of a chunk: every position of each image's phase planes (padding as zeros), then
+// zeros over the read slack after the last image. Plain loops, no memset/memcpy calls (cpu_flags turns off
+// GCC's idiom recognition): a 512-channel 2x2 map is 2000 rows of 4 floats, and a libc call per row cost
+// more than the layer's arithmetic.
+template <const Layer& L>
+static inline void pack(const float* x, float* xs, int nb) {
+  const long long per_img = (long long)L.Hs * L.Ws;
+  if (L.GH) {  // a linear layer (1x1 image) of a global average pool: plane c holds the images' means
+    const long long hw = (long long)L.GH * L.GW;
+    for (int c = 0; c < L.C; ++c) {
+      float* plane = xs + (long long)c * L.stride;
+      for (int n = 0; n < nb; ++n) {
+        const float* src = x + ((long long)n * L.C + c) * hw;
+        float acc = 0.0f;
+        for (long long i = 0; i < hw; ++i) acc += src[i];
+        plane[n] = acc / (float)hw;
+      }
+      fill0(plane + nb, L.slack);
+    }
+    return;
+  }
+  const int right = L.Ws - L.PW - L.W;
+  for (int c = 0; c < L.C; ++c)
+    for (int a = 0; a < L.SH; ++a)
+      for (int b = 0; b < L.SW; ++b) {
+        float* plane = xs + ((long long)(c * L.SH + a) * L.SW + b) * L.stride;
+        for (int n = 0; n < nb; ++n) {
+          const float* src = x + ((long long)n * L.C + c) * L.H * L.W;
+          float* img = plane + n * per_img;
+          for (int i = 0; i < L.Hs; ++i) {
+            float* d = img + (long long)i * L.Ws;
+            const int iy = i * L.SH + a - L.PH;
+            if (iy < 0 || iy >= L.H) {
+              fill0(d, L.Ws);
+              continue;
+            }
+            const float* s = src + (long long)iy * L.W;
+            if (L.SW == 1) {  // left padding, the row, right padding
+              fill0(d, L.PW);
+              if (L.in_sub) {
+                const float sub = L.in_sub[c], div = L.in_div[c];
+                for (int j = 0; j < L.W; ++j) d[L.PW + j] = (s[j] - sub) / div;
+              } else {
+                for (int j = 0; j < L.W; ++j) d[L.PW + j] = s[j];
+              }
+              if (right > 0) fill0(d + L.PW + L.W, right);
+            } else {
+              for (int jj = 0; jj < L.Ws; ++jj) {
+                const int ix = jj * L.SW + b - L.PW;
+                d[jj] = (ix >= 0 && ix < L.W) ? (L.in_sub ? (s[ix] - L.in_sub[c]) / L.in_div[c] : s[ix]) : 0.0f;
+              }
+            }
+          }
+        }
+        fill0(plane + nb * per_img, L.slack);  // stride >= chunk * per_img + slack
+      }
 }
 
 // One chunk of images: pack them, then every output row over their stacked grid.
-static int run_chunk(const Layer& L, int nnz, const float* x, float* y, int batch) {
-  const long long per_img = (long long)L.Hs * L.Ws, grid = per_img * batch;
-  const int nv = grid >= 32 ? 4 : grid >= 24 ? 3 : grid >= 16 ? 2 : 1;
-  const long long padded = (grid + 8 * nv - 1) / (8 * nv) * (8 * nv);
-  const long long stride = padded + L.max_off + 8;  // one phase plane (all images), read past the grid: zeros
-  const int planes = L.C * L.SH * L.SW;
-  if ((double)planes * (double)stride > 2147483647.0) return 2;  // offsets are 32-bit
+template <const Layer& L>
+static int run_chunk(int nnz, const float* x, const float* r, float* y, int nb) {
+  const long long per_img = (long long)L.Hs * L.Ws;
+  const long long grid = (long long)(nb - 1) * per_img + (long long)(L.OH - 1) * L.Ws + L.OW;
+  const long long planes = (long long)L.C * L.SH * L.SW;
   static thread_local std::vector<float> xs;
-  static thread_local std::vector<int> abs_off;
   try {
-    xs.assign((size_t)(planes * stride), 0.0f);
-    abs_off.resize((size_t)nnz);
+    if (xs.size() < (size_t)(planes * L.stride)) xs.resize((size_t)(planes * L.stride));
   } catch (const std::bad_alloc&) {
     return 1;
   }
-  for (int j = 0; j < nnz; ++j) abs_off[j] = (int)(L.plane[j] * stride + L.off[j]);
-  // Pack: padded input, split into stride phases; padding stays zero.
-  for (int n = 0; n < batch; ++n)
-    for (int c = 0; c < L.C; ++c) {
-      const float* src = x + ((long long)n * L.C + c) * L.H * L.W;
-      for (int iy = 0; iy < L.H; ++iy) {
-        const int py = iy + L.PH, a = py % L.SH, i = py / L.SH;
-        for (int ix = 0; ix < L.W; ++ix) {
-          const int px = ix + L.PW, b = px % L.SW, jj = px / L.SW;
-          xs[(size_t)(((c * L.SH + a) * L.SW + b) * stride + n * per_img + (long long)i * L.Ws + jj)] =
-              src[(long long)iy * L.W + ix];
-        }
-      }
-    }
-  const RowsTask task{&L, xs.data(), abs_off.data(), grid, padded, y, batch, nv};
+  pack<L>(x, xs.data(), nb);
+  const RowsTask task{rows_range<L>, L.row_ptr, L.M, xs.data(), r, (grid + 7) / 8, y, nb};
   return all_rows(task, nnz);
 }
 
-// Returns 0; 1: the scratch memory could not be allocated; 2: an image is too large for 32-bit offsets;
-// 3: TVM's parallel launch failed.
-// Images are taken in chunks whose packed input stays within about 256 KB (the per-core L2 of current
-// x86 and Arm cores): every non-zero re-reads the chunk, so a chunk that spills to L3 runs 2-3x slower.
-static int run(const Layer& L, int nnz, const float* x, float* y, int batch) {
-  const long long per_img_bytes = (long long)L.C * L.SH * L.SW * L.Hs * L.Ws * 4;
-  const int chunk = (int)(per_img_bytes >= (256 << 10) ? 1 : (256 << 10) / per_img_bytes);
-  const long long x_img = (long long)L.C * L.H * L.W, y_img = (long long)L.M * L.OH * L.OW;
-  for (int n0 = 0; n0 < batch; n0 += chunk) {
-    const int nb = batch - n0 < chunk ? batch - n0 : chunk;
-    const int err = run_chunk(L, nnz, x + n0 * x_img, y + n0 * y_img, nb);
+// Returns 0; 1: the scratch memory could not be allocated; 4: the layer
+// needs a residual input and got none.
+template <const Layer& L>
+static int run(int nnz, const float* x, const float* r, float* y, int batch) {
+  if (L.residual && !r) return 4;
+  const long long x_img = (long long)L.C * (L.GH ? (long long)L.GH * L.GW : (long long)L.H * L.W);
+  const long long r_img = (long long)L.M * L.OH * L.OW;
+  const long long y_img = L.pool ? (long long)L.M * (L.OH / 2) * (L.OW / 2) : r_img;
+  for (int n0 = 0; n0 < batch; n0 += L.chunk) {
+    const int nb = batch - n0 < L.chunk ? batch - n0 : L.chunk;
+    const int err = run_chunk<L>(nnz, x + n0 * x_img, L.residual ? r + n0 * r_img : nullptr, y + n0 * y_img, nb);
     if (err) return err;
   }
   return 0;
 }
 
 }  // namespace rsp_cpu
+
+#ifdef RSP_TVM_FFI
+// The TVM FFI entry of a CPU kernel: NAME(x, y), or NAME(x, r, y) for a layer with a fused residual input.
+#define RSP_DEFINE_TVM_FFI_CPU(NAME, RUN, PER_SAMPLE_X, PER_SAMPLE_Y)                                        \
+  static void NAME##_ffi(tvm::ffi::TensorView x, tvm::ffi::TensorView y) {                                  \
+    rsp_ffi::check_tensor(x, #NAME, "x", (PER_SAMPLE_X), false);                                            \
+    rsp_ffi::check_tensor(y, #NAME, "y", (PER_SAMPLE_Y), false);                                            \
+    if (x.size(0) != y.size(0)) TVM_FFI_THROW(ValueError) << #NAME ": x and y batch sizes differ";          \
+    const int err = RUN(rsp_ffi::data(x), nullptr, const_cast<float*>(rsp_ffi::data(y)), (int)x.size(0));   \
+    if (err != 0) TVM_FFI_THROW(RuntimeError) << #NAME ": CPU kernel failed (" << err << ")";               \
+  }                                                                                                         \
+  RSP_TVM_FFI_EXPORT_(NAME, NAME##_ffi)
+
+#define RSP_DEFINE_TVM_FFI_CPU_RESIDUAL(NAME, RUN, PER_SAMPLE_X, PER_SAMPLE_R, PER_SAMPLE_Y)                 \
+  static void NAME##_ffi(tvm::ffi::TensorView x, tvm::ffi::TensorView r, tvm::ffi::TensorView y) {          \
+    rsp_ffi::check_tensor(x, #NAME, "x", (PER_SAMPLE_X), false);                                            \
+    rsp_ffi::check_tensor(r, #NAME, "r", (PER_SAMPLE_R), false);                                            \
+    rsp_ffi::check_tensor(y, #NAME, "y", (PER_SAMPLE_Y), false);                                            \
+    if (x.size(0) != y.size(0) || r.size(0) != y.size(0))                                                   \
+      TVM_FFI_THROW(ValueError) << #NAME ": x, r and y batch sizes differ";                                 \
+    const int err = RUN(rsp_ffi::data(x), rsp_ffi::data(r), const_cast<float*>(rsp_ffi::data(y)),           \
+                        (int)x.size(0));                                                                    \
+    if (err != 0) TVM_FFI_THROW(RuntimeError) << #NAME ": CPU kernel failed (" << err << ")";               \
+  }                                                                                                         \
+  RSP_TVM_FFI_EXPORT_(NAME, NAME##_ffi)
+#endif
 
 #endif  // RSP_CPU_KERNELS_H_

@@ -35,11 +35,13 @@ class LinkedLayer:
     layer: str
     op: str  # "conv2d" | "linear"
     kernel: KernelSource
+    fused: list = field(default_factory=list)  # the operators after the layer that the kernel computes
 
     def as_dict(self) -> dict:
         ks = self.kernel
         return {"layer": self.layer, "symbol": ks.name, "tvm_ffi_symbol": f"__tvm_ffi_{ks.name}", "op": self.op,
                 "kernel_mode": ks.mode, "rows_per_thread": ks.rows_per_thread, "nnz": ks.stats.get("nnz"),
+                "fused": list(self.fused),
                 "spec": ks.spec.as_dict()}
 
 
@@ -143,11 +145,201 @@ def _linear(call, bindings) -> tuple[np.ndarray | None, LayerSpec | None, str]:
     return w, spec, ""
 
 
+BATCH_NORM, ADD, RELU, MAX_POOL = "relax.nn.batch_norm", "relax.add", "relax.nn.relu", "relax.nn.max_pool2d"
+# what each kernel family can fuse after its convolution / matmul, in this order
+FUSIBLE = {"cpu": ("batch_norm", "bias", "residual", "relu", "pool"), "cuda": ("batch_norm", "bias", "relu")}
+SUBTRACT, DIVIDE, MEAN, RESHAPE = "relax.subtract", "relax.divide", "relax.mean", "relax.reshape"
+
+
+def _var_uses(func) -> dict:
+    """How often each relax Var is referenced in ``func``'s bindings and its body."""
+    from tvm import relax
+
+    uses: dict = {}
+
+    def walk(e):
+        if isinstance(e, relax.Var):  # DataflowVar included
+            uses[e] = uses.get(e, 0) + 1
+        elif isinstance(e, relax.Call):
+            for a in e.args:
+                walk(a)
+        elif isinstance(e, relax.Tuple):
+            for f in e.fields:
+                walk(f)
+        elif isinstance(e, relax.TupleGetItem):
+            walk(e.tuple_value)
+
+    for block in func.body.blocks:
+        for b in block.bindings:
+            walk(b.value)
+    walk(func.body.body)
+    return uses
+
+
+@dataclass
+class _Chain:
+    """A conv/matmul and the operators after it that its kernel computes: folded BatchNorm, bias, residual,
+    ReLU, 2x2 max pool. ``end`` is the binding value the fused kernel call replaces."""
+
+    layer: str
+    op: str
+    call: object
+    weight: np.ndarray
+    spec: LayerSpec
+    end: object = None
+    bias: np.ndarray | None = None
+    residual: object = None  # the relax Var added before the ReLU
+    relu: bool = False
+    pool: int = 0
+    fused: list = field(default_factory=list)
+    input: object = None  # the kernel's input: the layer's, or what a fused prologue reads
+    normalize: tuple | None = None  # (mean, std) of the model's input normalisation
+    gap: tuple | None = None  # (H, W) of a global average pool before a linear layer
+
+
+def _channel_constant(expr, bindings, m: int, op: str) -> np.ndarray | None:
+    """The (M,) values of a per-output-channel constant ((1, M, 1, 1) / (M, 1, 1) for a conv, (M,) / (1, M) for
+    a linear layer), else None."""
+    c = _const_array(expr, bindings)
+    if c is None or c.dtype != np.float32 or c.size != m:
+        return None
+    ok = (c.shape in ((1, m, 1, 1), (m, 1, 1)) if op == "conv2d" else c.shape in ((m,), (1, m)))
+    return c.reshape(m).astype(np.float64) if ok else None
+
+
+def _grow_chain(ch: _Chain, var, bindings: dict, users: dict, uses: dict, allowed) -> None:
+    """Extend the chain from ``var`` (the conv's result) over its single-use consumers, in FUSIBLE order."""
+    from tvm import relax
+
+    m = ch.spec.out_channels
+    shape = _static_shape(var.ty)
+
+    def only_user(v):
+        if uses.get(v, 0) != 1 or len(users.get(v, [])) != 1:
+            return None, None
+        return users[v][0]
+
+    stage = 0
+    steps = list(allowed)
+    while True:
+        nxt, value = only_user(var)
+        if nxt is None or not isinstance(value, relax.Call):
+            return
+        name = getattr(value.op, "name", "")
+        done = False
+        for i in range(stage, len(steps)):
+            step = steps[i]
+            if step == "batch_norm" and name == BATCH_NORM and ch.op == "conv2d" and not ch.fused and value.args[0].same_as(var):
+                a = value.attrs
+                params = [_const_array(e, bindings) for e in value.args[1:5]]
+                get, g_value = only_user(nxt)
+                if (int(a.axis) != 1 or bool(a.training) or any(p is None or p.shape != (m,) for p in params)
+                        or get is None or not isinstance(g_value, relax.TupleGetItem) or int(g_value.index) != 0):
+                    return
+                gamma, beta, mean, var_ = [p.astype(np.float64) for p in params]
+                scale = (gamma if bool(a.scale) else 1.0) / np.sqrt(var_ + float(a.epsilon))
+                ch.weight = (ch.weight.astype(np.float64) * scale.reshape(-1, *[1] * (ch.weight.ndim - 1))).astype(np.float32)
+                ch.bias = (beta if bool(a.center) else 0.0) - mean * scale
+                ch.fused.append("batch_norm")
+                ch.end, var, stage, done = g_value, get, i + 1, True
+            elif step in ("bias", "residual") and name == ADD:
+                other = value.args[1] if value.args[0].same_as(var) else value.args[0] if value.args[1].same_as(var) else None
+                if other is None:
+                    return
+                c = _channel_constant(other, bindings, m, ch.op)
+                if step == "bias" and c is not None:
+                    ch.bias = c if ch.bias is None else ch.bias + c
+                elif (step == "residual" and c is None and isinstance(other, relax.Var) and not other.same_as(var)
+                      and _static_shape(other.ty) == shape and _f32(other.ty)):
+                    ch.residual = other
+                else:
+                    continue
+                ch.fused.append(step)
+                ch.end, var, stage, done = value, nxt, i + 1, True
+            elif step == "relu" and name == RELU:
+                ch.relu = True
+                ch.fused.append("relu")
+                ch.end, var, stage, done = value, nxt, i + 1, True
+            elif step == "pool" and name == MAX_POOL and ch.op == "conv2d":
+                a = value.attrs
+                if ([int(v) for v in a.pool_size] != [2, 2] or [int(v) for v in a.strides] != [2, 2]
+                        or [int(v) for v in a.dilation] != [1, 1] or any(int(v) for v in a.padding) or bool(a.ceil_mode)
+                        or str(a.layout) != "NCHW" or str(a.out_layout) != "NCHW" or min(ch.spec.out_hw) < 2):
+                    return
+                ch.pool = 2
+                ch.fused.append("pool")
+                ch.end, var, stage, done = value, nxt, i + 1, True
+            if done:
+                break
+        if not done or stage >= len(steps):
+            return
+
+
+def _op(value) -> str:
+    return getattr(getattr(value, "op", None), "name", "")
+
+
+def _grow_prologue(ch: _Chain, bindings: dict, uses: dict) -> None:
+    """What the CPU kernel can read instead of its input: the model input before its normalisation
+    ((x - mean) / std with per-channel constants), or the map before a global average pool (mean over H, W,
+    then a reshape to (N, C)) for a linear layer."""
+    from tvm import relax
+
+    a = ch.call.args[0]
+    if not isinstance(a, relax.Var) or uses.get(a, 0) != 1 or a not in bindings:
+        return
+    va = bindings[a]
+    c = ch.spec.in_channels
+    if ch.op == "conv2d" and _op(va) == DIVIDE and isinstance(va.args[0], relax.Var):
+        b = va.args[0]
+        vb = bindings.get(b)
+        std = _const_array(va.args[1], bindings)
+        if vb is None or uses.get(b, 0) != 1 or _op(vb) != SUBTRACT or std is None:
+            return
+        mean = _const_array(vb.args[1], bindings)
+        x = vb.args[0]
+        want = (1, c, 1, 1)
+        if (mean is None or mean.shape != want or std.shape != want or mean.dtype != np.float32 or std.dtype != np.float32
+                or not (std != 0).all() or not isinstance(x, relax.Var) or _static_shape(x.ty) != _static_shape(a.ty)):
+            return
+        ch.normalize, ch.input = (mean.reshape(-1), std.reshape(-1)), x
+        ch.fused.insert(0, "normalize")
+    elif ch.op == "linear":
+        mean_value, src = va, a
+        if _op(va) == RESHAPE and isinstance(va.args[0], relax.Var):
+            src = va.args[0]
+            mean_value = bindings.get(src)
+            if mean_value is None or uses.get(src, 0) != 1:
+                return
+        if _op(mean_value) != MEAN or not isinstance(mean_value.args[0], relax.Var):
+            return
+        x = mean_value.args[0]
+        xs = _static_shape(x.ty)
+        axes = mean_value.attrs.axis
+        if xs is None or len(xs) != 4 or xs[1] != c or not _f32(x.ty) or axes is None:
+            return
+        if sorted(int(v) % 4 for v in axes) != [2, 3]:
+            return
+        out = _static_shape(src.ty if src is not a else a.ty)
+        if src is a and out != (xs[0], c):  # mean without keepdims gives (N, C) directly
+            return
+        if src is not a and _static_shape(a.ty) != (xs[0], c):
+            return
+        ch.gap, ch.input = (xs[2], xs[3]), x
+        ch.fused.insert(0, "global_avg_pool")
+
+
 def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST_ARCH, func: str = "main",
-                       kind: str = "cuda", **generate_kwargs) -> LinkResult:
+                       kind: str = "cuda", fuse: bool = True, **generate_kwargs) -> LinkResult:
     """Replace the conv2d/linear calls of ``layers`` ({name: weight}) in ``mod[func]`` by calls of their
     generated kernels (``R.call_dps_packed``). Layers with equal weights are matched in the given order.
-    kind "cuda": the BSR units of ``codegen`` (for a GPU, or their host emulator); "cpu": ``cpu.generate_cpu``."""
+    kind "cuda": the BSR units of ``codegen`` (for a GPU, or their host emulator); "cpu": ``cpu.generate_cpu``.
+
+    fuse: the kernel also computes what follows the layer where that is its only consumer (``FUSIBLE``):
+    an inference BatchNorm folded into the weights (w * gamma / sqrt(var + eps): zeros stay zeros) and the
+    bias, a bias add, and for the CPU kernels a residual add, the ReLU and a 2x2 max pool, so no tensor
+    travels between TVM operators in between. The canonicalised module (tuple lookups of max_pool2d's
+    (values, indices) pair resolved, dead bindings removed) is rewritten."""
     if kind not in ("cuda", "cpu"):
         raise ValueError(f"kind must be 'cuda' or 'cpu', got {kind!r}")
     from tvm import relax
@@ -157,47 +349,90 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
     for name, w in layers.items():
         wanted.setdefault(_key(w.detach().to(torch.float32).cpu().numpy()), []).append(name)
     shapes = {k[0] for k in wanted}
+    if fuse:
+        mod = relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
     result = LinkResult(mod)
     bindings: dict = {}
+    users: dict = {}
+    order = []
     f = mod[func]
     for block in f.body.blocks:
         for b in block.bindings:
             if isinstance(b, relax.VarBinding):
                 bindings[b.var] = b.value
+                order.append(b)
+    uses = _var_uses(f)
+    for b in order:
+        seen = set()
+
+        def note(e, b=b):
+            if isinstance(e, relax.Var):
+                if e not in seen:
+                    seen.add(e)
+                    users.setdefault(e, []).append((b.var, b.value))
+            elif isinstance(e, relax.Call):
+                for a in e.args:
+                    note(a)
+            elif isinstance(e, relax.Tuple):
+                for x in e.fields:
+                    note(x)
+            elif isinstance(e, relax.TupleGetItem):
+                note(e.tuple_value)
+
+        note(b.value)
+
+    chains: dict = {}  # chain end (binding value) -> _Chain
+    starts: set = set()
+    for b in order:
+        call = b.value
+        name = getattr(getattr(call, "op", None), "name", "")
+        if not isinstance(call, relax.Call) or name not in (CONV2D, MATMUL):
+            continue
+        w, spec, reason = (_conv(call, bindings, None if kind == "cpu" else CUDA_MAX_TAPS) if name == CONV2D
+                           else _linear(call, bindings))
+        if w is None or tuple(w.shape) not in shapes:
+            continue
+        queue = wanted.get(_key(w))
+        if not queue:
+            continue
+        layer = queue.pop(0)
+        if spec is None:
+            result.not_linked[layer] = reason
+            continue
+        ch = _Chain(layer, "conv2d" if name == CONV2D else "linear", call, np.array(w, dtype=np.float32), spec, end=call)
+        if fuse:
+            _grow_chain(ch, b.var, bindings, users, uses, FUSIBLE[kind])
+            if kind == "cpu":
+                _grow_prologue(ch, bindings, uses)
+        chains[ch.end] = ch
+        starts.add(call)
 
     @mutator
     class Rewriter(PyExprMutator):
         def visit_call_(self, call):
-            name = getattr(call.op, "name", "")
-            if name not in (CONV2D, MATMUL):
+            ch = chains.get(call)
+            if ch is None:
                 return super().visit_call_(call)
-            w, spec, reason = (_conv(call, bindings, None if kind == "cpu" else CUDA_MAX_TAPS) if name == CONV2D
-                               else _linear(call, bindings))
-            if w is None or tuple(w.shape) not in shapes:
-                return super().visit_call_(call)
-            queue = wanted.get(_key(w))
-            if not queue:
-                return super().visit_call_(call)
-            layer = queue.pop(0)
-            if spec is None:
-                result.not_linked[layer] = reason
-                return super().visit_call_(call)
-            wt = torch.from_numpy(np.array(w, dtype=np.float32))
+            wt = torch.from_numpy(ch.weight)
+            bias = None if ch.bias is None else torch.from_numpy(ch.bias.astype(np.float32))
             if kind == "cpu":
                 from .cpu import generate_cpu
 
-                ks = generate_cpu(spec, wt, None, label=layer)
+                ks = generate_cpu(ch.spec, wt, bias, relu=ch.relu, residual=ch.residual is not None, pool=ch.pool,
+                                  normalize=ch.normalize, gap=ch.gap, label=ch.layer)
             else:
-                ks = generate(spec, wt, None, label=layer, arch=arch, **generate_kwargs)
-            result.linked.append(LinkedLayer(layer, "conv2d" if name == CONV2D else "linear", ks))
-            x = self.visit_expr(call.args[0])
-            return relax.call_dps_packed(ks.name, relax.Tuple([x]), call.ty)
+                ks = generate(ch.spec, wt, bias, relu=ch.relu, label=ch.layer, arch=arch, **generate_kwargs)
+            result.linked.append(LinkedLayer(ch.layer, ch.op, ks, list(ch.fused)))
+            args = [self.visit_expr(ch.input if ch.input is not None else ch.call.args[0])]
+            if ch.residual is not None:
+                args.append(self.visit_expr(ch.residual))
+            return relax.call_dps_packed(ks.name, relax.Tuple(args), call.ty)
 
     rw = Rewriter(mod)
     rw.builder_.update_func(mod.get_global_var(func), rw.visit_expr(f))
     new = rw.builder_.finalize()
     if result.linked:
-        new = relax.transform.DeadCodeElimination()(new)  # the permute_dims of replaced linear weights
+        new = relax.transform.DeadCodeElimination()(new)  # the fused operators, replaced linear weights' transposes
     if relax.analysis.well_formed(new) is False:
         raise RuntimeError("the Relax rewrite for rsp's sparse kernels produced an ill-formed module")
     result.mod = new
