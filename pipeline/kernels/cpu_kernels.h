@@ -190,6 +190,10 @@ static int rows_range(const RowsTask& t, int m0, int m1) {
 // graph around the kernels holds no TVM compute (the exporter fuses it into the kernels), so the two pools
 // do not compete. Loaded by ctypes (no RSP_TVM_FFI) a call runs serially on the calling thread.
 static const long long ROW_COST = 4;  // the per-row epilogue, in non-zero equivalents (load balancing)
+// Below this much work (non-zero x vector updates, the per-row epilogue included: ~10 us) one thread is
+// quicker than a hand-over; RSP_CPU_PARALLEL_MIN_WORK overrides it.
+static const long long PARALLEL_MIN_WORK = 16384;
+
 
 static int rows_task(const RowsTask& t, int task, int ntask) {
   if (ntask <= 1) return t.rows(t, 0, t.M);
@@ -231,6 +235,7 @@ namespace rsp_cpu {
 
 struct Pool {
   int n = 1;  // threads, the caller included
+  long long min_work = PARALLEL_MIN_WORK;
   long long spin_us = 2000;
   std::atomic<unsigned> gen{0};
   std::atomic<int> pending{0}, err{0};
@@ -290,6 +295,7 @@ static Pool* pool() {
     p->n = (int)env_int("RSP_NUM_THREADS", env_int("TVM_NUM_THREADS", cpus));
     if (p->n > 64) p->n = 64;
     p->spin_us = env_int("RSP_CPU_SPIN_US", 2000);
+    p->min_work = env_int("RSP_CPU_PARALLEL_MIN_WORK", PARALLEL_MIN_WORK);
     try {
       for (int i = 1; i < p->n; ++i) p->workers.emplace_back(worker_loop, p, i, p->gen.load());
     } catch (...) {  // no threads: run serially
@@ -324,9 +330,9 @@ __attribute__((destructor)) static void pool_shutdown() {
 
 extern "C" __attribute__((weak)) int rsp_cpu_threads(void) { return pool()->n; }
 
-static int launch(const RowsTask& t) {
+static int launch(const RowsTask& t, long long work) {
   Pool* p = pool();
-  if (p->n <= 1 || !p->busy.try_lock()) return rows_task(t, 0, 1);  // another caller holds the pool: serially
+  if (p->n <= 1 || work < p->min_work || !p->busy.try_lock()) return rows_task(t, 0, 1);  // another caller holds the pool: serially
   p->task = &t;
   p->err.store(0);
   p->pending.store(p->n - 1, std::memory_order_relaxed);
@@ -345,17 +351,10 @@ static int launch(const RowsTask& t) {
 }
 #endif
 
-// Below this much work (non-zero x vector updates, the per-row epilogue included: ~10 us) one thread is
-// quicker than a hand-over.
-#ifndef RSP_CPU_PARALLEL_MIN_WORK
-#define RSP_CPU_PARALLEL_MIN_WORK 16384
-#endif
-static const long long PARALLEL_MIN_WORK = RSP_CPU_PARALLEL_MIN_WORK;
-
 static int all_rows(const RowsTask& t, int nnz) {
 #ifdef RSP_TVM_FFI
   const long long work = ((long long)nnz + ROW_COST * t.M) * t.vectors;
-  if (work >= PARALLEL_MIN_WORK && t.M > 1) return launch(t);
+  if (t.M > 1) return launch(t, work);
 #else
   (void)nnz;
 #endif
