@@ -178,11 +178,12 @@ def _cpu_planner():
 
 
 def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names: list[str], batch: int, *,
-                mode: str = "auto", force_sparse=(), tuned: bool = False) -> dict:
+                mode: str = "auto", force_sparse=(), tuned: bool = False, measure_dense: bool = True) -> dict:
     """Per-layer kernel choice for the manifest. GPU targets (and mode "host", for the GPU its emulator stands
     in for, sm_87): rsp.kernels.costmodel.plan_model(model, input_shape, arch=, batch=). CPU targets in mode
-    "auto": rsp.kernels.cpu.plan_cpu_layers for the target's mcpu, against TVM's untuned schedule or (tuned)
-    a dense library's speed. Otherwise "dense" with the reason.
+    "auto": rsp.kernels.cpu.plan_cpu_layers for the target's mcpu, against a dense library (oneDNN timed on
+    this machine where the target is this kind of CPU, else the recorded figures); a layer that is not sparse
+    runs rsp's dense kernel (or, tuned, TVM's tuned schedule). Otherwise "dense" with the reason.
     force_sparse marks layers sparse whatever the estimate ("forced"). "linked" stays False here: the TVM
     build links the kernels and export records which (_record_linked)."""
     arch = target.cuda_arch[0] if target.has_cuda else ("sm_87" if mode == "host" else None)
@@ -198,11 +199,14 @@ def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names:
             try:
                 from .kernels.costmodel import layer_geometry
 
-                baseline = "library" if tuned else "tvm-untuned"
                 weights = {f"{n}.weight": state[f"{n}.weight"] for n in names}  # module order
+                # the dense library is timed here when the library runs on this kind of CPU
+                measure = measure_dense and target.arch == os.uname().machine
                 plan = cpu.plan_cpu_layers(weights, layer_geometry(model, (batch, *chw)), batch=batch, cpu=target.mcpu,
-                                           dense_baseline=baseline)
-                result = {"planner": "rsp.kernels.cpu.plan_cpu_layers", "cpu": target.mcpu, "dense_baseline": baseline,
+                                           dense_baseline="library", measure=measure,
+                                           dense_fallback=None if tuned else "rsp-dense")
+                result = {"planner": "rsp.kernels.cpu.plan_cpu_layers", "cpu": target.mcpu, "dense_baseline": "library",
+                          "dense_measured": measure, "dense_fallback": "tuned TVM" if tuned else "rsp-dense",
                           "layers": [{"layer": k, **v} for k, v in plan.items()]}
             except Exception as exc:
                 reason = f"rsp.kernels.cpu.plan_cpu_layers failed ({type(exc).__name__}: {str(exc)[:120]})"
@@ -500,11 +504,14 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
         from . import tvm_build
 
         cache = Path(opts.tune_cache) if opts.tune_cache else None
-        sparse = {r["layer"]: state[f"{r['layer']}.weight"] for r in kernels["layers"] if r["kernel"] == "sparse"}
         kind = sparse_kernel_kind(target, mode)
+        dense = [r["layer"] for r in kernels["layers"] if r["kernel"] == "dense" and r.get("dense_kernel") == "rsp-dense"
+                 and kind == "cpu"]
+        sparse = {r["layer"]: state[f"{r['layer']}.weight"] for r in kernels["layers"]
+                  if r["kernel"] == "sparse" or r["layer"] in dense}
         result = tvm_build.build(model, chw, target, output / TVM_FILE, batch=opts.batch, nvcc=opts.nvcc,
                                  tune_trials=opts.tune_trials, tune_cache=cache, log=log,
-                                 sparse_layers=sparse if kind else None, sparse_mode=kind or "cuda")
+                                 sparse_layers=sparse if kind else None, sparse_mode=kind or "cuda", dense_layers=dense)
         files.append(TVM_FILE)
         artifacts["tvm"] = result.info
         if kind is None:

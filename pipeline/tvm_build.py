@@ -605,13 +605,15 @@ class BuildResult:
 
 def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out_file: Path, *, batch: int = 1,
           nvcc: str | None = None, tune_trials: int = 0, tune_cache: Path | None = None,
-          sparse_layers: dict[str, torch.Tensor] | None = None, sparse_mode: str = "cuda", log=print) -> BuildResult:
+          sparse_layers: dict[str, torch.Tensor] | None = None, sparse_mode: str = "cuda", dense_layers=(),
+          log=print) -> BuildResult:
     """Compile `model` for `target` into the shared library `out_file` (written atomically).
 
     sparse_layers ({layer: weight}): run these layers with rsp's BSR kernels instead of TVM's (the Relax
     rewrite of kernels.relax_link; the kernel object is linked into the library). sparse_mode "cuda": the
     CUDA kernels (a GPU target); "host": their CPU emulator (a CPU target: tests the linkage, not fast);
-    "cpu": rsp's CPU sparse kernels (a CPU target, compiled for its mcpu)."""
+    "cpu": rsp's CPU sparse kernels (a CPU target, compiled for its mcpu). dense_layers: those of
+    sparse_layers that run rsp's dense CPU kernel instead (mode "cpu" only)."""
     tvm = require_tvm()
     from tvm.support import cc
 
@@ -665,7 +667,8 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
             from .kernels.relax_link import HOST_ARCH, link_sparse_layers
 
             link = link_sparse_layers(mod, sparse_layers, arch=target.cuda_arch[0] if target.has_cuda else HOST_ARCH,
-                                      kind="cpu" if sparse_mode == "cpu" else "cuda")
+                                      kind="cpu" if sparse_mode == "cpu" else "cuda",
+                                      dense=dense_layers if sparse_mode == "cpu" else ())
             mod = link.mod
             what = {"cuda": "CUDA", "host": "host emulator", "cpu": f"CPU ({target.mcpu})"}[sparse_mode]
             log(f"tvm: {len(link.linked)} layer(s) call rsp's {what} "

@@ -134,6 +134,17 @@ def test_cost_model_prefers_sparse_only_where_it_pays():
     plan = plan_cpu_layers(state, {"a": {"in_hw": [4, 4], "stride": [1, 1], "padding": [1, 1]},
                                    "b": {"in_hw": [8, 8], "stride": [1, 1], "padding": [1, 1]}})
     assert set(plan) == {"a", "b"} and plan["a"]["kernel"] == "sparse" and plan["b"]["kernel"] == "dense"
+    assert plan["b"]["dense_kernel"] == "rsp-dense" and "dense" in plan["b"]["why"]
+    # the planner never picks a sparse kernel whose estimate is above the dense alternative's
+    g = torch.Generator().manual_seed(0)
+    for d in (0.02, 0.1, 0.3, 0.6, 1.0):
+        for fallback in ("rsp-dense", None):
+            w = torch.randn(256, 256, 3, 3, generator=g) * (torch.rand(256, 256, 3, 3, generator=g) < d)
+            for hw in (2, 8, 32):
+                p = plan_cpu_layers({"l.weight": w}, {"l": {"in_hw": [hw, hw], "stride": [1, 1], "padding": [1, 1]}},
+                                    dense_fallback=fallback)["l"]
+                assert (p["kernel"] == "sparse") == (p["est_us"]["sparse"] * 1.1 <= p["est_us"]["alternative"])
+                assert p["est_us"]["alternative"] == (p["est_us"]["rsp_dense"] if fallback else p["est_us"]["dense"])
     assert plan["a"]["density"] == pytest.approx(0.01, abs=1e-4)
     assert plan_cpu_layers({"c.weight": torch.ones(4, 4, 3, 3)}, {})["c"]["reason"].startswith("no geometry")
     # TVM's untuned schedule is a much slower alternative: the same stem pays there

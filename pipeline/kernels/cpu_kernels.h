@@ -38,6 +38,7 @@
 namespace rsp_cpu {
 
 typedef float v8 __attribute__((vector_size(32)));  // AVX2 on x86-64-v3; two NEON registers on aarch64
+typedef float wfloat __attribute__((may_alias));   // dense weights are read from a byte string
 
 static inline v8 load8(const float* p) {
   v8 v;
@@ -64,6 +65,11 @@ struct Layer {
   const float* in_sub;  // C or nullptr
   const float* in_div;  // C or nullptr
   int GH, GW;           // 0: no pool
+  // dense mode (a layer where the sparse kernel does not beat a dense library): every weight, packed
+  // [ceil(M / 4)][K][4] in val, koff[k] the offset of GEMM column k; row_ptr[m] = m * K for load balancing
+  bool dense;
+  int K;
+  const int* koff;
 };
 
 // acc += w * x[aoff + 8v] over the non-zeros [j0, j1) of one output row, for NV vectors of 8 grid positions
@@ -156,6 +162,8 @@ struct RowsTask {
   int (*rows)(const RowsTask&, int, int);  // rows_range<L> of the layer
   const int* row_ptr;
   int M;
+  int align;  // row splits are multiples of this (4 in dense mode)
+  const wfloat* w;  // dense mode: the packed weights
   const float* xs;
   const float* r;
   long long vectors;
@@ -163,16 +171,60 @@ struct RowsTask {
   int batch;
 };
 
+// Dense mode: 4 output rows x NV vectors at a time, every column k: NV input loads shared by the 4 rows
+// (4 broadcasts + NV loads per 4 * NV FMAs), 4 * NV independent accumulators.
+template <int NV>
+static inline void dense_block(const Layer& L, const wfloat* W, const float* base, int g, const float* bias4, float* out,
+                               long long pitch) {
+  v8 acc[4][NV];
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = (v8){bias4[r], bias4[r], bias4[r], bias4[r], bias4[r], bias4[r], bias4[r], bias4[r]};
+  const wfloat* w = W + (long long)g * L.K * 4;
+  for (int k = 0; k < L.K; ++k, w += 4) {
+    const float* p = base + L.koff[k];
+    v8 x[NV];
+    for (int v = 0; v < NV; ++v) x[v] = load8(p + 8 * v);
+    for (int r = 0; r < 4; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] += x[v] * w[r];
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < NV; ++v) store8(out + r * pitch + 8 * v, acc[r][v]);
+}
+
+template <const Layer& L>
+static inline void dense_grid(const wfloat* W, const float* xs, int g, long long vectors, float* y4, long long pitch) {
+  float b4[4];
+  for (int r = 0; r < 4; ++r) {
+    const int m = 4 * g + r;
+    b4[r] = (L.bias && m < L.M) ? L.bias[m] : 0.0f;
+  }
+  long long v = 0;
+  for (; v + 3 <= vectors; v += 3) dense_block<3>(L, W, xs + 8 * v, g, b4, y4 + 8 * v, pitch);
+  if (vectors - v == 2) dense_block<2>(L, W, xs + 8 * v, g, b4, y4 + 8 * v, pitch);
+  if (vectors - v == 1) dense_block<1>(L, W, xs + 8 * v, g, b4, y4 + 8 * v, pitch);
+}
+
 // Rows [m0, m1), row by row. (Tiling the grid across all rows, so a tile of the input stays in L1, was
 // measured slower at 99 %: a row has a few non-zeros per tile, and the per-tile row overhead and the
 // spilled output buffer cost more than the L2 reads it saves.)
 template <const Layer& L>
 static int rows_range(const RowsTask& t, int m0, int m1) {
   static thread_local std::vector<float> yrow;
+  const long long pitch = t.vectors * 8;
   try {
-    if (yrow.size() < (size_t)(t.vectors * 8)) yrow.resize((size_t)(t.vectors * 8));
+    if (yrow.size() < (size_t)(pitch * (L.dense ? 4 : 1))) yrow.resize((size_t)(pitch * (L.dense ? 4 : 1)));
   } catch (const std::bad_alloc&) {
     return 1;
+  }
+  if (L.dense) {  // groups of 4 rows (the splits are multiples of 4)
+    for (int g = m0 / 4; 4 * g < m1; ++g) {
+      dense_grid<L>(t.w, t.xs, g, t.vectors, yrow.data(), pitch);
+      for (int r = 0; r < 4; ++r) {
+        const int m = 4 * g + r;
+        if (m >= m0 && m < m1) row_epilogue<L>(yrow.data() + r * pitch, t.r, t.y, m, t.batch);
+      }
+    }
+    return 0;
   }
   for (int m = m0; m < m1; ++m) {
     row_grid<L>(t.xs, m, t.vectors, yrow.data());
@@ -206,7 +258,7 @@ static int rows_task(const RowsTask& t, int task, int ntask) {
       const int mid = (lo + hi) / 2;
       if (t.row_ptr[mid] + ROW_COST * mid < target) lo = mid + 1; else hi = mid;
     }
-    return lo;
+    return (lo + t.align - 1) / t.align * t.align < M ? (lo + t.align - 1) / t.align * t.align : M;
   };
   const int m0 = split(total * task / ntask), m1 = task + 1 == ntask ? M : split(total * (task + 1) / ntask);
   return m0 < m1 ? t.rows(t, m0, m1) : 0;
@@ -425,7 +477,7 @@ static inline void pack(const float* x, float* xs, int nb) {
 
 // One chunk of images: pack them, then every output row over their stacked grid.
 template <const Layer& L>
-static int run_chunk(int nnz, const float* x, const float* r, float* y, int nb) {
+static int run_chunk(int nnz, const float* x, const float* r, float* y, int nb, const wfloat* W) {
   const long long per_img = (long long)L.Hs * L.Ws;
   const long long grid = (long long)(nb - 1) * per_img + (long long)(L.OH - 1) * L.Ws + L.OW;
   const long long planes = (long long)L.C * L.SH * L.SW;
@@ -436,21 +488,22 @@ static int run_chunk(int nnz, const float* x, const float* r, float* y, int nb) 
     return 1;
   }
   pack<L>(x, xs.data(), nb);
-  const RowsTask task{rows_range<L>, L.row_ptr, L.M, xs.data(), r, (grid + 7) / 8, y, nb};
+  const RowsTask task{rows_range<L>, L.row_ptr, L.M, L.dense ? 4 : 1, W, xs.data(), r, (grid + 7) / 8, y, nb};
   return all_rows(task, nnz);
 }
 
 // Returns 0; 1: the scratch memory could not be allocated; 4: the layer
 // needs a residual input and got none.
 template <const Layer& L>
-static int run(int nnz, const float* x, const float* r, float* y, int batch) {
+static int run(int nnz, const float* x, const float* r, float* y, int batch, const void* dense_weights = nullptr) {
+  const wfloat* W = static_cast<const wfloat*>(dense_weights);
   if (L.residual && !r) return 4;
   const long long x_img = (long long)L.C * (L.GH ? (long long)L.GH * L.GW : (long long)L.H * L.W);
   const long long r_img = (long long)L.M * L.OH * L.OW;
   const long long y_img = L.pool ? (long long)L.M * (L.OH / 2) * (L.OW / 2) : r_img;
   for (int n0 = 0; n0 < batch; n0 += L.chunk) {
     const int nb = batch - n0 < L.chunk ? batch - n0 : L.chunk;
-    const int err = run_chunk<L>(nnz, x + n0 * x_img, L.residual ? r + n0 * r_img : nullptr, y + n0 * y_img, nb);
+    const int err = run_chunk<L>(nnz, x + n0 * x_img, L.residual ? r + n0 * r_img : nullptr, y + n0 * y_img, nb, W);
     if (err) return err;
   }
   return 0;

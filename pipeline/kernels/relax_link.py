@@ -40,7 +40,7 @@ class LinkedLayer:
     def as_dict(self) -> dict:
         ks = self.kernel
         return {"layer": self.layer, "symbol": ks.name, "tvm_ffi_symbol": f"__tvm_ffi_{ks.name}", "op": self.op,
-                "kernel_mode": ks.mode, "rows_per_thread": ks.rows_per_thread, "nnz": ks.stats.get("nnz"),
+                "kernel_mode": ks.mode + ("-dense" if ks.stats.get("dense") else ""), "rows_per_thread": ks.rows_per_thread, "nnz": ks.stats.get("nnz"),
                 "fused": list(self.fused),
                 "spec": ks.spec.as_dict()}
 
@@ -330,10 +330,11 @@ def _grow_prologue(ch: _Chain, bindings: dict, uses: dict) -> None:
 
 
 def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST_ARCH, func: str = "main",
-                       kind: str = "cuda", fuse: bool = True, **generate_kwargs) -> LinkResult:
+                       kind: str = "cuda", fuse: bool = True, dense=(), **generate_kwargs) -> LinkResult:
     """Replace the conv2d/linear calls of ``layers`` ({name: weight}) in ``mod[func]`` by calls of their
     generated kernels (``R.call_dps_packed``). Layers with equal weights are matched in the given order.
-    kind "cuda": the BSR units of ``codegen`` (for a GPU, or their host emulator); "cpu": ``cpu.generate_cpu``.
+    kind "cuda": the BSR units of ``codegen`` (for a GPU, or their host emulator); "cpu": ``cpu.generate_cpu``
+    (the layers named in ``dense`` as rsp's dense CPU kernel).
 
     fuse: the kernel also computes what follows the layer where that is its only consumer (``FUSIBLE``):
     an inference BatchNorm folded into the weights (w * gamma / sqrt(var + eps): zeros stay zeros) and the
@@ -345,6 +346,9 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
+    dense_set = set(dense)
+    if dense_set and kind != "cpu":
+        raise ValueError("dense layers are rsp's CPU kernels: kind must be 'cpu'")
     wanted: dict[tuple, list[str]] = {}
     for name, w in layers.items():
         wanted.setdefault(_key(w.detach().to(torch.float32).cpu().numpy()), []).append(name)
@@ -419,7 +423,7 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
                 from .cpu import generate_cpu
 
                 ks = generate_cpu(ch.spec, wt, bias, relu=ch.relu, residual=ch.residual is not None, pool=ch.pool,
-                                  normalize=ch.normalize, gap=ch.gap, label=ch.layer)
+                                  normalize=ch.normalize, gap=ch.gap, dense=ch.layer in dense_set, label=ch.layer)
             else:
                 ks = generate(ch.spec, wt, bias, relu=ch.relu, label=ch.layer, arch=arch, **generate_kwargs)
             result.linked.append(LinkedLayer(ch.layer, ch.op, ks, list(ch.fused)))
