@@ -308,6 +308,7 @@ def verify(
     min_robust_acc: Optional[float] = typer.Option(None, "--min-robust-acc", help="Gate: fail below this robust accuracy.", rich_help_panel="Gates"),
     max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Gate: fail above this p50 latency at batch 1.", rich_help_panel="Gates"),
     max_parity_error: Optional[float] = typer.Option(None, "--max-parity-error", help="Gate: fail above this max |logit difference| vs PyTorch.", rich_help_panel="Gates"),
+    min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="Gate: fail below this speed-up at batch 1 over the dense original on the fastest dense runtime timed here (onnxruntime, torch, TensorRT where present).", rich_help_panel="Gates"),
     device: str = typer.Option("cpu", help="cpu | cuda (the PyTorch twin and the attacks)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch and onnxruntime."),
     rpc: Optional[str] = typer.Option(None, "--rpc", help="HOST:PORT of a TVM RPC server on the device (python -m tvm.exec.rpc_server): the TVM library runs, is scored and timed there (backend tvm-rpc).", rich_help_panel="Remote device"),
@@ -329,7 +330,7 @@ def verify(
         from .verify import VerifyOptions, run as run_verify
 
         gates = {"min_clean_acc": min_clean_acc, "min_robust_acc": min_robust_acc, "max_latency_ms": max_latency_ms,
-                 "max_parity_error": max_parity_error}
+                 "max_parity_error": max_parity_error, "min_speedup": min_speedup}
         opts = VerifyOptions(output=output or str(pathlib.Path(bundle) / "verify"), backends=backend or None,
                              dataset=dataset, data_dir=data_dir, attacks=attacks or ["pgd"],
                              eps=parse_eps(eps) if eps is not None else None, steps=steps, restarts=restarts,
@@ -345,6 +346,7 @@ def verify(
     typer.echo(f"{bundle}: clean {result['clean_acc']:.4f}, robust {result['robust_acc']:.4f} "
                f"(eps {result['eps'] * 255:.3g}/255, {result['n_examples']} images)"
                + (f", p50 {b1['p50_ms']:.3f} ms at batch 1" if b1 else "")
+               + _speed_text(result)
                + (", UNRELIABLE" if result["unreliable"] else "")
                + ("; gates passed" if result["passed"] else "; FAILED: " + (", ".join(
                    g["gate"] for g in result["gates"] if not g["passed"]) or "sanity checks")))
@@ -388,6 +390,7 @@ def pipeline(
     min_robust_acc: Optional[float] = typer.Option(None, "--min-robust-acc", rich_help_panel="verify"),
     max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", rich_help_panel="verify"),
     max_parity_error: Optional[float] = typer.Option(None, "--max-parity-error", rich_help_panel="verify"),
+    min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="Gate: the speed-up at batch 1 over the fastest dense runtime here.", rich_help_panel="verify"),
 ) -> None:
     """Run train -> structure -> export -> verify into one folder; resumes where it stopped.
 
@@ -420,7 +423,7 @@ def pipeline(
         e_opts = ExportOptions(target=target or workflow.host_target(), formats=format or None, tune_trials=tune_trials,
                                data_dir=cfg.data_dir)
         gates = {"min_clean_acc": min_clean_acc, "min_robust_acc": min_robust_acc, "max_latency_ms": max_latency_ms,
-                 "max_parity_error": max_parity_error}
+                 "max_parity_error": max_parity_error, "min_speedup": min_speedup}
         v_opts = VerifyOptions(output="", data_dir=cfg.data_dir, attacks=attacks or ["pgd"], steps=steps,
                                restarts=restarts, n_examples=n_examples, seed=cfg.seed, device=dev,
                                gates={g: v for g, v in gates.items() if v is not None})
@@ -433,11 +436,20 @@ def pipeline(
         _fail("interrupted; run the same command again to resume", code=130)
     r = result["verify"]
     typer.echo(f"{output}: clean {r['clean_acc']:.4f}, robust {r['robust_acc']:.4f} (PGD-{steps}x{restarts}, "
-               f"eps {r['eps'] * 255:.3g}/255) on {next(iter(r['backends']))}"
+               f"eps {r['eps'] * 255:.3g}/255) on {next(iter(r['backends']))}" + _speed_text(r)
                + (", UNRELIABLE" if r["unreliable"] else "") + ("; gates passed" if r["passed"] else "; FAILED")
                + f"; report {result['stages']['verify']}/report.md")
     if not r["passed"]:
         raise typer.Exit(1)
+
+
+def _speed_text(result: dict) -> str:
+    """", 12.3x vs onnxruntime (the fastest dense runtime here)": verify's headline speed-up, or ""."""
+    sp = result.get("speed") or {}
+    if sp.get("speedup_vs_fastest_dense") is None:
+        return ""
+    return (f", {sp['speedup_vs_fastest_dense']:.2f}x vs {sp['fastest_dense_runtime']} "
+            f"(the fastest dense runtime here, {sp['fastest_dense_p50_ms']:.3f} ms)")
 
 
 @app.command()

@@ -36,6 +36,15 @@ def test_verify_scores_the_artifact_writes_the_report_and_passes_gates(onnx_bund
     assert sweep[0] == pytest.approx(out["backends"]["onnx"]["clean_acc"], abs=0.05)  # eps 0 is clean (twin vs artifact)
     for name in ("report.md", "robust_vs_eps.png", "latency.png"):
         assert (tmp_path / "v" / name).is_file()
+    # the headline speed-up is against the fastest dense runtime timed here, and names it
+    b1 = out["latency"]["onnx/batch1"]
+    assert {"onnxruntime", "torch"} <= set(b1["dense_runtimes"])
+    pool = {**b1["dense_runtimes"], "onnx (same runtime)": b1["dense_original"]}
+    fastest = min(pool, key=lambda k: pool[k]["p50_ms"])
+    assert b1["fastest_dense"]["runtime"] == fastest == out["speed"]["fastest_dense_runtime"]
+    assert out["speed"]["speedup_vs_fastest_dense"] == pytest.approx(pool[fastest]["p50_ms"] / b1["p50_ms"])
+    assert f"vs {fastest} (the fastest dense runtime here" in r.stdout
+    assert "## Speed against what a user would otherwise run" in (tmp_path / "v" / "report.md").read_text()
 
 
 def test_a_failing_gate_exits_1(onnx_bundle, tmp_path):
@@ -44,6 +53,13 @@ def test_a_failing_gate_exits_1(onnx_bundle, tmp_path):
     assert "FAILED" in r.stdout and "min_robust_acc" in r.stdout
     gates = json.loads((tmp_path / "v" / "verify.json").read_text())["gates"]
     assert gates == [{"gate": "min_robust_acc", "limit": 1.01, "value": gates[0]["value"], "passed": False}]
+
+
+def test_min_speedup_gate_reads_the_fastest_dense_runtime(onnx_bundle, tmp_path):
+    r = rsp_cli("verify", onnx_bundle, *FAST, "--no-sanity", "--min-speedup", "1000", "--output", tmp_path / "v")
+    assert r.returncode == 1 and "min_speedup" in r.stdout
+    out = json.loads((tmp_path / "v" / "verify.json").read_text())
+    assert out["gates"][0]["gate"] == "min_speedup" and out["gates"][0]["value"] == out["speed"]["speedup_vs_fastest_dense"]
 
 
 def test_bad_input_exits_2_in_one_line(onnx_bundle, tmp_path):
@@ -70,6 +86,8 @@ def test_gates_and_helpers():
     summary = {"clean_acc": 0.9, "robust_acc": 0.5, "latency_p50_ms": 3.0, "max_parity_error": 2e-5}
     res = evaluate_gates(summary, {"min_clean_acc": 0.8, "min_robust_acc": 0.6, "max_latency_ms": 5, "max_parity_error": 1e-4})
     assert [g["passed"] for g in res] == [True, False, True, True]
+    assert evaluate_gates({**summary, "speedup_vs_fastest_dense": 0.8}, {"min_speedup": 1.0})[0]["passed"] is False
+    assert evaluate_gates(summary, {"min_speedup": 1.0})[0]["passed"] is False  # not measured: the gate fails
     assert evaluate_gates(summary, {}) == []
     assert expand_attacks(["pgd", "autoattack"]) == ["pgd", "apgd-ce", "apgd-t", "square"]
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and percentile([5.0], 99) == 5.0

@@ -446,6 +446,51 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
     return result
 
 
+def _parallel_cuda_objects(kernels: list[KernelSource], archs: list[str], *, nvcc, cross_cxx, cache_dir) -> Path:
+    """One object holding every kernel: each layer is compiled on its own (nvcc processes in parallel, each
+    unit content-addressed in the kernel cache, so an unchanged layer is never compiled again), then the
+    objects are joined by a relocatable link (``ld -r``, the target's linker)."""
+    import concurrent.futures as cf
+    import os
+    import shutil
+    import subprocess
+
+    from .build import KernelBuildError, compile_kernels, default_cache_dir
+
+    kernels = list({ks.name: ks for ks in kernels}.values())
+
+    def one(ks):
+        return compile_kernels(ks, archs, "obj", tvm_ffi=True, nvcc=nvcc, ccbin=cross_cxx, ptx=False, cache_dir=cache_dir)
+
+    workers = max(1, min(len(kernels), os.cpu_count() or 1))
+    with cf.ThreadPoolExecutor(max_workers=workers) as ex:
+        objs = list(ex.map(one, kernels))
+    if len(objs) == 1:
+        return objs[0]
+    key = hashlib.sha256("\0".join(hashlib.sha256(Path(o).read_bytes()).hexdigest() for o in objs).encode()).hexdigest()[:20]
+    out = (Path(cache_dir) if cache_dir else default_cache_dir()) / key / f"rsp_model_{len(objs)}_tvm.o"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ld = None
+    if cross_cxx:
+        cand = str(cross_cxx)
+        for suffix in ("g++", "c++", "gcc"):
+            if cand.endswith(suffix):
+                ld = shutil.which(cand[: -len(suffix)] + "ld")
+                break
+    ld = ld or shutil.which("ld")
+    if not ld:
+        raise KernelBuildError("no linker (ld) to join the kernels' objects")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    r = subprocess.run([ld, "-r", "-o", str(tmp), *map(str, objs)], capture_output=True, text=True)
+    if r.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise KernelBuildError(f"{Path(ld).name} -r failed on the kernels' objects: {(r.stderr or r.stdout).strip()[:300]}")
+    os.replace(tmp, out)
+    return out
+
+
 def kernel_object(kernels: list[KernelSource], mode: str, *, archs=(), nvcc: str | None = None,
                   cross_cxx: str | None = None, cxx: str | None = None, cache_dir=None, cpu: str = "x86-64-v3") -> dict:
     """Compile ``kernels`` with their TVM FFI entry points and return {"path", "options", "info"}: the object
@@ -457,8 +502,7 @@ def kernel_object(kernels: list[KernelSource], mode: str, *, archs=(), nvcc: str
     if not kernels:
         raise ValueError("no kernels to link")
     if mode == "cuda":
-        obj = compile_kernels(kernels, list(archs), "obj", tvm_ffi=True, nvcc=nvcc, ccbin=cross_cxx, ptx=False,
-                              cache_dir=cache_dir)
+        obj = _parallel_cuda_objects(kernels, list(archs), nvcc=nvcc, cross_cxx=cross_cxx, cache_dir=cache_dir)
         options = tvm_link_options(obj, nvcc, cross_cxx=cross_cxx, stub_dir=cache_dir)
         cudart = ("static (libcudart_static.a)" if "-lcudart_static" in options else
                   f"shared: the device's libcudart.so.{cuda_major(nvcc)} (DT_NEEDED; a link-time stub stood in here)")
