@@ -70,11 +70,13 @@ def median_call_seconds(fn: Callable[[], object], repeat: int = 5, min_s: float 
 
 
 def compare(candidates: dict[str, Callable[[], float]], batch: int, *, warmup: int = 10, runs: int = 100,
-            max_seconds: float | None = None) -> dict[str, dict]:
+            max_seconds: float | None = None, settle: int = 0) -> dict[str, dict]:
     """Time each candidate (a zero-argument callable returning its own elapsed seconds) round-robin.
 
     `max_seconds` caps the timed phase (at least 5 rounds are always taken) so that a slow model on a
-    small CPU does not hold a CI job for minutes.
+    small CPU does not hold a CI job for minutes. `settle`: untimed calls of a candidate before each of
+    its timed ones, so the previous candidate's spinning worker threads (onnxruntime's, OpenMP's, rsp's)
+    have yielded the cores and its own are awake: every candidate is timed as it runs on its own.
     """
     for timed in candidates.values():
         for _ in range(warmup):
@@ -83,6 +85,8 @@ def compare(candidates: dict[str, Callable[[], float]], batch: int, *, warmup: i
     t_start = time.perf_counter()
     for r in range(runs):
         for k, timed in candidates.items():
+            for _ in range(settle):
+                timed()
             times[k].append(timed())
         if max_seconds is not None and r >= 4 and time.perf_counter() - t_start > max_seconds:
             break

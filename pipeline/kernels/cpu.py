@@ -1,12 +1,17 @@
-"""Sparse convolution and linear kernels for CPUs, generated per layer, and when they pay.
+"""Sparse (and dense) convolution and linear kernels for CPUs, generated per layer, and when they pay.
 
 A layer's unit (``generate_cpu``) holds its non-zeros as constants (CSR rows of the GEMM view, per
-non-zero the stride-phase plane and the in-plane offset it reads, the values as exact hex floats) and
-calls the direct sparse convolution of ``cpu_kernels.h``: vectorised over output pixels (8 floats per
-vector, images of a batch stacked), one broadcast and NV loads + FMAs per non-zero, no im2col, zeros
-never touched. The unit has the host symbols of the CUDA units (``NAME_host(x, y, batch)``,
-``NAME_info``, with ``-DRSP_TVM_FFI`` the packed function ``NAME(x, y)`` on CPU tensors), so ctypes
-(``load_cpu_layer``), the Relax rewrite (``relax_link``) and ``export_library`` take it unchanged.
+non-zero its absolute offset in the packed input of a fixed per-layer chunk layout, the values as exact
+hex floats) and instantiates the direct sparse convolution of ``cpu_kernels.h`` for the layer's geometry
+(``rsp_cpu::run<L>``, a constexpr layer): vectorised over output pixels (8 floats per vector, images of a
+batch stacked), one broadcast and NV loads + FMAs per non-zero, no im2col, zeros never touched. What the
+model does around the layer is fused (``Epilogue``: + bias of a folded BatchNorm, + residual, ReLU, 2x2 max
+pool; prologue: the input normalisation, a global average pool), so a TVM library is a chain of these
+kernels. ``dense=True`` builds rsp's dense kernel for a layer where sparsity does not pay (4 output rows
+share each load; the weights a byte string, not a literal per value). The unit has the host symbols of
+the CUDA units (``NAME_host(x, y, batch)``, ``NAME_run(x, r, y, batch)``, ``NAME_info``, with
+``-DRSP_TVM_FFI`` the packed function ``NAME(x, y)`` or ``NAME(x, r, y)`` on CPU tensors), so ctypes
+(``load_cpu_layer``), the Relax rewrite (``relax_link``) and ``export_library`` take it.
 
 Unlike ``build_host`` (the CUDA kernels' emulator: ``-O1``, no FMA contraction, for bit-exact checks)
 this is built to be fast (``cpu_flags``): ``-O3`` for the target's CPU (``-march=x86-64-v3`` for x86-cpu,
@@ -14,17 +19,17 @@ this is built to be fast (``cpu_flags``): ``-O3`` for the target's CPU (``-march
 by rounding only.
 
 Threads: loaded by ctypes a call runs on the calling thread (what ``bench/kernels.py`` times against
-one-thread oneDNN); inside a TVM library, layers with enough work spread their output rows over TVM's own
-CPU thread pool (``TVMBackendParallelLaunch``, handed over by the library loader), so nothing competes
-with TVM's operators for the cores. The cost model is per core either way.
+one-thread oneDNN); inside a TVM library, layers with enough work spread their output rows over rsp's own
+spinning pool (``cpu_kernels.h``: TVM's parallel launch measured slower than one thread here). The cost
+model is per core either way.
 
 ``estimate_cpu`` / ``plan_cpu_layers`` choose per layer: sparse when the estimated time of this kernel
-beats the dense alternative by ``min_speedup``: a dense library (oneDNN, a tuned TVM schedule) at a
-realistic share of the core's FMA peak, or TVM's untuned default schedule (an export without
-``--tune-trials``), which reaches only a few percent of it.
-The ``CPU`` figures are calibrated with ``bench/kernels.py --device cpu`` on this machine (AMD EPYC,
-AVX2): the sparse kernel sustains ``sparse_nz_vectors_per_ns`` (non-zero x 8-lane vector) updates per ns,
-a dense library one thread ``dense_eff`` of the FMA peak.
+beats the dense alternative by ``min_speedup``. The dense library it is compared with (oneDNN) is timed on
+this machine at export where the target is this kind of CPU (``measure_dense_library``), else taken from the
+recorded ``CPU`` figures (``dense_eff`` of the FMA peak); what a layer runs when sparse does not pay is rsp's
+dense kernel (about 0.6x oneDNN, ``RSP_DENSE_VS_LIBRARY``), or TVM's schedule in a tuned build.
+``sparse_nz_vectors_per_ns`` is calibrated with ``bench/kernels.py --device cpu`` (Intel Xeon, AVX2 code,
+2026-12-01): about 1.2 (non-zero x 8-lane vector) updates per ns, memory-bound on the layers' packed inputs.
 """
 
 from __future__ import annotations

@@ -285,12 +285,17 @@ static int rows_task(const RowsTask& t, int task, int ntask) {
 #endif
 namespace rsp_cpu {
 
+// A launch is published as one 64-bit word: generation (32 bits) | tasks claimed (16) | tasks (16). Every
+// participant, the caller included, claims task indices from it by CAS, so when a worker is descheduled (a
+// 2-core VM shared with other runtimes' spinning threads) the caller simply runs its tasks; the caller then
+// waits only for tasks a worker has claimed. A worker that wakes after its launch finds the generation
+// changed and claims nothing, so it never touches a task that is gone.
 struct Pool {
   int n = 1;  // threads, the caller included
   long long min_work = PARALLEL_MIN_WORK;
   long long spin_us = 2000;
-  std::atomic<unsigned> gen{0};
-  std::atomic<int> pending{0}, err{0};
+  std::atomic<unsigned long long> word{0};
+  std::atomic<int> done{0}, err{0};
   std::atomic<bool> stop{false};
   const RowsTask* task = nullptr;
   std::mutex mu, busy;
@@ -307,27 +312,46 @@ static long long env_int(const char* name, long long fallback) {
   return (end && *end == 0 && x > 0) ? x : fallback;
 }
 
-static void worker_loop(Pool* p, int id, unsigned seen) {  // seen: the generation before the first task
+static inline unsigned word_gen(unsigned long long w) { return (unsigned)(w >> 32); }
+
+// Claim and run tasks of generation g until none is left.
+static void claim_tasks(Pool* p, unsigned g) {
+  unsigned long long w = p->word.load(std::memory_order_acquire);
+  for (;;) {
+    const int claimed = (int)((w >> 16) & 0xFFFF), total = (int)(w & 0xFFFF);
+    if (word_gen(w) != g || claimed >= total) return;
+    if (!p->word.compare_exchange_weak(w, w + (1ULL << 16), std::memory_order_acq_rel, std::memory_order_acquire))
+      continue;
+    const int e = rows_task(*p->task, claimed, total);
+    if (e) p->err.store(e);
+    p->done.fetch_add(1, std::memory_order_acq_rel);
+    w = p->word.load(std::memory_order_acquire);
+  }
+}
+
+static void worker_loop(Pool* p, int, unsigned seen) {  // seen: the generation before the first task
   for (;;) {
     unsigned g;
     auto t0 = std::chrono::steady_clock::now();
     int spins = 0;
-    while ((g = p->gen.load(std::memory_order_acquire)) == seen) {
+    while ((g = word_gen(p->word.load(std::memory_order_acquire))) == seen) {
       if (p->stop.load(std::memory_order_relaxed)) return;
       RSP_CPU_PAUSE();
       if (++spins % 64) continue;
-      if (std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count() < p->spin_us)
+      const long long us =
+          std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count();
+      if (us < p->spin_us) {
+        if (us > 200) sched_yield();  // still quick to wake, but other runnable threads get the core
         continue;
+      }
       std::unique_lock<std::mutex> lk(p->mu);
       ++p->sleepers;
-      p->cv.wait(lk, [&] { return p->gen.load(std::memory_order_acquire) != seen || p->stop.load(); });
+      p->cv.wait(lk, [&] { return word_gen(p->word.load(std::memory_order_acquire)) != seen || p->stop.load(); });
       --p->sleepers;
       if (p->stop.load()) return;
     }
     seen = g;
-    const int e = rows_task(*p->task, id, p->n);
-    if (e) p->err.store(e);
-    p->pending.fetch_sub(1, std::memory_order_acq_rel);
+    claim_tasks(p, g);
   }
 }
 
@@ -349,7 +373,7 @@ static Pool* pool() {
     p->spin_us = env_int("RSP_CPU_SPIN_US", 2000);
     p->min_work = env_int("RSP_CPU_PARALLEL_MIN_WORK", PARALLEL_MIN_WORK);
     try {
-      for (int i = 1; i < p->n; ++i) p->workers.emplace_back(worker_loop, p, i, p->gen.load());
+      for (int i = 1; i < p->n; ++i) p->workers.emplace_back(worker_loop, p, i, word_gen(p->word.load()));
     } catch (...) {  // no threads: run serially
       p->stop = true;
       p->cv.notify_all();
@@ -385,19 +409,25 @@ extern "C" __attribute__((weak)) int rsp_cpu_threads(void) { return pool()->n; }
 static int launch(const RowsTask& t, long long work) {
   Pool* p = pool();
   if (p->n <= 1 || work < p->min_work || !p->busy.try_lock()) return rows_task(t, 0, 1);  // another caller holds the pool: serially
+  // a few tasks per thread: the load evens out, and a late worker leaves the caller less to do
+  const int tasks = t.M / t.align < 4 * p->n ? (t.M / t.align > 0 ? t.M / t.align : 1) : 4 * p->n;
   p->task = &t;
   p->err.store(0);
-  p->pending.store(p->n - 1, std::memory_order_relaxed);
+  p->done.store(0, std::memory_order_relaxed);
+  const unsigned g = word_gen(p->word.load(std::memory_order_relaxed)) + 1;
   bool wake;
   {
     std::lock_guard<std::mutex> lk(p->mu);
-    p->gen.fetch_add(1, std::memory_order_release);
+    p->word.store(((unsigned long long)g << 32) | (unsigned long long)tasks, std::memory_order_release);
     wake = p->sleepers > 0;
   }
   if (wake) p->cv.notify_all();
-  int e = rows_task(t, 0, p->n);
-  while (p->pending.load(std::memory_order_acquire) != 0) RSP_CPU_PAUSE();
-  if (!e) e = p->err.load();
+  claim_tasks(p, g);
+  for (int spins = 0; p->done.load(std::memory_order_acquire) != tasks; ++spins) {
+    RSP_CPU_PAUSE();
+    if (spins > 2000) sched_yield();  // a worker holding a task was descheduled: let it run
+  }
+  const int e = p->err.load();
   p->busy.unlock();
   return e;
 }

@@ -207,15 +207,17 @@ def _channel_constant(expr, bindings, m: int, op: str) -> np.ndarray | None:
     return c.reshape(m).astype(np.float64) if ok else None
 
 
-def _grow_chain(ch: _Chain, var, bindings: dict, users: dict, uses: dict, allowed) -> None:
-    """Extend the chain from ``var`` (the conv's result) over its single-use consumers, in FUSIBLE order."""
+def _grow_chain(ch: _Chain, var, bindings: dict, users: dict, uses: dict, allowed, claimed: set) -> None:
+    """Extend the chain from ``var`` (the conv's result) over its single-use consumers, in FUSIBLE order.
+    A binding already in another chain (``claimed``: a residual add that the other branch's layer took) ends
+    the chain; the bindings this chain takes are added to ``claimed``."""
     from tvm import relax
 
     m = ch.spec.out_channels
     shape = _static_shape(var.ty)
 
     def only_user(v):
-        if uses.get(v, 0) != 1 or len(users.get(v, [])) != 1:
+        if uses.get(v, 0) != 1 or len(users.get(v, [])) != 1 or users[v][0][0] in claimed:
             return None, None
         return users[v][0]
 
@@ -270,6 +272,9 @@ def _grow_chain(ch: _Chain, var, bindings: dict, users: dict, uses: dict, allowe
                 ch.fused.append("pool")
                 ch.end, var, stage, done = value, nxt, i + 1, True
             if done:
+                claimed.add(nxt)
+                if ch.fused and ch.fused[-1] == "batch_norm":
+                    claimed.add(var)
                 break
         if not done or stage >= len(steps):
             return
@@ -387,6 +392,7 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
 
     chains: dict = {}  # chain end (binding value) -> _Chain
     starts: set = set()
+    claimed: set = set()  # binding vars some chain computes
     for b in order:
         call = b.value
         name = getattr(getattr(call, "op", None), "name", "")
@@ -405,7 +411,8 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
             continue
         ch = _Chain(layer, "conv2d" if name == CONV2D else "linear", call, np.array(w, dtype=np.float32), spec, end=call)
         if fuse:
-            _grow_chain(ch, b.var, bindings, users, uses, FUSIBLE[kind])
+            claimed.add(b.var)
+            _grow_chain(ch, b.var, bindings, users, uses, FUSIBLE[kind], claimed)
             if kind == "cpu":
                 _grow_prologue(ch, bindings, uses)
         chains[ch.end] = ch
@@ -413,10 +420,17 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
 
     @mutator
     class Rewriter(PyExprMutator):
+        def visit_tuple_getitem_(self, op):  # a chain that ends in a folded BatchNorm's result
+            ch = chains.get(op)
+            return super().visit_tuple_getitem_(op) if ch is None else self._fused(ch, op)
+
         def visit_call_(self, call):
             ch = chains.get(call)
             if ch is None:
                 return super().visit_call_(call)
+            return self._fused(ch, call)
+
+        def _fused(self, ch, call):
             wt = torch.from_numpy(ch.weight)
             bias = None if ch.bias is None else torch.from_numpy(ch.bias.astype(np.float32))
             if kind == "cpu":
