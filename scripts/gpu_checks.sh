@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, as one short run: a lent H100/H200 gives a session 15 minutes of device time
-# (machine start included) and 10 minutes per command, so the step time-outs below add up to about 8.5 minutes.
+# (machine start included) and 10 minutes per command, so the step time-outs below add up to about 9.5 minutes.
 # Each step writes its output under ${OUT:-gpu-checks}/ and the script goes on when one fails, so a single
 # call collects every figure; the summary at the end lists the exit code of each step.
 #
@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-checks}
 mkdir -p "$OUT"
-STEPS=${RSP_GPU_CHECKS:-"pytest kernels attack train_step"}
+STEPS=${RSP_GPU_CHECKS:-"pytest kernels e2e attack train_step"}
 declare -A RC
 run() {  # name, timeout seconds, command...
   local name=$1 limit=$2; shift 2
@@ -27,10 +27,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" >> "$OUT/gpu.txt" 2>&1
 for step in $STEPS; do
   case $step in
-    pytest)     run pytest 140 python -m pytest -q -m gpu -p no:cacheprovider ;;           # CUDA kernels, verify on cuda
-    kernels)    run kernels 170 python bench/kernels.py ;;                                 # BSR vs cuDNN, VGG-16 shapes
-    attack)     run attack 90 python bench/attack.py ;;                                   # rsp vs loop, fp32 and bf16
-    train_step) run train_step 110 python bench/train_step.py --objective pgd-at --batch-size 128 --steps 10 ;;
+    pytest)     run pytest 120 python -m pytest -q -m gpu -p no:cacheprovider ;;           # CUDA kernels, verify on cuda
+    kernels)    run kernels 150 python bench/kernels.py ;;                                 # BSR vs cuDNN, VGG-16 shapes
+    # the CUDA artifact (target cuda, sm_90 on an H100/H200) end to end vs torch (cuDNN) and onnxruntime-CUDA
+    e2e)        run e2e 140 python bench/e2e.py --device cuda --model vgg16 --model resnet18 --sparsity 0.9 \
+                    --sparsity 0.99 --structure random --threads 1 --rounds 7 ;;
+    attack)     run attack 80 python bench/attack.py ;;                                   # rsp vs loop, fp32 and bf16
+    train_step) run train_step 90 python bench/train_step.py --objective pgd-at --batch-size 128 --steps 10 ;;
     methods)    run methods 480 python scripts/methods_table.py --data-dir "${RSP_CIFAR_DIR:-gpu-data/cifar-10-subset}" \
                     --device "${RSP_METHODS_DEVICE:-cuda}" --jobs 7 --root "${RSP_METHODS_ROOT:-/tmp/rsp-methods}" \
                     ${RSP_METHODS_FLAGS:---model vgg16 --epochs 20 --method bcs --method magnitude --method lth --method hydra --method edge-popup --method admm --method anp-vs} ;;

@@ -19,12 +19,16 @@ Modules:
 - ``costmodel``: ``estimate``, ``choose_kernel(shape, block_density, batch, arch, ...)`` -> "sparse" |
   "dense", ``plan_layers(state_dict, geometry, ...)`` / ``plan_model(model, input_shape, ...)`` -> the
   per-layer plan {kernel, block, block_density, est_speedup, ...} for the export manifest.
-- ``cpu``: rsp's sparse kernels for CPUs: ``generate_cpu(spec, weight)`` (a C++ unit with the layer's CSR
-  baked in: direct convolution vectorised over output pixels), ``build_cpu`` (``-O3`` for a target CPU),
-  ``load_cpu_layer`` (ctypes), ``estimate_cpu`` / ``plan_cpu_layers`` (the CPU cost model; what
-  ``rsp export --sparse-kernels auto`` uses on CPU targets).
+- ``cpu``: rsp's kernels for CPUs: ``generate_cpu(spec, weight, bias, relu=, residual=, pool=, normalize=,
+  gap=, dense=)`` (a C++ unit with the layer's CSR baked in: direct convolution vectorised over output
+  pixels, with the fused epilogue and prologue; ``dense=True``: rsp's dense kernel), ``build_cpu`` (``-O3``
+  for a target CPU), ``load_cpu_layer`` (ctypes), ``estimate_cpu`` / ``measure_dense_library`` /
+  ``plan_cpu_layers`` (the CPU plan against the best dense alternative; what ``rsp export
+  --sparse-kernels auto`` uses on CPU targets).
 - ``relax_link`` (imports TVM when called): ``link_sparse_layers(mod, {layer: weight})`` rewrites a Relax
-  module's conv2d/linear calls of those layers into ``R.call_dps_packed`` of their generated kernels;
+  module's conv2d/linear calls of those layers into ``R.call_dps_packed`` of their generated kernels, with
+  what follows each layer fused into it (``FUSIBLE``: the BatchNorm folded into weights and bias, bias,
+  and for the CPU kernels residual add, ReLU, 2x2 max pool, input normalisation, global average pool);
   ``kernel_object(kernels, "cuda"|"host"|"cpu", ...)`` compiles them for ``export_library(options=...)``.
   ``tvm_build.build(sparse_layers=...)`` / ``rsp export --sparse-kernels`` use both.
 

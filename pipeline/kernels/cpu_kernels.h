@@ -204,31 +204,53 @@ static inline void dense_grid(const wfloat* W, const float* xs, int g, long long
   if (vectors - v == 1) dense_block<1>(L, W, xs + 8 * v, g, b4, y4 + 8 * v, pitch);
 }
 
-// Rows [m0, m1), row by row. (Tiling the grid across all rows, so a tile of the input stays in L1, was
-// measured slower at 99 %: a row has a few non-zeros per tile, and the per-tile row overhead and the
-// spilled output buffer cost more than the L2 reads it saves.)
+// Rows [m0, m1). A long grid (a large map) with many non-zeros per row is computed in tiles of TILE
+// vectors across all the rows: a tile of the packed input (every channel, TILE * 8 positions plus the taps'
+// reach) stays in L1 while every row reads it, where row by row each row streams its channels' whole planes
+// from L2. With few non-zeros per row (99 %) the per-tile row overhead and the spilled output buffer cost
+// more than that saves (measured), so such layers go row by row.
+static const long long TILE = 4;
+static long long tile_min_nnz() {
+  static const long long v = [] {
+    const char* e = getenv("RSP_CPU_TILE_NNZ");
+    return e && *e ? atoll(e) : 24LL;
+  }();
+  return v;
+}
+
 template <const Layer& L>
 static int rows_range(const RowsTask& t, int m0, int m1) {
-  static thread_local std::vector<float> yrow;
+  static thread_local std::vector<float> ybuf;
   const long long pitch = t.vectors * 8;
+  const bool tiled = !L.dense && t.vectors > 2 * TILE && m1 > m0 &&
+                     (long long)(L.row_ptr[m1] - L.row_ptr[m0]) >= tile_min_nnz() * (m1 - m0);
   try {
-    if (yrow.size() < (size_t)(pitch * (L.dense ? 4 : 1))) yrow.resize((size_t)(pitch * (L.dense ? 4 : 1)));
+    const size_t need = (size_t)(pitch * (tiled ? (m1 - m0) : (L.dense ? 4 : 1)));
+    if (ybuf.size() < need) ybuf.resize(need);
   } catch (const std::bad_alloc&) {
     return 1;
   }
   if (L.dense) {  // groups of 4 rows (the splits are multiples of 4)
     for (int g = m0 / 4; 4 * g < m1; ++g) {
-      dense_grid<L>(t.w, t.xs, g, t.vectors, yrow.data(), pitch);
+      dense_grid<L>(t.w, t.xs, g, t.vectors, ybuf.data(), pitch);
       for (int r = 0; r < 4; ++r) {
         const int m = 4 * g + r;
-        if (m >= m0 && m < m1) row_epilogue<L>(yrow.data() + r * pitch, t.r, t.y, m, t.batch);
+        if (m >= m0 && m < m1) row_epilogue<L>(ybuf.data() + r * pitch, t.r, t.y, m, t.batch);
       }
     }
     return 0;
   }
+  if (tiled) {
+    for (long long v = 0; v < t.vectors; v += TILE) {
+      const long long nv = t.vectors - v < TILE ? t.vectors - v : TILE;
+      for (int m = m0; m < m1; ++m) row_grid<L>(t.xs + 8 * v, m, nv, ybuf.data() + (m - m0) * pitch + 8 * v);
+    }
+    for (int m = m0; m < m1; ++m) row_epilogue<L>(ybuf.data() + (m - m0) * pitch, t.r, t.y, m, t.batch);
+    return 0;
+  }
   for (int m = m0; m < m1; ++m) {
-    row_grid<L>(t.xs, m, t.vectors, yrow.data());
-    row_epilogue<L>(yrow.data(), t.r, t.y, m, t.batch);
+    row_grid<L>(t.xs, m, t.vectors, ybuf.data());
+    row_epilogue<L>(ybuf.data(), t.r, t.y, m, t.batch);
   }
   return 0;
 }
