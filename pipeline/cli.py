@@ -236,8 +236,9 @@ def export(
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch and onnxruntime."),
     sparse_kernels: str = typer.Option(
         "auto", "--sparse-kernels",
-        help="rsp's sparse kernels in the TVM library: auto (for the layers the cost model marks sparse: the CUDA "
-             "kernels on GPU targets, the CPU sparse kernels on CPU targets such as x86-cpu), off (TVM's kernels only), "
+        help="rsp's kernels in the TVM library: auto (GPU targets: the CUDA kernels for the layers the cost model "
+             "marks sparse; CPU targets such as x86-cpu: every layer on rsp's CPU kernels, sparse where that beats the "
+             "dense alternative (oneDNN timed here), else rsp's dense kernel), off (TVM's kernels only), "
              "host (link the CUDA kernels' CPU emulator into a CPU library: a correctness path for testing the GPU "
              "code's linkage, not a fast one)."),
     list_targets: bool = typer.Option(False, "--list-targets", help="Print the target registry and exit."),

@@ -266,11 +266,13 @@ def _record_linked(kernels: dict, info: dict | None, mode: str, why_not: str) ->
             r.update(linked=False, not_linked_reason=not_linked.get(r["layer"], why_not))
     kernels["linked"] = bool(linked)
     kernels["linked_layers"] = [{"layer": ll["layer"], "symbol": ll["symbol"], "op": ll["op"],
-                                 "kernel_mode": ll["kernel_mode"]} for ll in linked.values()]
+                                 "kernel_mode": ll["kernel_mode"], "fused": ll.get("fused", [])} for ll in linked.values()]
     kernels["object"] = (info or {}).get("object")
     if linked and kernels.get("planner") == "rsp.kernels.cpu.plan_cpu_layers":
-        kernels["note"] = (f"model.tvm.so calls rsp's CPU sparse kernels ({kernels.get('cpu')}) for the linked layers "
-                           "and TVM's kernels for the rest")
+        kernels["note"] = (f"model.tvm.so calls rsp's CPU sparse kernels ({kernels.get('cpu')}; rsp's dense kernel for a "
+                           "layer planned dense) for the linked layers, with what follows each (BatchNorm folded, bias, "
+                           "residual, ReLU, max pool: linked_layers[*].fused) inside the kernel, and TVM's kernels "
+                           "for the rest")
     elif linked and mode == "host":
         kernels["note"] = ("model.tvm.so calls the host emulator of rsp's BSR kernels for the linked layers "
                            "(--sparse-kernels host: a correctness path for testing the linkage, not a fast one) "

@@ -513,7 +513,7 @@ class TuneResult:
     info: dict = field(default_factory=dict)
 
 
-def tune(mod, target, trials: int, cache_dir: Path, log=print, seed: int = 0) -> TuneResult:
+def tune(mod, target, trials: int, cache_dir: Path, log=print, seed: int = 0) -> TuneResult | None:
     """Tune every task of `mod` with MetaSchedule, reusing the records cached in `cache_dir`.
 
     The cache is MetaSchedule's own JSON database (records keyed by workload, so they serve any model that
@@ -529,6 +529,9 @@ def tune(mod, target, trials: int, cache_dir: Path, log=print, seed: int = 0) ->
     with target:
         lowered = relax.pipeline.zero_pipeline()(mod)
     tasks = ms.relax_integration.extract_tasks(lowered, target, {})
+    if not tasks:  # every operator runs in rsp's kernels
+        log("tvm: nothing for MetaSchedule to tune (every operator runs in rsp's kernels)")
+        return None
     cache_dir.mkdir(parents=True, exist_ok=True)
     task_hashes = sorted(str(tvm_ffi.structural_hash(t.dispatched[0])) for t in tasks)
     key = hashlib.sha256(json.dumps([str(target), task_hashes]).encode()).hexdigest()[:16]
@@ -682,8 +685,13 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
 
             mod = relax.transform.DecomposeOpsForInference()(mod)
             result = tune(mod, tgt, tune_trials, tune_cache or default_tune_cache(target), log=log)
-            tuning = result.info
-            executable = ms.relax_integration.compile_relax(result.database, mod, tgt, None)
+            if result is None:
+                tuning = {"trials_requested": tune_trials, "trials_run": 0, "trials_reused": 0, "tasks": 0,
+                          "note": "every operator runs in rsp's kernels: nothing for MetaSchedule to tune"}
+                executable = tvm.compile(mod, target=tgt)
+            else:
+                tuning = result.info
+                executable = ms.relax_integration.compile_relax(result.database, mod, tgt, None)
         else:
             with _keep_cuda_source(target.has_cuda):
                 executable = tvm.compile(mod, target=tgt)
@@ -730,7 +738,7 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
         "file": out_file.name, "tvm_version": tvm.__version__, "target": config,
         "host_triple": target.triple, "importer": "relax.frontend.torch.from_exported_program",
         "batch": batch, "input_shape": [batch, *chw], "dtype": "float32", "entry": "main",
-        "schedule": ("meta_schedule" if tuning else ("dlight default GPU rules" if target.has_cuda else "default (untuned)")),
+        "schedule": ("meta_schedule" if tuning and tuning.get("tasks") else ("dlight default GPU rules" if target.has_cuda else "default (untuned)")),
         "tuning": tuning, "library": lib_info,
         "time_s": {"import": round(t_import, 2), "compile": round(t_compile, 2), "link": round(t_link, 2)},
     }
