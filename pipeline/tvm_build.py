@@ -707,6 +707,10 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
     kwargs = {}
     if target.has_cuda:
         kwargs["fpack_imports"] = fatbin_packer(target.cuda_arch, nvcc_info["path"], swapped)
+    elif target.arch != host_arch:
+        # TVM packs the module blob with LLVM for the first LLVM module's triple; when every operator runs in
+        # rsp's kernels there is none and it would emit a host (x86) object: assemble it for the target instead
+        kwargs["fpack_imports"] = blob_packer(lambda blob: blob)
     kernels_info = None
     if link is not None and link.linked:
         from .kernels.build import KernelBuildError
@@ -730,7 +734,9 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
         try:
             executable.export_library(str(lib), fcompile=fcompile, **kwargs)
         except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
-            raise TVMBuildError(f"linking the TVM library failed: {str(exc).strip().splitlines()[-1][:300]}") from None
+            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+            why = next((ln for ln in lines if "error" in ln.lower() and "Command line" not in ln), lines[-1] if lines else "")
+            raise TVMBuildError(f"linking the TVM library failed: {why.strip()[:300]}") from None
         atomic_write_bytes(out_file, lib.read_bytes())
     t_link = time.perf_counter() - t2
     lib_info = inspect_library(out_file)

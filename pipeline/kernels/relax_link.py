@@ -151,28 +151,31 @@ FUSIBLE = {"cpu": ("batch_norm", "bias", "residual", "relu", "pool"), "cuda": ("
 SUBTRACT, DIVIDE, MEAN, RESHAPE = "relax.subtract", "relax.divide", "relax.mean", "relax.reshape"
 
 
-def _var_uses(func) -> dict:
-    """How often each relax Var is referenced in ``func``'s bindings and its body."""
+def _vars_in(e):
+    """The relax Vars an expression reads, with repeats (DataflowVars included)."""
     from tvm import relax
 
+    if isinstance(e, relax.Var):
+        yield e
+    elif isinstance(e, relax.Call):
+        for a in e.args:
+            yield from _vars_in(a)
+    elif isinstance(e, relax.Tuple):
+        for f in e.fields:
+            yield from _vars_in(f)
+    elif isinstance(e, relax.TupleGetItem):
+        yield from _vars_in(e.tuple_value)
+
+
+def _var_uses(func) -> dict:
+    """How often each relax Var is referenced in ``func``'s bindings and its body."""
     uses: dict = {}
-
-    def walk(e):
-        if isinstance(e, relax.Var):  # DataflowVar included
-            uses[e] = uses.get(e, 0) + 1
-        elif isinstance(e, relax.Call):
-            for a in e.args:
-                walk(a)
-        elif isinstance(e, relax.Tuple):
-            for f in e.fields:
-                walk(f)
-        elif isinstance(e, relax.TupleGetItem):
-            walk(e.tuple_value)
-
     for block in func.body.blocks:
         for b in block.bindings:
-            walk(b.value)
-    walk(func.body.body)
+            for v in _vars_in(b.value):
+                uses[v] = uses.get(v, 0) + 1
+    for v in _vars_in(func.body.body):
+        uses[v] = uses.get(v, 0) + 1
     return uses
 
 
@@ -371,24 +374,9 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
                 bindings[b.var] = b.value
                 order.append(b)
     uses = _var_uses(f)
-    for b in order:
-        seen = set()
-
-        def note(e, b=b):
-            if isinstance(e, relax.Var):
-                if e not in seen:
-                    seen.add(e)
-                    users.setdefault(e, []).append((b.var, b.value))
-            elif isinstance(e, relax.Call):
-                for a in e.args:
-                    note(a)
-            elif isinstance(e, relax.Tuple):
-                for x in e.fields:
-                    note(x)
-            elif isinstance(e, relax.TupleGetItem):
-                note(e.tuple_value)
-
-        note(b.value)
+    for b in order:  # each var's consumers, one entry per consuming binding
+        for v in dict.fromkeys(_vars_in(b.value)):
+            users.setdefault(v, []).append((b.var, b.value))
 
     chains: dict = {}  # chain end (binding value) -> _Chain
     starts: set = set()
