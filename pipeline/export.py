@@ -177,8 +177,32 @@ def _cpu_planner():
     return _kernels_module("cpu")
 
 
+def time_dense_library(specs: dict, batch: int) -> dict[str, float]:
+    """Microseconds per call of each layer shape ({layer: LayerSpec}) in PyTorch's dense F.conv2d / F.linear
+    (oneDNN on x86) on one thread: the dense library the CPU plan compares rsp's kernels with."""
+    import torch.nn.functional as F
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, spec in specs.items():
+                w = torch.randn(*spec.weight_shape, generator=g)
+                x = torch.rand(*spec.input_shape(batch), generator=g)
+                if len(spec.weight_shape) == 4:
+                    fn = lambda x=x, w=w, spec=spec: F.conv2d(x, w, None, spec.stride, spec.padding, spec.dilation)
+                else:
+                    fn = lambda x=x, w=w: F.linear(x, w)
+                out[name] = median_call_seconds(fn, repeat=5, min_s=0.004) * 1e6
+    finally:
+        torch.set_num_threads(old)
+    return out
+
+
 def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names: list[str], batch: int, *,
-                mode: str = "auto", force_sparse=(), tuned: bool = False, measure_dense: bool = True) -> dict:
+                mode: str = "auto", force_sparse=(), tuned: bool = False) -> dict:
     """Per-layer kernel choice for the manifest. GPU targets (and mode "host", for the GPU its emulator stands
     in for, sm_87): rsp.kernels.costmodel.plan_model(model, input_shape, arch=, batch=). CPU targets in mode
     "auto": rsp.kernels.cpu.plan_cpu_layers for the target's mcpu, against a dense library (oneDNN timed on
@@ -201,9 +225,9 @@ def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names:
 
                 weights = {f"{n}.weight": state[f"{n}.weight"] for n in names}  # module order
                 # the dense library is timed here when the library runs on this kind of CPU
-                measure = measure_dense and target.arch == os.uname().machine
+                measure = target.arch == os.uname().machine
                 plan = cpu.plan_cpu_layers(weights, layer_geometry(model, (batch, *chw)), batch=batch, cpu=target.mcpu,
-                                           dense_baseline="library", measure=measure,
+                                           dense_baseline="library", measure=time_dense_library if measure else None,
                                            dense_fallback=None if tuned else "rsp-dense")
                 result = {"planner": "rsp.kernels.cpu.plan_cpu_layers", "cpu": target.mcpu, "dense_baseline": "library",
                           "dense_measured": measure, "dense_fallback": "tuned TVM" if tuned else "rsp-dense",
@@ -507,8 +531,7 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
 
         cache = Path(opts.tune_cache) if opts.tune_cache else None
         kind = sparse_kernel_kind(target, mode)
-        dense = [r["layer"] for r in kernels["layers"] if r["kernel"] == "dense" and r.get("dense_kernel") == "rsp-dense"
-                 and kind == "cpu"]
+        dense = [r["layer"] for r in kernels["layers"] if r.get("dense_kernel") == "rsp-dense"] if kind == "cpu" else []
         sparse = {r["layer"]: state[f"{r['layer']}.weight"] for r in kernels["layers"]
                   if r["kernel"] == "sparse" or r["layer"] in dense}
         result = tvm_build.build(model, chw, target, output / TVM_FILE, batch=opts.batch, nvcc=opts.nvcc,

@@ -36,6 +36,8 @@ BACKENDS = ("torch", "onnx", "tvm", "tvm-rpc", "tensorrt")
 GATES = ("min_clean_acc", "min_robust_acc", "max_latency_ms", "max_parity_error", "min_speedup")
 # the dense runtimes a user could run instead of the artifact, timed on this machine beside it
 DENSE_RUNTIMES = ("onnxruntime", "torch", "tensorrt")
+# a backend whose same-runtime dense original is one of them: timed once, as that one
+SAME_DENSE_RUNTIME = {"onnx": "onnxruntime", "torch": "torch"}  # (TensorRT's twin has the bundle's precision)
 
 
 class VerifyError(ArtifactError):
@@ -267,8 +269,7 @@ def _latency(runtimes: dict[str, Runtime], manifest: dict, chw, opts: VerifyOpti
     dense = build_model({"model": ref_spec}).eval()
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        local = [n for n in runtimes if n != "tvm-rpc"]
-        others = _dense_runtimes(dense, chw, Path(tmp), runtimes, opts, log) if local else {}
+        others = _dense_runtimes(dense, chw, Path(tmp), runtimes, opts, log) if set(runtimes) - {"tvm-rpc"} else {}
         for name, rt in runtimes.items():
             dense_rt = _dense_twin(name, dense, chw, Path(tmp), rt, manifest, opts, log)
             for b in opts.latency_batches:
@@ -277,9 +278,10 @@ def _latency(runtimes: dict[str, Runtime], manifest: dict, chw, opts: VerifyOpti
                 cands = {"artifact": rt.make_timer(b)}
                 if dense_rt is not None:
                     cands["dense"] = dense_rt.make_timer(b)
+                same = SAME_DENSE_RUNTIME.get(name) if dense_rt is not None else None
                 if name != "tvm-rpc":
                     for k, drt in others.items():
-                        if drt.batches is None or b in drt.batches:
+                        if k != same and (drt.batches is None or b in drt.batches):
                             cands[f"dense:{k}"] = drt.make_timer(b)
                 res = compare(cands, b, warmup=5, runs=opts.latency_runs, max_seconds=opts.latency_max_seconds, settle=2)
                 entry = {**res["artifact"], "runtime": rt.info.get("runtime")}
@@ -289,13 +291,13 @@ def _latency(runtimes: dict[str, Runtime], manifest: dict, chw, opts: VerifyOpti
                         entry["dense_original"]["build"] = dense_rt.info["build"]
                     entry["speedup_vs_dense"] = res["dense"]["p50_ms"] / res["artifact"]["p50_ms"]
                 dense_times = {k.split(":", 1)[1]: v for k, v in res.items() if k.startswith("dense:")}
+                if same and dense_times:  # the same runtime's dense original is that dense runtime
+                    dense_times[same] = res["dense"]
                 if dense_times:
                     entry["dense_runtimes"] = dense_times
                 pool = dict(dense_times)
-                if "dense" in res:  # the same runtime's dense original: onnx's is onnxruntime's, timed twice
-                    label = {"onnx": "onnxruntime", "torch": "torch"}.get(name, f"{name} (same runtime)")
-                    if label not in pool or res["dense"]["p50_ms"] < pool[label]["p50_ms"]:
-                        pool[label] = res["dense"]
+                if "dense" in res and not same:
+                    pool[f"{name} (same runtime)"] = res["dense"]
                 if pool:
                     best = min(pool, key=lambda k: pool[k]["p50_ms"])
                     entry["fastest_dense"] = {"runtime": best, "p50_ms": pool[best]["p50_ms"],

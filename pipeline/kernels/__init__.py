@@ -22,7 +22,7 @@ Modules:
 - ``cpu``: rsp's kernels for CPUs: ``generate_cpu(spec, weight, bias, relu=, residual=, pool=, normalize=,
   gap=, dense=)`` (a C++ unit with the layer's CSR baked in: direct convolution vectorised over output
   pixels, with the fused epilogue and prologue; ``dense=True``: rsp's dense kernel), ``build_cpu`` (``-O3``
-  for a target CPU), ``load_cpu_layer`` (ctypes), ``estimate_cpu`` / ``measure_dense_library`` /
+  for a target CPU), ``load_cpu_layer`` (ctypes), ``estimate_cpu`` /
   ``plan_cpu_layers`` (the CPU plan against the best dense alternative; what ``rsp export
   --sparse-kernels auto`` uses on CPU targets).
 - ``relax_link`` (imports TVM when called): ``link_sparse_layers(mod, {layer: weight})`` rewrites a Relax

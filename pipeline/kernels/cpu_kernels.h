@@ -210,20 +210,14 @@ static inline void dense_grid(const wfloat* W, const float* xs, int g, long long
 // from L2. With few non-zeros per row (99 %) the per-tile row overhead and the spilled output buffer cost
 // more than that saves (measured), so such layers go row by row.
 static const long long TILE = 4;
-static long long tile_min_nnz() {
-  static const long long v = [] {
-    const char* e = getenv("RSP_CPU_TILE_NNZ");
-    return e && *e ? atoll(e) : 24LL;
-  }();
-  return v;
-}
+static const long long TILE_MIN_NNZ = 24;  // average non-zeros per row from which tiling pays (measured)
 
 template <const Layer& L>
 static int rows_range(const RowsTask& t, int m0, int m1) {
   static thread_local std::vector<float> ybuf;
   const long long pitch = t.vectors * 8;
   const bool tiled = !L.dense && t.vectors > 2 * TILE && m1 > m0 &&
-                     (long long)(L.row_ptr[m1] - L.row_ptr[m0]) >= tile_min_nnz() * (m1 - m0);
+                     (long long)(L.row_ptr[m1] - L.row_ptr[m0]) >= TILE_MIN_NNZ * (m1 - m0);
   try {
     const size_t need = (size_t)(pitch * (tiled ? (m1 - m0) : (L.dense ? 4 : 1)));
     if (ybuf.size() < need) ybuf.resize(need);
@@ -280,7 +274,8 @@ static int rows_task(const RowsTask& t, int task, int ntask) {
       const int mid = (lo + hi) / 2;
       if (t.row_ptr[mid] + ROW_COST * mid < target) lo = mid + 1; else hi = mid;
     }
-    return (lo + t.align - 1) / t.align * t.align < M ? (lo + t.align - 1) / t.align * t.align : M;
+    const int aligned = (lo + t.align - 1) / t.align * t.align;
+    return aligned < M ? aligned : M;
   };
   const int m0 = split(total * task / ntask), m1 = task + 1 == ntask ? M : split(total * (task + 1) / ntask);
   return m0 < m1 ? t.rows(t, m0, m1) : 0;
@@ -455,12 +450,10 @@ static int launch(const RowsTask& t, long long work) {
 }
 #endif
 
-static int all_rows(const RowsTask& t, int nnz) {
+static int all_rows(const RowsTask& t) {
 #ifdef RSP_TVM_FFI
-  const long long work = ((long long)nnz + ROW_COST * t.M) * t.vectors;
+  const long long work = ((long long)t.row_ptr[t.M] + ROW_COST * t.M) * t.vectors;
   if (t.M > 1) return launch(t, work);
-#else
-  (void)nnz;
 #endif
   return t.rows(t, 0, t.M);
 }
@@ -529,7 +522,7 @@ static inline void pack(const float* x, float* xs, int nb) {
 
 // One chunk of images: pack them, then every output row over their stacked grid.
 template <const Layer& L>
-static int run_chunk(int nnz, const float* x, const float* r, float* y, int nb, const wfloat* W) {
+static int run_chunk(const float* x, const float* r, float* y, int nb, const wfloat* W) {
   const long long per_img = (long long)L.Hs * L.Ws;
   const long long grid = (long long)(nb - 1) * per_img + (long long)(L.OH - 1) * L.Ws + L.OW;
   const long long planes = (long long)L.C * L.SH * L.SW;
@@ -541,13 +534,13 @@ static int run_chunk(int nnz, const float* x, const float* r, float* y, int nb, 
   }
   pack<L>(x, xs.data(), nb);
   const RowsTask task{rows_range<L>, L.row_ptr, L.M, L.dense ? 4 : 1, W, xs.data(), r, (grid + 7) / 8, y, nb};
-  return all_rows(task, nnz);
+  return all_rows(task);
 }
 
 // Returns 0; 1: the scratch memory could not be allocated; 4: the layer
 // needs a residual input and got none.
 template <const Layer& L>
-static int run(int nnz, const float* x, const float* r, float* y, int batch, const void* dense_weights = nullptr) {
+static int run(const float* x, const float* r, float* y, int batch, const void* dense_weights = nullptr) {
   const wfloat* W = static_cast<const wfloat*>(dense_weights);
   if (L.residual && !r) return 4;
   const long long x_img = (long long)L.C * (L.GH ? (long long)L.GH * L.GW : (long long)L.H * L.W);
@@ -555,7 +548,7 @@ static int run(int nnz, const float* x, const float* r, float* y, int batch, con
   const long long y_img = L.pool ? (long long)L.M * (L.OH / 2) * (L.OW / 2) : r_img;
   for (int n0 = 0; n0 < batch; n0 += L.chunk) {
     const int nb = batch - n0 < L.chunk ? batch - n0 : L.chunk;
-    const int err = run_chunk<L>(nnz, x + n0 * x_img, L.residual ? r + n0 * r_img : nullptr, y + n0 * y_img, nb, W);
+    const int err = run_chunk<L>(x + n0 * x_img, L.residual ? r + n0 * r_img : nullptr, y + n0 * y_img, nb, W);
     if (err) return err;
   }
   return 0;

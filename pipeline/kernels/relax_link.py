@@ -151,6 +151,11 @@ FUSIBLE = {"cpu": ("batch_norm", "bias", "residual", "relu", "pool"), "cuda": ("
 SUBTRACT, DIVIDE, MEAN, RESHAPE = "relax.subtract", "relax.divide", "relax.mean", "relax.reshape"
 
 
+def _op(value) -> str:
+    """The operator name of a relax Call ("" for anything else)."""
+    return getattr(getattr(value, "op", None), "name", "")
+
+
 def _vars_in(e):
     """The relax Vars an expression reads, with repeats (DataflowVars included)."""
     from tvm import relax
@@ -230,7 +235,7 @@ def _grow_chain(ch: _Chain, var, bindings: dict, users: dict, uses: dict, allowe
         nxt, value = only_user(var)
         if nxt is None or not isinstance(value, relax.Call):
             return
-        name = getattr(value.op, "name", "")
+        name = _op(value)
         done = False
         for i in range(stage, len(steps)):
             step = steps[i]
@@ -246,6 +251,7 @@ def _grow_chain(ch: _Chain, var, bindings: dict, users: dict, uses: dict, allowe
                 ch.weight = (ch.weight.astype(np.float64) * scale.reshape(-1, *[1] * (ch.weight.ndim - 1))).astype(np.float32)
                 ch.bias = (beta if bool(a.center) else 0.0) - mean * scale
                 ch.fused.append("batch_norm")
+                claimed.add(nxt)  # the BatchNorm tuple; its item (the new var) is claimed below
                 ch.end, var, stage, done = g_value, get, i + 1, True
             elif step in ("bias", "residual") and name == ADD:
                 other = value.args[1] if value.args[0].same_as(var) else value.args[0] if value.args[1].same_as(var) else None
@@ -275,16 +281,10 @@ def _grow_chain(ch: _Chain, var, bindings: dict, users: dict, uses: dict, allowe
                 ch.fused.append("pool")
                 ch.end, var, stage, done = value, nxt, i + 1, True
             if done:
-                claimed.add(nxt)
-                if ch.fused and ch.fused[-1] == "batch_norm":
-                    claimed.add(var)
+                claimed.add(var)
                 break
         if not done or stage >= len(steps):
             return
-
-
-def _op(value) -> str:
-    return getattr(getattr(value, "op", None), "name", "")
 
 
 def _grow_prologue(ch: _Chain, bindings: dict, uses: dict) -> None:
@@ -326,12 +326,8 @@ def _grow_prologue(ch: _Chain, bindings: dict, uses: dict) -> None:
         axes = mean_value.attrs.axis
         if xs is None or len(xs) != 4 or xs[1] != c or not _f32(x.ty) or axes is None:
             return
-        if sorted(int(v) % 4 for v in axes) != [2, 3]:
-            return
-        out = _static_shape(src.ty if src is not a else a.ty)
-        if src is a and out != (xs[0], c):  # mean without keepdims gives (N, C) directly
-            return
-        if src is not a and _static_shape(a.ty) != (xs[0], c):
+        # the matmul reads (N, C): the reshape's output, or the mean's own without keepdims
+        if sorted(int(v) % 4 for v in axes) != [2, 3] or _static_shape(a.ty) != (xs[0], c):
             return
         ch.gap, ch.input = (xs[2], xs[3]), x
         ch.fused.insert(0, "global_avg_pool")
@@ -379,11 +375,10 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
             users.setdefault(v, []).append((b.var, b.value))
 
     chains: dict = {}  # chain end (binding value) -> _Chain
-    starts: set = set()
     claimed: set = set()  # binding vars some chain computes
     for b in order:
         call = b.value
-        name = getattr(getattr(call, "op", None), "name", "")
+        name = _op(call)
         if not isinstance(call, relax.Call) or name not in (CONV2D, MATMUL):
             continue
         w, spec, reason = (_conv(call, bindings, None if kind == "cpu" else CUDA_MAX_TAPS) if name == CONV2D
@@ -404,7 +399,6 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
             if kind == "cpu":
                 _grow_prologue(ch, bindings, uses)
         chains[ch.end] = ch
-        starts.add(call)
 
     @mutator
     class Rewriter(PyExprMutator):
@@ -451,13 +445,12 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
 def _parallel_cuda_objects(kernels: list[KernelSource], archs: list[str], *, nvcc, cross_cxx, cache_dir) -> Path:
     """One object holding every kernel: each layer is compiled on its own (nvcc processes in parallel, each
     unit content-addressed in the kernel cache, so an unchanged layer is never compiled again), then the
-    objects are joined by a relocatable link (``ld -r``, the target's linker)."""
+    objects are joined by a relocatable link (``-r`` through the target's compiler driver)."""
     import concurrent.futures as cf
     import os
     import shutil
-    import subprocess
 
-    from .build import KernelBuildError, compile_kernels, default_cache_dir
+    from .build import KernelBuildError, _run, compile_kernels, default_cache_dir
 
     kernels = list({ks.name: ks for ks in kernels}.values())
 
@@ -474,22 +467,16 @@ def _parallel_cuda_objects(kernels: list[KernelSource], archs: list[str], *, nvc
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    ld = None
-    if cross_cxx:
-        cand = str(cross_cxx)
-        for suffix in ("g++", "c++", "gcc"):
-            if cand.endswith(suffix):
-                ld = shutil.which(cand[: -len(suffix)] + "ld")
-                break
-    ld = ld or shutil.which("ld")
-    if not ld:
-        raise KernelBuildError("no linker (ld) to join the kernels' objects")
+    cxx = cross_cxx or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise KernelBuildError("no C++ compiler to join the kernels' objects (g++)")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    r = subprocess.run([ld, "-r", "-o", str(tmp), *map(str, objs)], capture_output=True, text=True)
-    if r.returncode != 0:
+    try:  # a relocatable link through the target's compiler driver (it knows its own ld)
+        _run([cxx, "-r", "-nostdlib", "-o", str(tmp), *map(str, objs)], out.parent / f"{out.name}.log",
+             f"{Path(cxx).name} -r (joining the kernels' objects)", 600)
+        os.replace(tmp, out)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise KernelBuildError(f"{Path(ld).name} -r failed on the kernels' objects: {(r.stderr or r.stdout).strip()[:300]}")
-    os.replace(tmp, out)
     return out
 
 
