@@ -80,6 +80,24 @@ def test_batches_larger_than_a_cache_chunk(cache):
         torch.testing.assert_close(layer(x[i:i + 1].contiguous())[0], y[i], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("hw", [(32, 34), (5, 7)])
+def test_pool_epilogue_and_chunks_sized_for_the_export_batch(hw, cache):
+    """The fused 2x2 max pool (vectorised from 8 windows a row, a scalar tail, an odd map), with and without
+    ReLU and residual, on a kernel laid out for batch 1 and run at batch 3 (three chunks)."""
+    gen = torch.Generator().manual_seed(5)
+    w, b = _sparse((6, 5, 3, 3), 0.3, gen), torch.randn(6, generator=gen)
+    spec = conv_spec(w.shape, hw, 1, 1)
+    x, r = torch.randn(3, 5, *hw, generator=gen), torch.randn(3, 6, *hw, generator=gen)
+    conv = F.conv2d(x, w, b, 1, 1)
+    for relu, residual in ((True, False), (False, False), (True, True)):
+        ks = generate_cpu(spec, w, b, relu=relu, residual=residual, pool=2, batch=1, label="t")
+        assert ks.stats["chunk"] == 1
+        ref = conv + r if residual else conv
+        ref = F.max_pool2d(ref.relu() if relu else ref, 2)
+        got = load_cpu_layer(ks, cache_dir=cache)(x, residual=r if residual else None)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_linear(cache):
     gen = torch.Generator().manual_seed(3)
     w, b = _sparse((10, 64), 0.3, gen), torch.randn(10, generator=gen)

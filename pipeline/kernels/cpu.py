@@ -146,25 +146,31 @@ def output_shape(spec: LayerSpec, batch: int, epilogue: Epilogue = Epilogue()) -
     return shape
 
 
-def chunk_layout(spec: LayerSpec) -> tuple[int, int, int]:
-    """(images per chunk, floats per phase plane, read slack): the packed layout the offsets are baked for."""
+def chunk_layout(spec: LayerSpec, batch: int | None = None) -> tuple[int, int, int]:
+    """(images per chunk, floats per phase plane, read slack): the packed layout the offsets are baked for.
+
+    A chunk holds as many images as fit in CHUNK_BYTES, and no more than ``batch`` (the batch the kernel is
+    built for; a larger batch runs in several chunks): the planes lie back to back, so the packed input is
+    no larger than the data. The slack is a zeroed tail after the last plane that its vectors read into."""
     (kh, kw), (dh, dw) = spec.kernel, spec.dilation
     hs, ws, sh, sw = _grid(spec)
     per_img = hs * ws
     planes = spec.in_channels * sh * sw
     slack = ((kh - 1) * dh // sh) * ws + (kw - 1) * dw // sw + LANES
     chunk = max(1, CHUNK_BYTES // (planes * per_img * 4))
-    while chunk > 1 and planes * (chunk * per_img + slack) >= 2 ** 31:
+    if batch is not None:
+        chunk = max(1, min(chunk, int(batch)))
+    while chunk > 1 and planes * chunk * per_img + slack >= 2 ** 31:
         chunk //= 2
-    if planes * (chunk * per_img + slack) >= 2 ** 31:
+    if planes * chunk * per_img + slack >= 2 ** 31:
         raise ValueError(f"an input of {spec.in_channels}x{spec.in_hw[0]}x{spec.in_hw[1]} is too large for the CPU "
                          "kernels' 32-bit offsets")
-    return chunk, chunk * per_img + slack, slack
+    return chunk, chunk * per_img, slack
 
 
 def generate_cpu(spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None = None, *, relu: bool = False,
                  residual: bool = False, pool: int = 0, normalize: tuple | None = None, gap: tuple[int, int] | None = None,
-                 dense: bool = False, label: str = "") -> KernelSource:
+                 dense: bool = False, batch: int | None = None, label: str = "") -> KernelSource:
     """The C++ unit of one layer's CPU kernel (``KernelSource.mode == "cpu"``), with its fused epilogue:
     + bias, + residual input (``NAME(x, r, y)``), ReLU, 2x2 max pool (``pool=2``); and prologue: the input
     normalisation ``normalize=(mean, std)`` ((x - mean[c]) / std[c], then the zero padding), or for a linear
@@ -172,7 +178,10 @@ def generate_cpu(spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | Non
 
     dense: every weight is used, zeros included (a layer where sparsity does not pay): 4 output rows share
     each input load; the weights are a byte string in the unit (not one literal per value), so the code
-    does not grow with them."""
+    does not grow with them.
+
+    batch: the batch the kernel will mostly run (the artifact's); the packed layout holds no more images
+    than that (any batch still runs, in chunks)."""
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     epi = Epilogue(bool(relu), bool(residual), int(pool))
@@ -191,7 +200,7 @@ def generate_cpu(spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | Non
     hs, ws, sh, sw = _grid(spec)
     if pool and min(spec.out_hw) < 2:
         raise ValueError(f"a 2x2 pool needs at least a 2x2 output, the layer has {spec.out_hw}")
-    chunk, stride, slack = chunk_layout(spec)
+    chunk, stride, slack = chunk_layout(spec, batch)
     # dense: every GEMM column of every row (row_ptr[m] = m * K); the offsets are those of the K columns
     rows, cols = (np.repeat(np.arange(m), k), np.arange(k)) if dense else np.nonzero(w)  # row-major: CSR order
     c, tap = np.divmod(cols, kh * kw)
@@ -202,7 +211,7 @@ def generate_cpu(spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | Non
 
     prologue = {"normalize": normalize is not None, "gap": list(gap) if gap else None}
     digest = hashlib.sha256(json.dumps({"spec": spec.as_dict(), "epilogue": epi.as_dict(), "prologue": prologue,
-                                        "kind": "cpu", "dense": bool(dense)}).encode())
+                                        "kind": "cpu", "dense": bool(dense), "chunk": chunk}).encode())
     for extra in (sub, div):
         if extra is not None:
             digest.update(extra.view(np.uint32).tobytes())
@@ -330,7 +339,7 @@ def _grid_vectors(spec: LayerSpec, batch: int) -> int:
     """8-lane vectors one output row takes over all chunks of a batch, as rsp_cpu::run computes them."""
     hs, ws, _, _ = _grid(spec)
     oh, ow = spec.out_hw
-    chunk, _, _ = chunk_layout(spec)
+    chunk, _, _ = chunk_layout(spec, batch)
     total, left = 0, batch
     while left > 0:
         nb = min(chunk, left)

@@ -16,9 +16,12 @@
 // least 8 independent accumulators (the non-zeros are split U ways), so the FMA latency is hidden even when
 // a row is one vector wide.
 //
-// The packed layout of a chunk is fixed per layer (``chunk`` images, ``stride`` floats per phase plane), so
-// the per-non-zero offsets are compile-time constants, and packing writes every grid position (padding
-// included) exactly once: no memset, no offset table per call.
+// The packed layout of a chunk is fixed per layer (``chunk`` images, no more than the batch the artifact
+// was exported for; ``stride`` = chunk x plane floats per phase plane, planes back to back), so the
+// per-non-zero offsets are compile-time constants, the packed input is as small as the data (a 512-channel
+// 2x2 map packs into 32 KB: L1), and packing writes every grid position (padding included) exactly once: no
+// memset, no offset table per call. A vector that runs past its plane reads the next plane (or the zeroed
+// tail after the last one): only lanes beyond the real outputs see those values, and they are dropped.
 //
 // Epilogue, fused per output row: + bias (BatchNorm folded into the weights and bias by the exporter),
 // + a residual input (same shape as the convolution's output), ReLU, then an optional 2x2 / stride-2 max
@@ -46,13 +49,28 @@ static inline v8 load8(const float* p) {
   return v;
 }
 static inline void store8(float* p, v8 v) { memcpy(p, &v, sizeof v); }
+// Scratch memory of the calling thread, one buffer per use shared by every layer of the library (inline
+// functions are one per shared object; hidden: not shared with another library), so consecutive layers
+// pack into and compute from the same cache-warm lines. Grows, never shrinks; nullptr when out of memory.
+enum Scratch { PACKED_INPUT = 0, GRID_ROWS = 1 };
+__attribute__((visibility("hidden"))) inline float* scratch(int which, size_t floats) {
+  static thread_local std::vector<float> buf[2];
+  try {
+    if (buf[which].size() < floats) buf[which].resize(floats);
+  } catch (const std::bad_alloc&) {
+    return nullptr;
+  }
+  return buf[which].data();
+}
+
+static inline v8 vmax(v8 a, v8 b) { return a > b ? a : b; }  // vmaxps / fmax (no NaN in a pooled row)
 
 struct Layer {
   int C, H, W, M, OH, OW, SH, SW, PH, PW;
   int Hs, Ws;          // a stride-phase plane per image: ceil(Hp / SH) x ceil(Wp / SW) of the padded input
   int chunk;           // images per packed chunk (its input stays in L2)
-  long long stride;    // floats per phase plane of a chunk: chunk * Hs * Ws + slack
-  int slack;           // floats read past the last image's plane (the largest offset + one vector)
+  long long stride;    // floats per phase plane of a chunk: chunk * Hs * Ws
+  int slack;           // floats read past the last plane (the largest offset + one vector): a zeroed tail
   const int* row_ptr;  // M + 1
   const int* aoff;     // per non-zero: plane * stride + (row // SH) * Ws + col // SW
   const float* val;    // per non-zero
@@ -141,6 +159,27 @@ static inline void row_epilogue(const float* yrow, const float* r, float* y, int
       }
       continue;
     }
+    if (!res) {  // max commutes with ReLU: the max of each 2x2 window (8 windows per step), then the ReLU
+      for (int py = 0; py < PH_; ++py) {
+        const float* s0 = src + (long long)(2 * py) * L.Ws;
+        const float* s1 = s0 + L.Ws;
+        float* d = dst + (long long)py * PW_;
+        int px = 0;
+        for (; px + 8 <= PW_; px += 8) {  // columns 2px .. 2px + 15 of both rows (< OW)
+          const v8 a = vmax(load8(s0 + 2 * px), load8(s1 + 2 * px)), b = vmax(load8(s0 + 2 * px + 8), load8(s1 + 2 * px + 8));
+          v8 m = vmax(__builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14), __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15));
+          if (relu) m = vmax(m, (v8){0, 0, 0, 0, 0, 0, 0, 0});
+          store8(d + px, m);
+        }
+        for (; px < PW_; ++px) {
+          const float a = s0[2 * px] > s0[2 * px + 1] ? s0[2 * px] : s0[2 * px + 1];
+          const float b = s1[2 * px] > s1[2 * px + 1] ? s1[2 * px] : s1[2 * px + 1];
+          const float m = a > b ? a : b;
+          d[px] = relu && m < 0.0f ? 0.0f : m;
+        }
+      }
+      continue;
+    }
     for (int py = 0; py < PH_; ++py)
       for (int px = 0; px < PW_; ++px) {
         float best = 0.0f;
@@ -214,22 +253,17 @@ static const long long TILE_MIN_NNZ = 24;  // average non-zeros per row from whi
 
 template <const Layer& L>
 static int rows_range(const RowsTask& t, int m0, int m1) {
-  static thread_local std::vector<float> ybuf;
   const long long pitch = t.vectors * 8;
   const bool tiled = !L.dense && t.vectors > 2 * TILE && m1 > m0 &&
                      (long long)(L.row_ptr[m1] - L.row_ptr[m0]) >= TILE_MIN_NNZ * (m1 - m0);
-  try {
-    const size_t need = (size_t)(pitch * (tiled ? (m1 - m0) : (L.dense ? 4 : 1)));
-    if (ybuf.size() < need) ybuf.resize(need);
-  } catch (const std::bad_alloc&) {
-    return 1;
-  }
+  float* const yb = scratch(GRID_ROWS, (size_t)(pitch * (tiled ? (m1 - m0) : (L.dense ? 4 : 1))));
+  if (!yb) return 1;
   if (L.dense) {  // groups of 4 rows (the splits are multiples of 4)
     for (int g = m0 / 4; 4 * g < m1; ++g) {
-      dense_grid<L>(t.w, t.xs, g, t.vectors, ybuf.data(), pitch);
+      dense_grid<L>(t.w, t.xs, g, t.vectors, yb, pitch);
       for (int r = 0; r < 4; ++r) {
         const int m = 4 * g + r;
-        if (m >= m0 && m < m1) row_epilogue<L>(ybuf.data() + r * pitch, t.r, t.y, m, t.batch);
+        if (m >= m0 && m < m1) row_epilogue<L>(yb + r * pitch, t.r, t.y, m, t.batch);
       }
     }
     return 0;
@@ -237,14 +271,14 @@ static int rows_range(const RowsTask& t, int m0, int m1) {
   if (tiled) {
     for (long long v = 0; v < t.vectors; v += TILE) {
       const long long nv = t.vectors - v < TILE ? t.vectors - v : TILE;
-      for (int m = m0; m < m1; ++m) row_grid<L>(t.xs + 8 * v, m, nv, ybuf.data() + (m - m0) * pitch + 8 * v);
+      for (int m = m0; m < m1; ++m) row_grid<L>(t.xs + 8 * v, m, nv, yb + (m - m0) * pitch + 8 * v);
     }
-    for (int m = m0; m < m1; ++m) row_epilogue<L>(ybuf.data() + (m - m0) * pitch, t.r, t.y, m, t.batch);
+    for (int m = m0; m < m1; ++m) row_epilogue<L>(yb + (m - m0) * pitch, t.r, t.y, m, t.batch);
     return 0;
   }
   for (int m = m0; m < m1; ++m) {
-    row_grid<L>(t.xs, m, t.vectors, ybuf.data());
-    row_epilogue<L>(ybuf.data(), t.r, t.y, m, t.batch);
+    row_grid<L>(t.xs, m, t.vectors, yb);
+    row_epilogue<L>(yb, t.r, t.y, m, t.batch);
   }
   return 0;
 }
@@ -280,6 +314,24 @@ static int rows_task(const RowsTask& t, int task, int ntask) {
   const int m0 = split(total * task / ntask), m1 = task + 1 == ntask ? M : split(total * (task + 1) / ntask);
   return m0 < m1 ? t.rows(t, m0, m1) : 0;
 }
+static int rows_job(const void* t, int task, int ntask) { return rows_task(*static_cast<const RowsTask*>(t), task, ntask); }
+
+// Packing channels [c0, c1) of a chunk (rsp_cpu::pack<L>): at 99 % a layer's packing costs as much as its
+// arithmetic, so it is spread over the threads too.
+struct PackTask {
+  void (*pack)(const float*, float*, int, int, int);  // pack<L>
+  const float* x;
+  float* xs;
+  int nb, C;
+};
+static int pack_job(const void* c, int task, int ntask) {
+  const PackTask& t = *static_cast<const PackTask*>(c);
+  const int c0 = (int)((long long)t.C * task / ntask), c1 = (int)((long long)t.C * (task + 1) / ntask);
+  if (c0 < c1) t.pack(t.x, t.xs, t.nb, c0, c1);
+  return 0;
+}
+// Below this many packed values (~5 us) one thread packs quicker than a hand-over.
+static const long long PACK_PARALLEL_MIN_VALUES = 32768;
 
 #ifdef RSP_TVM_FFI
 }  // namespace rsp_cpu
@@ -314,7 +366,8 @@ struct Pool {
   std::atomic<unsigned long long> word{0};
   std::atomic<int> done{0}, err{0};
   std::atomic<bool> stop{false};
-  const RowsTask* task = nullptr;
+  int (*fn)(const void*, int, int) = nullptr;  // the launch: fn(ctx, task, tasks)
+  const void* ctx = nullptr;
   std::mutex mu, busy;
   std::condition_variable cv;
   int sleepers = 0;
@@ -339,7 +392,7 @@ static void claim_tasks(Pool* p, unsigned g) {
     if (word_gen(w) != g || claimed >= total) return;
     if (!p->word.compare_exchange_weak(w, w + (1ULL << 16), std::memory_order_acq_rel, std::memory_order_acquire))
       continue;
-    const int e = rows_task(*p->task, claimed, total);
+    const int e = p->fn(p->ctx, claimed, total);
     if (e) p->err.store(e);
     p->done.fetch_add(1, std::memory_order_acq_rel);
     w = p->word.load(std::memory_order_acquire);
@@ -423,12 +476,14 @@ __attribute__((destructor)) static void pool_shutdown() {
 
 extern "C" __attribute__((weak)) int rsp_cpu_threads(void) { return pool()->n; }
 
-static int launch(const RowsTask& t, long long work) {
+// fn(ctx, i, tasks) for i < tasks (at most `units`, a few per thread: the load evens out, and a late worker
+// leaves the caller less to do); serially when the work is below min_work or another caller holds the pool.
+static int launch(int (*fn)(const void*, int, int), const void* ctx, int units, long long work, long long min_work) {
   Pool* p = pool();
-  if (p->n <= 1 || work < p->min_work || !p->busy.try_lock()) return rows_task(t, 0, 1);  // another caller holds the pool: serially
-  // a few tasks per thread: the load evens out, and a late worker leaves the caller less to do
-  const int tasks = t.M / t.align < 4 * p->n ? (t.M / t.align > 0 ? t.M / t.align : 1) : 4 * p->n;
-  p->task = &t;
+  if (p->n <= 1 || units <= 1 || work < min_work || !p->busy.try_lock()) return fn(ctx, 0, 1);
+  const int tasks = units < 4 * p->n ? units : 4 * p->n;
+  p->fn = fn;
+  p->ctx = ctx;
   p->err.store(0);
   p->done.store(0, std::memory_order_relaxed);
   const unsigned g = word_gen(p->word.load(std::memory_order_relaxed)) + 1;
@@ -453,9 +508,19 @@ static int launch(const RowsTask& t, long long work) {
 static int all_rows(const RowsTask& t) {
 #ifdef RSP_TVM_FFI
   const long long work = ((long long)t.row_ptr[t.M] + ROW_COST * t.M) * t.vectors;
-  if (t.M > 1) return launch(t, work);
-#endif
+  return launch(rows_job, &t, t.M / t.align, work, pool()->min_work);
+#else
   return t.rows(t, 0, t.M);
+#endif
+}
+
+static void all_channels(const PackTask& t, long long values) {
+#ifdef RSP_TVM_FFI
+  launch(pack_job, &t, t.C, values, PACK_PARALLEL_MIN_VALUES);
+#else
+  (void)values;
+  t.pack(t.x, t.xs, t.nb, 0, t.C);
+#endif
 }
 
 static inline void fill0(float* d, long long n) {
@@ -467,11 +532,11 @@ static inline void fill0(float* d, long long n) {
 // GCC's idiom recognition): a 512-channel 2x2 map is 2000 rows of 4 floats, and a libc call per row cost
 // more than the layer's arithmetic.
 template <const Layer& L>
-static inline void pack(const float* x, float* xs, int nb) {
+static void pack(const float* x, float* xs, int nb, int c0, int c1) {
   const long long per_img = (long long)L.Hs * L.Ws;
   if (L.GH) {  // a linear layer (1x1 image) of a global average pool: plane c holds the images' means
     const long long hw = (long long)L.GH * L.GW;
-    for (int c = 0; c < L.C; ++c) {
+    for (int c = c0; c < c1; ++c) {
       float* plane = xs + (long long)c * L.stride;
       for (int n = 0; n < nb; ++n) {
         const float* src = x + ((long long)n * L.C + c) * hw;
@@ -479,12 +544,11 @@ static inline void pack(const float* x, float* xs, int nb) {
         for (long long i = 0; i < hw; ++i) acc += src[i];
         plane[n] = acc / (float)hw;
       }
-      fill0(plane + nb, L.slack);
     }
     return;
   }
   const int right = L.Ws - L.PW - L.W;
-  for (int c = 0; c < L.C; ++c)
+  for (int c = c0; c < c1; ++c)
     for (int a = 0; a < L.SH; ++a)
       for (int b = 0; b < L.SW; ++b) {
         float* plane = xs + ((long long)(c * L.SH + a) * L.SW + b) * L.stride;
@@ -516,7 +580,6 @@ static inline void pack(const float* x, float* xs, int nb) {
             }
           }
         }
-        fill0(plane + nb * per_img, L.slack);  // stride >= chunk * per_img + slack
       }
 }
 
@@ -526,14 +589,12 @@ static int run_chunk(const float* x, const float* r, float* y, int nb, const wfl
   const long long per_img = (long long)L.Hs * L.Ws;
   const long long grid = (long long)(nb - 1) * per_img + (long long)(L.OH - 1) * L.Ws + L.OW;
   const long long planes = (long long)L.C * L.SH * L.SW;
-  static thread_local std::vector<float> xs;
-  try {
-    if (xs.size() < (size_t)(planes * L.stride)) xs.resize((size_t)(planes * L.stride));
-  } catch (const std::bad_alloc&) {
-    return 1;
-  }
-  pack<L>(x, xs.data(), nb);
-  const RowsTask task{rows_range<L>, L.row_ptr, L.M, L.dense ? 4 : 1, W, xs.data(), r, (grid + 7) / 8, y, nb};
+  float* const xs = scratch(PACKED_INPUT, (size_t)(planes * L.stride + L.slack));
+  if (!xs) return 1;
+  fill0(xs + planes * L.stride, L.slack);  // the tail the last plane's vectors read into
+  const PackTask pt{pack<L>, x, xs, nb, L.C};
+  all_channels(pt, planes * nb * per_img);
+  const RowsTask task{rows_range<L>, L.row_ptr, L.M, L.dense ? 4 : 1, W, xs, r, (grid + 7) / 8, y, nb};
   return all_rows(task);
 }
 

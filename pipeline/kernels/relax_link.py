@@ -419,7 +419,8 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
                 from .cpu import generate_cpu
 
                 ks = generate_cpu(ch.spec, wt, bias, relu=ch.relu, residual=ch.residual is not None, pool=ch.pool,
-                                  normalize=ch.normalize, gap=ch.gap, dense=ch.layer in dense_set, label=ch.layer)
+                                  normalize=ch.normalize, gap=ch.gap, dense=ch.layer in dense_set,
+                                  batch=_static_shape(ch.call.ty)[0], label=ch.layer)
             else:
                 ks = generate(ch.spec, wt, bias, relu=ch.relu, label=ch.layer, arch=arch, **generate_kwargs)
             result.linked.append(LinkedLayer(ch.layer, ch.op, ks, list(ch.fused)))
