@@ -89,19 +89,20 @@ def structured(model, name: str, sparsity: float, tmp: Path):
 def build_config(model, batch: int, out: Path, target_name: str) -> dict:
     """The rsp artifact for `model` as rsp export builds it: plan, then the TVM library."""
     from rsp import tvm_build
-    from rsp.export import _layer_names, kernel_plan
+    from rsp.export import _layer_names, kernel_plan, planned_kernel_layers
     from rsp.targets import get_target
 
     target = get_target(target_name)
     state = model.state_dict()
     names = _layer_names(model)
     plan = kernel_plan(model, CHW, target, state, names, batch)
-    sparse = {r["layer"]: state[f"{r['layer']}.weight"] for r in plan["layers"] if r["kernel"] == "sparse"}
+    kind = "cuda" if target.has_cuda else "cpu"
+    kernels, dense = planned_kernel_layers(plan, state, kind)
     t0 = time.perf_counter()
-    res = tvm_build.build(model, CHW, target, out, batch=batch, sparse_layers=sparse or None,
-                          sparse_mode="cuda" if target.has_cuda else "cpu", log=lambda *_: None)
+    res = tvm_build.build(model, CHW, target, out, batch=batch, sparse_layers=kernels or None, sparse_mode=kind,
+                          dense_layers=dense, log=lambda *_: None)
     linked = (res.info.get("sparse_kernels") or {}).get("layers", [])
-    return {"layers": len(names), "planned_sparse": len(sparse), "linked": len(linked),
+    return {"layers": len(names), "planned_sparse": len(kernels) - len(dense), "rsp_dense": len(dense), "linked": len(linked),
             "fused": sorted({op for ll in linked for op in ll.get("fused", [])}), "build_s": round(time.perf_counter() - t0, 1),
             "dense_baseline": plan.get("dense_baseline")}
 

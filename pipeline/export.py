@@ -201,6 +201,14 @@ def time_dense_library(specs: dict, batch: int) -> dict[str, float]:
     return out
 
 
+def planned_kernel_layers(plan: dict, state: dict, kind: str | None) -> tuple[dict, list[str]]:
+    """({layer: weight} that run in rsp's kernels, the names of those that run rsp's dense CPU kernel) for
+    the TVM build, from a kernel plan (kernel_plan)."""
+    dense = [r["layer"] for r in plan["layers"] if r.get("dense_kernel") == "rsp-dense"] if kind == "cpu" else []
+    sparse = {r["layer"]: state[f"{r['layer']}.weight"] for r in plan["layers"] if r["kernel"] == "sparse" or r["layer"] in dense}
+    return sparse, dense
+
+
 def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names: list[str], batch: int, *,
                 mode: str = "auto", force_sparse=(), tuned: bool = False) -> dict:
     """Per-layer kernel choice for the manifest. GPU targets (and mode "host", for the GPU its emulator stands
@@ -531,9 +539,7 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
 
         cache = Path(opts.tune_cache) if opts.tune_cache else None
         kind = sparse_kernel_kind(target, mode)
-        dense = [r["layer"] for r in kernels["layers"] if r.get("dense_kernel") == "rsp-dense"] if kind == "cpu" else []
-        sparse = {r["layer"]: state[f"{r['layer']}.weight"] for r in kernels["layers"]
-                  if r["kernel"] == "sparse" or r["layer"] in dense}
+        sparse, dense = planned_kernel_layers(kernels, state, kind)
         result = tvm_build.build(model, chw, target, output / TVM_FILE, batch=opts.batch, nvcc=opts.nvcc,
                                  tune_trials=opts.tune_trials, tune_cache=cache, log=log,
                                  sparse_layers=sparse if kind else None, sparse_mode=kind or "cuda", dense_layers=dense)

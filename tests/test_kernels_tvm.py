@@ -332,8 +332,9 @@ def test_auto_on_a_cpu_target_plans_and_links_the_cpu_kernels(source, tmp_path):
 @needs_tvm
 @needs_cxx
 def test_cpu_kernels_thread_pool(tmp_path):
-    """A layer large enough to run its output rows in parallel on rsp's pool matches PyTorch on 1 and 2
-    threads (RSP_NUM_THREADS, in a fresh process each: the pool is made once per library load)."""
+    """Every layer run in parallel on rsp's pool (RSP_CPU_PARALLEL_MIN_WORK=1: an 8x8 map in bands of output
+    rows, the small maps and the linear layer split by output channels) matches PyTorch on 1, 2 and 3 threads
+    (RSP_NUM_THREADS, in a fresh process each: the pool is made once per library load)."""
 
     torch.manual_seed(1)
     model = create_model("small-cnn", num_classes=10, in_channels=1, mean=[0.5], std=[0.5], channels=[64, 64, 64]).eval()
@@ -357,10 +358,10 @@ def test_cpu_kernels_thread_pool(tmp_path):
     script = ("import sys, ctypes, numpy as np; from rsp.tvm_build import run_library; "
               f"y = run_library({str(lib)!r}, np.load({str(tmp_path / 'x.npy')!r}), 1); "
               f"np.save(sys.argv[1], y); print(ctypes.CDLL({str(lib)!r}).rsp_cpu_threads())")
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         out = tmp_path / f"y{threads}.npy"
         r = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "RSP_NUM_THREADS": str(threads)})
+                           env={**os.environ, "RSP_NUM_THREADS": str(threads), "RSP_CPU_PARALLEL_MIN_WORK": "1"})
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.split()[-1] == str(threads)  # the pool has the threads asked for
         assert np.abs(np.load(out) - ref).max() <= 1e-4

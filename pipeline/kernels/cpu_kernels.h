@@ -35,6 +35,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <atomic>
 #include <new>
 #include <vector>
 
@@ -88,6 +89,7 @@ struct Layer {
   bool dense;
   int K;
   const int* koff;
+  int halo;  // phase-plane rows an output row reads below its own: (KH - 1) * DH / SH
 };
 
 // acc += w * x[aoff + 8v] over the non-zeros [j0, j1) of one output row, for NV vectors of 8 grid positions
@@ -131,84 +133,82 @@ static inline void row_grid(const float* xs, int m, long long vectors, float* yr
   }
 }
 
-// Keep the real outputs of row m of each image: + residual, ReLU, 2x2 max pool.
+// Units of work along the grid: an output row (a pair of rows with the 2x2 pool) of one image. Unit u is
+// image u / units_per_image, rows from (u % units_per_image) * rows_per_unit.
 template <const Layer& L>
-static inline void row_epilogue(const float* yrow, const float* r, float* y, int m, int batch) {
-  const long long per_img = (long long)L.Hs * L.Ws, ohw = (long long)L.OH * L.OW;
+static constexpr int rows_per_unit() { return L.pool ? 2 : 1; }
+template <const Layer& L>
+static constexpr int units_per_image() { return L.pool ? L.OH / 2 : L.OH; }
+// Grid position of unit u's first output, and one past its last.
+template <const Layer& L>
+static inline long long unit_begin(long long u) {
+  return (u / units_per_image<L>()) * (long long)L.Hs * L.Ws + (u % units_per_image<L>()) * rows_per_unit<L>() * (long long)L.Ws;
+}
+template <const Layer& L>
+static inline long long unit_end(long long u) { return unit_begin<L>(u) + (rows_per_unit<L>() - 1) * (long long)L.Ws + L.OW; }
+
+// Keep the real outputs of row m for units [u0, u1) (yrow holds the grid from unit_begin(u0)): + residual,
+// ReLU, 2x2 max pool.
+template <const Layer& L>
+static inline void row_epilogue(const float* yrow, const float* r, float* y, int m, int u0, int u1) {
+  const long long per_img = (long long)L.Hs * L.Ws, ohw = (long long)L.OH * L.OW, start = unit_begin<L>(u0);
   const int PH_ = L.pool ? L.OH / 2 : L.OH, PW_ = L.pool ? L.OW / 2 : L.OW;
   const bool relu = L.relu;
-  for (int n = 0; n < batch; ++n) {
-    const float* src = yrow + n * per_img;
+  for (int u = u0; u < u1; ++u) {
+    const int n = u / units_per_image<L>(), k = u % units_per_image<L>();
+    const float* src = yrow + (n * per_img - start);  // image n's grid origin
     const float* res = r ? r + ((long long)n * L.M + m) * ohw : nullptr;
     float* dst = y + ((long long)n * L.M + m) * PH_ * PW_;
     if (!L.pool) {
-      for (int oy = 0; oy < L.OH; ++oy) {
-        const float* s = src + (long long)oy * L.Ws;
-        float* d = dst + (long long)oy * L.OW;
-        if (res) {
-          const float* rr = res + (long long)oy * L.OW;
-          if (relu)
-            for (int ox = 0; ox < L.OW; ++ox) { const float v = s[ox] + rr[ox]; d[ox] = v > 0.0f ? v : 0.0f; }
-          else
-            for (int ox = 0; ox < L.OW; ++ox) d[ox] = s[ox] + rr[ox];
-        } else if (relu) {
-          for (int ox = 0; ox < L.OW; ++ox) { const float v = s[ox]; d[ox] = v > 0.0f ? v : 0.0f; }
-        } else {
-          for (int ox = 0; ox < L.OW; ++ox) d[ox] = s[ox];
-        }
+      const int oy = k;
+      const float* s = src + (long long)oy * L.Ws;
+      float* d = dst + (long long)oy * L.OW;
+      if (res) {
+        const float* rr = res + (long long)oy * L.OW;
+        if (relu)
+          for (int ox = 0; ox < L.OW; ++ox) { const float v = s[ox] + rr[ox]; d[ox] = v > 0.0f ? v : 0.0f; }
+        else
+          for (int ox = 0; ox < L.OW; ++ox) d[ox] = s[ox] + rr[ox];
+      } else if (relu) {
+        for (int ox = 0; ox < L.OW; ++ox) { const float v = s[ox]; d[ox] = v > 0.0f ? v : 0.0f; }
+      } else {
+        for (int ox = 0; ox < L.OW; ++ox) d[ox] = s[ox];
       }
       continue;
     }
+    const int py = k;
     if (!res) {  // max commutes with ReLU: the max of each 2x2 window (8 windows per step), then the ReLU
-      for (int py = 0; py < PH_; ++py) {
-        const float* s0 = src + (long long)(2 * py) * L.Ws;
-        const float* s1 = s0 + L.Ws;
-        float* d = dst + (long long)py * PW_;
-        int px = 0;
-        for (; px + 8 <= PW_; px += 8) {  // columns 2px .. 2px + 15 of both rows (< OW)
-          const v8 a = vmax(load8(s0 + 2 * px), load8(s1 + 2 * px)), b = vmax(load8(s0 + 2 * px + 8), load8(s1 + 2 * px + 8));
-          v8 m = vmax(__builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14), __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15));
-          if (relu) m = vmax(m, (v8){0, 0, 0, 0, 0, 0, 0, 0});
-          store8(d + px, m);
-        }
-        for (; px < PW_; ++px) {
-          const float a = s0[2 * px] > s0[2 * px + 1] ? s0[2 * px] : s0[2 * px + 1];
-          const float b = s1[2 * px] > s1[2 * px + 1] ? s1[2 * px] : s1[2 * px + 1];
-          const float m = a > b ? a : b;
-          d[px] = relu && m < 0.0f ? 0.0f : m;
-        }
+      const float* s0 = src + (long long)(2 * py) * L.Ws;
+      const float* s1 = s0 + L.Ws;
+      float* d = dst + (long long)py * PW_;
+      int px = 0;
+      for (; px + 8 <= PW_; px += 8) {  // columns 2px .. 2px + 15 of both rows (< OW)
+        const v8 a = vmax(load8(s0 + 2 * px), load8(s1 + 2 * px)), b = vmax(load8(s0 + 2 * px + 8), load8(s1 + 2 * px + 8));
+        v8 mx = vmax(__builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14), __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15));
+        if (relu) mx = vmax(mx, (v8){0, 0, 0, 0, 0, 0, 0, 0});
+        store8(d + px, mx);
+      }
+      for (; px < PW_; ++px) {
+        const float a = s0[2 * px] > s0[2 * px + 1] ? s0[2 * px] : s0[2 * px + 1];
+        const float b = s1[2 * px] > s1[2 * px + 1] ? s1[2 * px] : s1[2 * px + 1];
+        const float mx = a > b ? a : b;
+        d[px] = relu && mx < 0.0f ? 0.0f : mx;
       }
       continue;
     }
-    for (int py = 0; py < PH_; ++py)
-      for (int px = 0; px < PW_; ++px) {
-        float best = 0.0f;
-        for (int dy = 0; dy < 2; ++dy)
-          for (int dx = 0; dx < 2; ++dx) {
-            const int oy = 2 * py + dy, ox = 2 * px + dx;
-            float v = src[(long long)oy * L.Ws + ox];
-            if (res) v += res[(long long)oy * L.OW + ox];
-            if (relu && v < 0.0f) v = 0.0f;
-            if ((dy | dx) == 0 || v > best) best = v;
-          }
-        dst[(long long)py * PW_ + px] = best;
-      }
+    for (int px = 0; px < PW_; ++px) {
+      float best = 0.0f;
+      for (int dy = 0; dy < 2; ++dy)
+        for (int dx = 0; dx < 2; ++dx) {
+          const int oy = 2 * py + dy, ox = 2 * px + dx;
+          float v = src[(long long)oy * L.Ws + ox] + res[(long long)oy * L.OW + ox];
+          if (relu && v < 0.0f) v = 0.0f;
+          if ((dy | dx) == 0 || v > best) best = v;
+        }
+      dst[(long long)py * PW_ + px] = best;
+    }
   }
 }
-
-// Output rows [m0, m1) over the packed chunk, with this thread's grid-row buffer.
-struct RowsTask {
-  int (*rows)(const RowsTask&, int, int);  // rows_range<L> of the layer
-  const int* row_ptr;
-  int M;
-  int align;  // row splits are multiples of this (4 in dense mode)
-  const wfloat* w;  // dense mode: the packed weights
-  const float* xs;
-  const float* r;
-  long long vectors;
-  float* y;
-  int batch;
-};
 
 // Dense mode: 4 output rows x NV vectors at a time, every column k: NV input loads shared by the 4 rows
 // (4 broadcasts + NV loads per 4 * NV FMAs), 4 * NV independent accumulators.
@@ -243,47 +243,110 @@ static inline void dense_grid(const wfloat* W, const float* xs, int g, long long
   if (vectors - v == 1) dense_block<1>(L, W, xs + 8 * v, g, b4, y4 + 8 * v, pitch);
 }
 
-// Rows [m0, m1). A long grid (a large map) with many non-zeros per row is computed in tiles of TILE
-// vectors across all the rows: a tile of the packed input (every channel, TILE * 8 positions plus the taps'
-// reach) stays in L1 while every row reads it, where row by row each row streams its channels' whole planes
-// from L2. With few non-zeros per row (99 %) the per-tile row overhead and the spilled output buffer cost
-// more than that saves (measured), so such layers go row by row.
+static inline void fill0(float* d, long long n) {
+  for (long long i = 0; i < n; ++i) d[i] = 0.0f;
+}
+
+// Pack rows [r0, r1) of every phase plane of a chunk (row n * Hs + i: row i of image n's plane; a linear
+// layer's plane has one row per image): every position, padding as zeros. Plain loops, no memset/memcpy
+// calls (cpu_flags turns off GCC's idiom recognition): a 512-channel 2x2 map is 2000 rows of 4 floats, and
+// a libc call per row cost more than the layer's arithmetic.
+template <const Layer& L>
+static void pack(const float* x, float* xs, long long r0, long long r1) {
+  const long long per_img = (long long)L.Hs * L.Ws;
+  if (L.GH) {  // a linear layer (1x1 image) of a global average pool: plane c holds the images' means
+    const long long hw = (long long)L.GH * L.GW;
+    for (int c = 0; c < L.C; ++c) {
+      float* plane = xs + (long long)c * L.stride;
+      for (long long n = r0; n < r1; ++n) {
+        const float* src = x + ((long long)n * L.C + c) * hw;
+        float acc = 0.0f;
+        for (long long i = 0; i < hw; ++i) acc += src[i];
+        plane[n] = acc / (float)hw;
+      }
+    }
+    return;
+  }
+  const int right = L.Ws - L.PW - L.W;
+  for (int c = 0; c < L.C; ++c)
+    for (int a = 0; a < L.SH; ++a)
+      for (int b = 0; b < L.SW; ++b) {
+        float* plane = xs + ((long long)(c * L.SH + a) * L.SW + b) * L.stride;
+        for (long long row = r0; row < r1; ++row) {
+          const long long n = row / L.Hs;
+          const int i = (int)(row % L.Hs);
+          const float* src = x + ((long long)n * L.C + c) * L.H * L.W;
+          float* d = plane + n * per_img + (long long)i * L.Ws;
+          const int iy = i * L.SH + a - L.PH;
+          if (iy < 0 || iy >= L.H) {
+            fill0(d, L.Ws);
+            continue;
+          }
+          const float* s = src + (long long)iy * L.W;
+          if (L.SW == 1) {  // left padding, the row, right padding
+            fill0(d, L.PW);
+            if (L.in_sub) {
+              const float sub = L.in_sub[c], div = L.in_div[c];
+              for (int j = 0; j < L.W; ++j) d[L.PW + j] = (s[j] - sub) / div;
+            } else {
+              for (int j = 0; j < L.W; ++j) d[L.PW + j] = s[j];
+            }
+            if (right > 0) fill0(d + L.PW + L.W, right);
+          } else {
+            for (int jj = 0; jj < L.Ws; ++jj) {
+              const int ix = jj * L.SW + b - L.PW;
+              d[jj] = (ix >= 0 && ix < L.W) ? (L.in_sub ? (s[ix] - L.in_sub[c]) / L.in_div[c] : s[ix]) : 0.0f;
+            }
+          }
+        }
+      }
+}
+
+// Rows [m0, m1) over grid units [u0, u1) of the packed chunk xs. A long grid (a large map) with many
+// non-zeros per row is computed in tiles of TILE vectors across all the rows: a tile of the packed input
+// (every channel, TILE * 8 positions plus the taps' reach) stays in L1 while every row reads it, where row
+// by row each row streams its channels' whole planes from L2. With few non-zeros per row (99 %) the per-tile
+// row overhead and the spilled output buffer cost more than that saves (measured), so such layers go row by
+// row.
 static const long long TILE = 4;
 static const long long TILE_MIN_NNZ = 24;  // average non-zeros per row from which tiling pays (measured)
 
 template <const Layer& L>
-static int rows_range(const RowsTask& t, int m0, int m1) {
-  const long long pitch = t.vectors * 8;
-  const bool tiled = !L.dense && t.vectors > 2 * TILE && m1 > m0 &&
+static int compute(const float* xs0, const wfloat* W, const float* r, float* y, int m0, int m1, int u0, int u1) {
+  const long long start = unit_begin<L>(u0);
+  const long long vectors = (unit_end<L>(u1 - 1) - start + 7) / 8;
+  const float* xs = xs0 + start;
+  const long long pitch = vectors * 8;
+  const bool tiled = !L.dense && vectors > 2 * TILE && m1 > m0 &&
                      (long long)(L.row_ptr[m1] - L.row_ptr[m0]) >= TILE_MIN_NNZ * (m1 - m0);
   float* const yb = scratch(GRID_ROWS, (size_t)(pitch * (tiled ? (m1 - m0) : (L.dense ? 4 : 1))));
   if (!yb) return 1;
-  if (L.dense) {  // groups of 4 rows (the splits are multiples of 4)
+  if (L.dense) {  // groups of 4 rows (row splits are multiples of 4)
     for (int g = m0 / 4; 4 * g < m1; ++g) {
-      dense_grid<L>(t.w, t.xs, g, t.vectors, yb, pitch);
-      for (int r = 0; r < 4; ++r) {
-        const int m = 4 * g + r;
-        if (m >= m0 && m < m1) row_epilogue<L>(yb + r * pitch, t.r, t.y, m, t.batch);
+      dense_grid<L>(W, xs, g, vectors, yb, pitch);
+      for (int q = 0; q < 4; ++q) {
+        const int m = 4 * g + q;
+        if (m >= m0 && m < m1) row_epilogue<L>(yb + q * pitch, r, y, m, u0, u1);
       }
     }
     return 0;
   }
   if (tiled) {
-    for (long long v = 0; v < t.vectors; v += TILE) {
-      const long long nv = t.vectors - v < TILE ? t.vectors - v : TILE;
-      for (int m = m0; m < m1; ++m) row_grid<L>(t.xs + 8 * v, m, nv, yb + (m - m0) * pitch + 8 * v);
+    for (long long v = 0; v < vectors; v += TILE) {
+      const long long nv = vectors - v < TILE ? vectors - v : TILE;
+      for (int m = m0; m < m1; ++m) row_grid<L>(xs + 8 * v, m, nv, yb + (m - m0) * pitch + 8 * v);
     }
-    for (int m = m0; m < m1; ++m) row_epilogue<L>(yb + (m - m0) * pitch, t.r, t.y, m, t.batch);
+    for (int m = m0; m < m1; ++m) row_epilogue<L>(yb + (m - m0) * pitch, r, y, m, u0, u1);
     return 0;
   }
   for (int m = m0; m < m1; ++m) {
-    row_grid<L>(t.xs, m, t.vectors, yb);
-    row_epilogue<L>(yb, t.r, t.y, m, t.batch);
+    row_grid<L>(xs, m, vectors, yb);
+    row_epilogue<L>(yb, r, y, m, u0, u1);
   }
   return 0;
 }
 
-// Inside a TVM library the output rows are spread over rsp's own small thread pool. TVM's pool was tried
+// Inside a TVM library a layer's work is spread over rsp's own small thread pool. TVM's pool was tried
 // first and measured: its parallel launch costs more than a whole 99 % sparse layer (a VGG-16 took 2.1 ms on
 // 2 threads against 0.9 ms on 1), because its workers sleep between launches. rsp's workers spin for a
 // short while after each task (RSP_CPU_SPIN_US, default 2000) and then sleep, so the layers of one
@@ -296,42 +359,73 @@ static const long long ROW_COST = 4;  // the per-row epilogue, in non-zero equiv
 // quicker than a hand-over; RSP_CPU_PARALLEL_MIN_WORK overrides it.
 static const long long PARALLEL_MIN_WORK = 16384;
 
-
-static int rows_task(const RowsTask& t, int task, int ntask) {
-  if (ntask <= 1) return t.rows(t, 0, t.M);
-  // rows split by cost (non-zeros + a constant per row), so every thread gets an equal share
-  const int M = t.M;
-  const long long total = t.row_ptr[M] + ROW_COST * M;
-  auto split = [&](long long target) {
-    int lo = 0, hi = M;
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (t.row_ptr[mid] + ROW_COST * mid < target) lo = mid + 1; else hi = mid;
-    }
-    const int aligned = (lo + t.align - 1) / t.align * t.align;
-    return aligned < M ? aligned : M;
-  };
-  const int m0 = split(total * task / ntask), m1 = task + 1 == ntask ? M : split(total * (task + 1) / ntask);
-  return m0 < m1 ? t.rows(t, m0, m1) : 0;
-}
-static int rows_job(const void* t, int task, int ntask) { return rows_task(*static_cast<const RowsTask*>(t), task, ntask); }
-
-// Packing channels [c0, c1) of a chunk (rsp_cpu::pack<L>): at 99 % a layer's packing costs as much as its
-// arithmetic, so it is spread over the threads too.
-struct PackTask {
-  void (*pack)(const float*, float*, int, int, int);  // pack<L>
+// One chunk, as tasks. Every thread packs, into its own scratch, the part of the input it reads, so no
+// packed line travels between cores and packing (at 99 % as costly as the arithmetic) is shared too:
+// - bands (a map with enough output rows): task i computes every output row over its band of grid units
+//   and packs only the input rows the band reads (its rows plus the taps' reach);
+// - rows (a small map: 2x2 and 4x4 grids are one to three vectors): task i computes a share of the output
+//   rows (split by non-zeros) over the whole grid; each thread packs the whole chunk once per call (a few
+//   microseconds at these sizes), however many of the tasks it claims.
+struct ChunkTask {
+  int (*job)(const void*, int, int);  // chunk_job<L>
   const float* x;
-  float* xs;
-  int nb, C;
+  const float* r;
+  float* y;
+  const wfloat* w;
+  int nb;
+  bool bands;
+  unsigned long long call;  // unique per call: a thread's whole-chunk packing is reused within it
 };
-static int pack_job(const void* c, int task, int ntask) {
-  const PackTask& t = *static_cast<const PackTask*>(c);
-  const int c0 = (int)((long long)t.C * task / ntask), c1 = (int)((long long)t.C * (task + 1) / ntask);
-  if (c0 < c1) t.pack(t.x, t.xs, t.nb, c0, c1);
-  return 0;
+
+// The call a thread's packed scratch holds in full (0: none, or only a band).
+__attribute__((visibility("hidden"))) inline unsigned long long& packed_call() {
+  static thread_local unsigned long long call = 0;
+  return call;
 }
-// Below this many packed values (~5 us) one thread packs quicker than a hand-over.
-static const long long PACK_PARALLEL_MIN_VALUES = 32768;
+__attribute__((visibility("hidden"))) inline unsigned long long next_call() {
+  static std::atomic<unsigned long long> calls{0};
+  return ++calls;
+}
+
+template <const Layer& L>
+static int chunk_job(const void* ctx, int task, int ntask) {
+  const ChunkTask& t = *static_cast<const ChunkTask*>(ctx);
+  const int U = t.nb * units_per_image<L>(), align = L.dense ? 4 : 1;
+  int m0 = 0, m1 = L.M, u0 = 0, u1 = U;
+  if (ntask > 1 && t.bands) {
+    u0 = (int)((long long)U * task / ntask);
+    u1 = (int)((long long)U * (task + 1) / ntask);
+  } else if (ntask > 1) {  // rows split by cost (non-zeros + a constant per row): equal shares
+    const long long total = L.row_ptr[L.M] + ROW_COST * L.M;
+    auto split = [&](long long target) {
+      int lo = 0, hi = L.M;
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (L.row_ptr[mid] + ROW_COST * mid < target) lo = mid + 1; else hi = mid;
+      }
+      const int aligned = (lo + align - 1) / align * align;
+      return aligned < L.M ? aligned : L.M;
+    };
+    m0 = split(total * task / ntask);
+    m1 = task + 1 == ntask ? L.M : split(total * (task + 1) / ntask);
+  }
+  if (m0 >= m1 || u0 >= u1) return 0;
+  const long long planes = (long long)L.C * L.SH * L.SW;
+  float* const xs = scratch(PACKED_INPUT, (size_t)(planes * L.stride + L.slack));
+  if (!xs) return 1;
+  fill0(xs + planes * L.stride, L.slack);  // the tail the last plane's vectors read into
+  if (u0 > 0 || u1 < U) {  // a band: its rows of every plane
+    const int n0 = u0 / units_per_image<L>(), n1 = (u1 - 1) / units_per_image<L>();
+    const int first = (u0 % units_per_image<L>()) * rows_per_unit<L>();
+    const int last = ((u1 - 1) % units_per_image<L>()) * rows_per_unit<L>() + rows_per_unit<L>() - 1 + L.halo;
+    pack<L>(t.x, xs, (long long)n0 * L.Hs + first, (long long)n1 * L.Hs + (last + 1 < L.Hs ? last + 1 : L.Hs));
+    packed_call() = 0;
+  } else if (packed_call() != t.call) {
+    pack<L>(t.x, xs, 0, (long long)t.nb * L.Hs);
+    packed_call() = t.call;
+  }
+  return compute<L>(xs, t.w, t.r, t.y, m0, m1, u0, u1);
+}
 
 #ifdef RSP_TVM_FFI
 }  // namespace rsp_cpu
@@ -476,12 +570,14 @@ __attribute__((destructor)) static void pool_shutdown() {
 
 extern "C" __attribute__((weak)) int rsp_cpu_threads(void) { return pool()->n; }
 
-// fn(ctx, i, tasks) for i < tasks (at most `units`, a few per thread: the load evens out, and a late worker
-// leaves the caller less to do); serially when the work is below min_work or another caller holds the pool.
-static int launch(int (*fn)(const void*, int, int), const void* ctx, int units, long long work, long long min_work) {
+// fn(ctx, i, tasks) for i < tasks (at most `units`, per_thread per thread: a few even out the load, and a late
+// worker leaves the caller less to do); serially when the work is below min_work or another caller holds the
+// pool.
+static int launch(int (*fn)(const void*, int, int), const void* ctx, int units, int per_thread, long long work,
+                  long long min_work) {
   Pool* p = pool();
   if (p->n <= 1 || units <= 1 || work < min_work || !p->busy.try_lock()) return fn(ctx, 0, 1);
-  const int tasks = units < 4 * p->n ? units : 4 * p->n;
+  const int tasks = units < per_thread * p->n ? units : per_thread * p->n;
   p->fn = fn;
   p->ctx = ctx;
   p->err.store(0);
@@ -505,97 +601,23 @@ static int launch(int (*fn)(const void*, int, int), const void* ctx, int units, 
 }
 #endif
 
-static int all_rows(const RowsTask& t) {
-#ifdef RSP_TVM_FFI
-  const long long work = ((long long)t.row_ptr[t.M] + ROW_COST * t.M) * t.vectors;
-  return launch(rows_job, &t, t.M / t.align, work, pool()->min_work);
-#else
-  return t.rows(t, 0, t.M);
-#endif
-}
-
-static void all_channels(const PackTask& t, long long values) {
-#ifdef RSP_TVM_FFI
-  launch(pack_job, &t, t.C, values, PACK_PARALLEL_MIN_VALUES);
-#else
-  (void)values;
-  t.pack(t.x, t.xs, t.nb, 0, t.C);
-#endif
-}
-
-static inline void fill0(float* d, long long n) {
-  for (long long i = 0; i < n; ++i) d[i] = 0.0f;
-}
-
-// Pack images [0, nb) of a chunk: every position of each image's phase planes (padding as zeros), then
-// zeros over the read slack after the last image. Plain loops, no memset/memcpy calls (cpu_flags turns off
-// GCC's idiom recognition): a 512-channel 2x2 map is 2000 rows of 4 floats, and a libc call per row cost
-// more than the layer's arithmetic.
-template <const Layer& L>
-static void pack(const float* x, float* xs, int nb, int c0, int c1) {
-  const long long per_img = (long long)L.Hs * L.Ws;
-  if (L.GH) {  // a linear layer (1x1 image) of a global average pool: plane c holds the images' means
-    const long long hw = (long long)L.GH * L.GW;
-    for (int c = c0; c < c1; ++c) {
-      float* plane = xs + (long long)c * L.stride;
-      for (int n = 0; n < nb; ++n) {
-        const float* src = x + ((long long)n * L.C + c) * hw;
-        float acc = 0.0f;
-        for (long long i = 0; i < hw; ++i) acc += src[i];
-        plane[n] = acc / (float)hw;
-      }
-    }
-    return;
-  }
-  const int right = L.Ws - L.PW - L.W;
-  for (int c = c0; c < c1; ++c)
-    for (int a = 0; a < L.SH; ++a)
-      for (int b = 0; b < L.SW; ++b) {
-        float* plane = xs + ((long long)(c * L.SH + a) * L.SW + b) * L.stride;
-        for (int n = 0; n < nb; ++n) {
-          const float* src = x + ((long long)n * L.C + c) * L.H * L.W;
-          float* img = plane + n * per_img;
-          for (int i = 0; i < L.Hs; ++i) {
-            float* d = img + (long long)i * L.Ws;
-            const int iy = i * L.SH + a - L.PH;
-            if (iy < 0 || iy >= L.H) {
-              fill0(d, L.Ws);
-              continue;
-            }
-            const float* s = src + (long long)iy * L.W;
-            if (L.SW == 1) {  // left padding, the row, right padding
-              fill0(d, L.PW);
-              if (L.in_sub) {
-                const float sub = L.in_sub[c], div = L.in_div[c];
-                for (int j = 0; j < L.W; ++j) d[L.PW + j] = (s[j] - sub) / div;
-              } else {
-                for (int j = 0; j < L.W; ++j) d[L.PW + j] = s[j];
-              }
-              if (right > 0) fill0(d + L.PW + L.W, right);
-            } else {
-              for (int jj = 0; jj < L.Ws; ++jj) {
-                const int ix = jj * L.SW + b - L.PW;
-                d[jj] = (ix >= 0 && ix < L.W) ? (L.in_sub ? (s[ix] - L.in_sub[c]) / L.in_div[c] : s[ix]) : 0.0f;
-              }
-            }
-          }
-        }
-      }
-}
-
-// One chunk of images: pack them, then every output row over their stacked grid.
+// One chunk of images: its units over the threads (ChunkTask).
 template <const Layer& L>
 static int run_chunk(const float* x, const float* r, float* y, int nb, const wfloat* W) {
-  const long long per_img = (long long)L.Hs * L.Ws;
-  const long long grid = (long long)(nb - 1) * per_img + (long long)(L.OH - 1) * L.Ws + L.OW;
-  const long long planes = (long long)L.C * L.SH * L.SW;
-  float* const xs = scratch(PACKED_INPUT, (size_t)(planes * L.stride + L.slack));
-  if (!xs) return 1;
-  fill0(xs + planes * L.stride, L.slack);  // the tail the last plane's vectors read into
-  const PackTask pt{pack<L>, x, xs, nb, L.C};
-  all_channels(pt, planes * nb * per_img);
-  const RowsTask task{rows_range<L>, L.row_ptr, L.M, L.dense ? 4 : 1, W, xs, r, (grid + 7) / 8, y, nb};
-  return all_rows(task);
+  const int U = nb * units_per_image<L>();
+  const long long vectors = (unit_end<L>(U - 1) + 7) / 8;
+  // bands where two halves of the grid take no more vectors than the whole (+1/8): maps from 8x8 up; a 4x4
+  // grid is 3 vectors whole and 4 in halves, a 2x2 one 1 and 2
+  const int half = U / 2;
+  const bool bands = !L.GH && U >= 2 &&
+                     8 * ((unit_end<L>(half - 1) + 7) / 8 + (unit_end<L>(U - 1) - unit_begin<L>(half) + 7) / 8) <= 9 * vectors;
+  const ChunkTask task{chunk_job<L>, x, r, y, W, nb, bands, next_call()};
+#ifdef RSP_TVM_FFI
+  const long long work = ((long long)L.row_ptr[L.M] + ROW_COST * L.M) * vectors;
+  return launch(chunk_job<L>, &task, bands ? U / 2 : L.M / (L.dense ? 4 : 1), bands ? 1 : 4, work, pool()->min_work);
+#else
+  return chunk_job<L>(&task, 0, 1);
+#endif
 }
 
 // Returns 0; 1: the scratch memory could not be allocated; 4: the layer
