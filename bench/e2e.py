@@ -15,11 +15,14 @@ and eager PyTorch (oneDNN).
 
 Timing: every (configuration, threads) runs in a fresh process, so thread pools are set as a user would
 (TVM_NUM_THREADS / RSP_NUM_THREADS, onnxruntime intra-op threads, torch.set_num_threads). Within it the
-candidates are timed in interleaved rounds, the order rotating every round, each round opened by an untimed
-burst (a runtime's spinning workers from the previous candidate have settled and its own are awake); the
+candidates are timed in interleaved rounds, the order rotating every round, each timed burst opened by 0.25 s
+of untimed calls (a runtime's spinning workers from the previous candidate have settled and its own are awake:
+onnxruntime's spin for more than 20 ms); the
 medians over rounds are reported, and the ratios are between medians of the same run. The share of the
 artifact's time spent inside rsp's kernels comes from a separate instrumented pass (TVM's VM instrument
-around every call), so it is a share, not a latency.
+around every call), so it is a share, not a latency, and an underestimate: the instrument's own Python
+callbacks (two per VM instruction) are counted outside (the library built in the VM's compiled mode, which has
+no per-instruction dispatch, ran as fast as the default bytecode one).
 
 Prints a table and, as its last line, one JSON object.
 """
@@ -44,6 +47,10 @@ STRUCTURES = ("random", "structured")
 BATCHES = (1, 8)
 THREADS = (1, 2)
 CHW = (3, 32, 32)
+# untimed calls of a candidate before each timed burst: onnxruntime's intra-op workers keep spinning for
+# more than 20 ms after its last call (measured: rsp on 2 threads right after onnxruntime with 20 ms of
+# settling ran 1.65x slower than alone; with 200 ms, the same), so each candidate is timed as it runs alone
+SETTLE_S = 0.25
 
 
 # --- building the configurations (this process) ------------------------------------------------------
@@ -268,7 +275,7 @@ def main(argv=None):
                     for th in threads:
                         spec = {"threads": th, "device": args.device, "model_dir": str(d / "model"),
                                 "onnx": str(d / "model.onnx"), "libs": libs, "rounds": rounds,
-                                "burst_s": 0.04, "settle_s": 0.02}
+                                "burst_s": 0.04, "settle_s": SETTLE_S}
                         (d / f"spec{th}.json").write_text(json.dumps(spec))
                         proc = subprocess.run([sys.executable, __file__, "--child", str(d / f"spec{th}.json")],
                                               capture_output=True, text=True)
