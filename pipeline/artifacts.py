@@ -6,6 +6,7 @@ A stage folder (train, structure, export, verify) holds
   ...                stage-specific files, each listed with its sha256 in manifest["files"]
 No pickles anywhere: weights are safetensors, metadata JSON/YAML. Every write goes to a temporary
 file in the same folder and is renamed into place, so a crash never leaves a half-written file.
+An output folder has one writer: lock_folder() holds it (a flock on .rsp-lock, which names the holder).
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ import torch
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
+LOCK_FILE = ".rsp-lock"
 FORMAT_VERSION = 1
 
 
@@ -91,11 +96,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def tensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors file of `tensors`, in memory (so a caller can hash what it is about to write)."""
     from safetensors.torch import save
 
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(flat, metadata=metadata))
+    return save(flat, metadata=metadata)
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    atomic_write_bytes(path, tensors_bytes(tensors, metadata))
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -117,6 +127,10 @@ def tensors_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -125,12 +139,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: str | Path, manifest: dict, files: list[str]) -> dict:
-    """Hash the listed files and write manifest.json last, so a complete manifest means a complete folder."""
+def write_manifest(folder: str | Path, manifest: dict, files: list[str] | dict[str, str]) -> dict:
+    """Hash the listed files and write manifest.json last, so a complete manifest means a complete folder.
+
+    files: the names to hash, or {name: sha256} from a caller that hashed the bytes it wrote."""
     folder = Path(folder)
     manifest = dict(manifest)
     manifest["format_version"] = FORMAT_VERSION
-    manifest["files"] = {name: sha256_file(folder / name) for name in files if (folder / name).is_file()}
+    if isinstance(files, dict):
+        manifest["files"] = dict(files)
+    else:
+        manifest["files"] = {name: sha256_file(folder / name) for name in files if (folder / name).is_file()}
     write_json(folder / MANIFEST, manifest)
     return manifest
 
@@ -151,6 +170,17 @@ def read_manifest(folder: str | Path, stage: str | None = None) -> dict:
     if stage is not None and manifest["stage"] != stage:
         raise ArtifactError(f"{folder} is a {manifest['stage']!r} folder, expected {stage!r}")
     return manifest
+
+
+def require_complete(folder: str | Path, manifest: dict) -> None:
+    """Every stage reads only sealed folders: a run still training (or killed mid-run) holds weights that are
+    not yet the selected ones, and files that may be mid-rewrite."""
+    status = manifest.get("status", "complete")
+    if status == "complete":
+        return
+    hint = (f"finish it, or continue it with rsp train --resume -o {folder}"
+            if manifest.get("stage") == "train" and status == "running" else "finish or resume the run first")
+    raise ArtifactError(f"{folder} is not complete (status {status!r}): {hint}")
 
 
 def check_files(folder: str | Path, manifest: dict) -> list[str]:
@@ -192,3 +222,127 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", check: bo
         raise ArtifactError(f"{folder / MODEL_FILE} does not fit model {manifest['model']['name']}: "
                             f"{first[1].strip() if len(first) > 1 else first[0]}") from None
     return model.to(device).eval()
+
+
+# --- one writer per folder ---------------------------------------------------------------------------
+
+
+class FolderBusyError(ArtifactError):
+    """Another process holds the folder: one line naming it, exit code 2."""
+
+
+def rsp_bookkeeping(name: str) -> bool:
+    """Entries rsp leaves in a folder besides its files: hidden .rsp* names (the lock, the pipeline's stage
+    marker) and atomic_write_bytes' temporaries (.NAME.XXXXXXXX.tmp, left only by a kill mid-write)."""
+    return name.startswith(".rsp") or (name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3)
+
+
+class FolderLock:
+    """This process is the one writer of a folder until release(), or until it dies: the kernel drops a
+    flock with its holder, so the lock file a killed run leaves behind is stale and simply taken over."""
+
+    def __init__(self, folder: Path, fd: int, created: Path | None):
+        self.folder = folder
+        # released when dropped or at exit too, so a stage that returns or raises never keeps its folder
+        self._finalizer = weakref.finalize(self, _unlock, fd, folder / LOCK_FILE, folder, created)
+
+    def release(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_folder(folder: str | Path, new: bool = False) -> FolderLock:
+    """Make this process the only writer of `folder` (created if missing), or fail at once naming the holder.
+
+    new: also refuse a folder that already holds a manifest; checked under the lock, so of two runs started
+    together only one can pass."""
+    import fcntl  # POSIX only, like the rest of rsp's tool chain
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ArtifactError(f"{folder} exists and is not a folder")
+    created = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_text(os.pread(fd, 4096, 0))
+            os.close(fd)
+            raise FolderBusyError(f"{folder} is in use by another rsp process ({holder}): wait for it to finish, "
+                                  "or choose another output folder") from None
+        except OSError:  # a file system without flock (some network mounts): trust a live pid on this host
+            holder = _holder(os.pread(fd, 4096, 0))
+            if holder and holder.get("host") == socket.gethostname() and holder.get("pid") != os.getpid() \
+                    and _pid_alive(holder.get("pid")):
+                os.close(fd)
+                raise FolderBusyError(f"{folder} is in use by another rsp process ({_holder_text(holder)}): wait "
+                                      "for it to finish, or choose another output folder") from None
+        try:  # the holder may have removed the file between our open and our lock: then lock the new one
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    lock = FolderLock(folder, fd, created)
+    if new and (folder / MANIFEST).is_file():
+        lock.release()
+        raise ArtifactError(f"{folder} already holds an rsp folder: choose another output folder")
+    return lock
+
+
+def _holder(data: bytes) -> dict | None:
+    try:
+        holder = json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _holder_text(data: bytes | dict | None) -> str:
+    holder = _holder(data) if isinstance(data, bytes) else data
+    if not holder:  # it has locked but not yet written its name
+        return "pid unknown"
+    return f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}"
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlock(fd: int, path: Path, folder: Path, created: Path | None) -> None:
+    try:
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.unlink(path)  # still holding the lock: a process waiting on this file re-checks it (lock_folder)
+    except OSError:
+        pass
+    os.close(fd)
+    if created is None:
+        return
+    # folders the lock created and nothing was written into (a run refused on bad input) leave no trace
+    for p in [folder, *folder.parents]:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == created:
+            return

@@ -34,7 +34,8 @@ import torch
 
 from . import __version__
 from .artifacts import (MANIFEST, MODEL_FILE, ArtifactError, atomic_write_bytes, atomic_write_text, build_model,
-                        check_files, load_tensors, read_manifest, save_tensors, sha256_file, write_manifest)
+                        check_files, load_tensors, lock_folder, read_manifest, require_complete, save_tensors,
+                        sha256_file, write_manifest)
 from .latency import median_call_seconds
 from .runtimes import onnx_session, run_onnx
 from .targets import FORMATS, PRECISIONS, TRT_PRECISIONS, Target, get_target
@@ -88,8 +89,7 @@ def _check_source(source: Path) -> dict:
     manifest = read_manifest(source)
     if manifest["stage"] not in SOURCE_STAGES:
         raise ExportError(f"{source} is a {manifest['stage']!r} folder; rsp export reads a train or structure folder")
-    if manifest.get("status", "complete") != "complete":
-        raise ExportError(f"{source} is not complete (status {manifest.get('status')!r}): finish or resume the run first")
+    require_complete(source, manifest)
     if "model.safetensors" not in manifest.get("files", {}):
         raise ExportError(f"{source}/manifest.json lists no {MODEL_FILE}")
     bad = check_files(source, manifest)
@@ -498,7 +498,7 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
     from .sparse import layer_report
 
     layers, sparsity = layer_report(state, names)
-    output.mkdir(parents=True, exist_ok=True)
+    _held = lock_folder(output, new=True)  # the one writer of output until run() returns
     files = [MODEL_FILE]
     # the exact reference numbers, byte for byte: verify attacks what was exported
     atomic_write_bytes(output / MODEL_FILE, (source / MODEL_FILE).read_bytes())

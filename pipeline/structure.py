@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from . import __version__
 from .artifacts import (MODEL_FILE, ArtifactError, atomic_write_bytes, atomic_write_text, build_model, check_files,
-                        load_tensors, read_manifest, save_tensors, write_manifest)
+                        load_tensors, lock_folder, read_manifest, require_complete, save_tensors, write_manifest)
 from .channels import ChannelGroup, channel_groups, select_channels
 from .sparse import layer_report, sparsifiable_layers
 
@@ -418,6 +418,7 @@ def prune_warnings(before: dict, after: dict, k: int, finetune: int) -> list[str
 def run(source: str | Path, output: str | Path, opts: StructureOptions, log=print) -> dict:
     source, output = Path(source), Path(output)
     manifest = read_manifest(source)
+    require_complete(source, manifest)
     bad = check_files(source, manifest)
     if bad:
         raise ArtifactError(f"{source}: {bad[0]}")
@@ -454,7 +455,7 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
                               split_seed=ds.get("split_seed", 0))
     name, kwargs = manifest["model"]["name"], manifest["model"].get("kwargs", {})
     groups = channel_groups(model)
-    output.mkdir(parents=True, exist_ok=True)
+    _held = lock_folder(output, new=True)  # the one writer of output until run() returns
     steps = []
 
     def record(step, st, mdl, note=""):

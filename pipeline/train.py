@@ -5,7 +5,14 @@ The run folder it writes is the contract every later stage reads (see artifacts.
   model.safetensors        plain weights of the model selected on the validation split (zeros where dormant)
   train_state.safetensors  everything --resume needs: theta, signs, masks, momenta, RNG states, best weights
   metrics.jsonl            one line per finished epoch, appended once that epoch's checkpoint is on disk
-  manifest.json            stage "train", model, data, objective, method, sparsity, layers, metrics, files
+  metrics.superseded.jsonl lines --resume took out of metrics.jsonl (a --max-steps stop's evaluation), kept
+  manifest.json            stage "train", status, model, data, objective, method, sparsity, layers, metrics, files
+
+Every write is one generation (Trainer._commit): manifest.json first announces the sha256 of the files about
+to be written ("files_next"), then each is written atomically, then manifest.json lists them. After a crash
+anywhere, each file is the listed one or the announced one, and --resume tells either from a damaged file.
+The folder is held by one process (artifacts.lock_folder) and rsp train writes only into a new or empty
+folder, or (--resume) into its own run.
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .artifacts import (MANIFEST, MODEL_FILE, ArtifactError, append_line, atomic_write_text, load_tensors,
-                        read_jsonl, save_tensors, tensors_metadata, write_manifest)
+from .artifacts import (MANIFEST, MODEL_FILE, ArtifactError, append_line, atomic_write_bytes, atomic_write_text,
+                        load_tensors, lock_folder, read_jsonl, read_manifest, rsp_bookkeeping, sha256_bytes,
+                        sha256_file, tensors_bytes, tensors_metadata, write_manifest)
 from .attacks import PGDConfig, evaluate
 from .config import ConfigError, TrainConfig, dump_yaml
 from .data import DeviceBatches, Splits, load_dataset, load_extra_data
@@ -36,6 +44,9 @@ from .sparse import dense_state_dict, layer_report, sparsifiable_layers, to_dens
 STATE_FILE = "train_state.safetensors"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
+# what rsp train writes (a torn temporary of one of these is left only by a kill mid-write)
+RUN_FILES = (MANIFEST, MODEL_FILE, STATE_FILE, CONFIG_FILE, METRICS_FILE, SUPERSEDED_METRICS_FILE)
 
 
 class TrainingError(RuntimeError):
@@ -184,7 +195,22 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dist.main
-        self._check_output(resume)
+        self.lock = None  # rank 0 holds the output folder from here until fit() ends (or close())
+        try:
+            self._open(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let go of the output folder; its files stay as the last commit left them."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _open(self, resume: bool) -> None:
+        cfg = self.cfg
+        opening = self._open_output(resume)
 
         self.splits: Splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction,
                                            split_seed=cfg.split_seed).to(self.device)
@@ -193,6 +219,7 @@ class Trainer:
         if cfg.objective == "rst":
             ex, ey = load_extra_data(cfg.extra_data, self.info)
             self.extra = (ex.to(self.device), ey.to(self.device))
+        self._check_batches()
         self.model_name = cfg.model or self.info.default_model
         use_cuda = self.device.type == "cuda"
         self.bf16 = use_cuda if cfg.bf16 is None else (cfg.bf16 and use_cuda)
@@ -234,16 +261,50 @@ class Trainer:
         self.best = {"score": -1.0, "epoch": -1, "val_clean_acc": None, "val_robust_acc": None, "collapsed": True}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.time_s = 0.0
-        resuming = resume and (self.out / STATE_FILE).is_file()
+        resuming = opening == "resume"
+        self.already_complete = False
         if resuming:
             self._load_position()
+            # a sealed run whose plan is done: --resume has nothing to do and must not touch a file
+            self.already_complete = self._status == "complete" and self._plan_done()
+            if self.already_complete:
+                self.log(f"{self.out} is complete (epoch {self.epoch}, step {self.step}): nothing to resume, "
+                         f"its files are unchanged")
+                return
         self._enter_phase(self.phase, resuming=resuming)
         if resuming:
             self._load_state()
+            if self.dist.main:
+                self._repair_metrics()
         elif self.dist.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / CONFIG_FILE, dump_yaml(cfg))
-            (self.out / METRICS_FILE).unlink(missing_ok=True)
+            self._commit({CONFIG_FILE: dump_yaml(cfg).encode()})  # from here on the folder is a (running) run
+
+    def _check_batches(self) -> None:
+        """An epoch must hold at least one batch: else no step is ever taken and the epochs never end."""
+        cfg = self.cfg
+        n_train = len(self.splits.train_y)
+        where = f"the training split of {cfg.dataset} holds {n_train} images (after the validation split)"
+        if self.extra is None:
+            if cfg.batch_size > n_train:
+                raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training data: {where}; "
+                                  f"use --batch-size {n_train} or less")
+            labelled = cfg.batch_size
+        else:  # RST: half of each batch labelled, half from --extra-data
+            labelled, extra = cfg.batch_size // 2, cfg.batch_size - cfg.batch_size // 2
+            if labelled < 1:
+                raise ConfigError("--objective rst needs --batch-size 2 or more (half labelled, half extra data)")
+            if labelled > n_train:
+                raise ConfigError(f"--batch-size {cfg.batch_size} takes {labelled} labelled images a batch, but {where}; "
+                                  f"use --batch-size {2 * n_train} or less")
+            if extra > len(self.extra[1]):
+                raise ConfigError(f"--batch-size {cfg.batch_size} takes {extra} extra images a batch, but --extra-data "
+                                  f"holds {len(self.extra[1])}")
+        if cfg.batch_size < self.dist.world:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the {self.dist.world} processes sharing "
+                              "each batch")
+
+    def _plan_done(self) -> bool:
+        return self.phase + 1 >= len(self.phases) and self.phase_step >= self.phase_limits[self.phase]
 
     def _enter_phase(self, index: int, resuming: bool) -> None:
         """Let the method transform the model for phase `index` and build a fresh optimizer step for it."""
@@ -276,26 +337,89 @@ class Trainer:
 
     # --- folder handling ---------------------------------------------------------------------
 
-    def _check_output(self, resume: bool) -> None:
-        has_run = (self.out / STATE_FILE).is_file() or (self.out / MANIFEST).is_file()
+    def _open_output(self, resume: bool) -> str:
+        """Take the output folder and decide from what it holds: "new" (start a run) or "resume". Refuses,
+        before anything is written, a folder that holds anything else. Rank 0 decides for every rank."""
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"--output {self.out} exists and is not a folder")
-        if has_run and not resume:
-            raise ConfigError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --output")
-        if resume and (self.out / STATE_FILE).is_file():
-            import yaml
+        self._status, self._manifest, self._files = None, None, {}
+        opening = error = None
+        try:
+            if self.dist.main:
+                opening = self._take_output(resume)
+        except (ConfigError, ArtifactError) as exc:
+            error = exc
+        if self.dist.world > 1:  # the same decision (or the same error) on every rank
+            import torch.distributed as dist
 
-            try:
-                saved = yaml.safe_load((self.out / CONFIG_FILE).read_text())
-            except (OSError, yaml.YAMLError):
-                raise ConfigError(f"{self.out / CONFIG_FILE} is missing or unreadable: cannot resume") from None
-            theirs = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}).comparable()
-            ours = self.cfg.comparable()
-            diff = sorted(k for k in ours if ours[k] != theirs.get(k))
-            if diff:
-                k = diff[0]
-                raise ConfigError(f"cannot resume {self.out}: it was trained with {k}={theirs.get(k)!r}, "
-                                  f"not {ours[k]!r} ({len(diff)} option(s) differ)")
+            box = [opening, None if error is None else str(error), self._status]
+            dist.broadcast_object_list(box, 0, device=self.device if self.device.type == "cuda" else None)
+            opening, message, self._status = box
+            if message is not None and error is None:
+                raise ArtifactError(message)
+        if error is not None:
+            raise error
+        return opening
+
+    def _take_output(self, resume: bool) -> str:
+        self.lock = lock_folder(self.out)
+        for p in self.out.glob(".*.tmp"):  # torn temporaries of a killed run: ours, and no one else writes here
+            if p.name.startswith(tuple(f".{name}." for name in RUN_FILES)):
+                p.unlink(missing_ok=True)
+        state_path = self.out / STATE_FILE
+        has_manifest = (self.out / MANIFEST).is_file()
+        if not resume:
+            if has_manifest or state_path.is_file():
+                raise ConfigError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --output")
+            foreign = sorted(p.name for p in self.out.iterdir() if not rsp_bookkeeping(p.name))
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                raise ConfigError(f"{self.out} is not empty and holds no rsp run ({shown}): rsp train writes only "
+                                  "into a new or empty folder; choose another --output")
+            return "new"
+        if not has_manifest:
+            if state_path.is_file():
+                raise ArtifactError(f"cannot resume {self.out}: {STATE_FILE} has no {MANIFEST} to check it against")
+            raise ArtifactError(f"{self.out} holds no run to resume (no {MANIFEST}): start one without --resume")
+        manifest = read_manifest(self.out, stage="train")
+        listed, announced = manifest.get("files", {}), manifest.get("files_next")
+        announced = announced if isinstance(announced, dict) else {}
+        if not state_path.is_file():
+            if STATE_FILE in listed:
+                raise ArtifactError(f"cannot resume {self.out}: {STATE_FILE} is missing (its {MANIFEST} lists it); "
+                                    "nothing was changed")
+            # killed before its first checkpoint landed: nothing was committed, so starting over loses nothing
+            self.log(f"{self.out} has no checkpoint yet: starting its run from the beginning")
+            return "new"
+        self._check_same_config()
+        digest = sha256_file(state_path)
+        if digest not in (listed.get(STATE_FILE), announced.get(STATE_FILE)):
+            raise ArtifactError(f"cannot resume {self.out}: {STATE_FILE} does not match its {MANIFEST} (sha256 "
+                                "differs): the checkpoint is damaged; nothing was changed")
+        self._status = manifest.get("status")
+        self._manifest = {k: v for k, v in manifest.items() if k != "files_next"}
+        # the files as they are now (each the listed or the announced generation): what the next announcement lists
+        self._files = {name: sha256_file(self.out / name) for name in {**listed, **announced}
+                       if name != STATE_FILE and (self.out / name).is_file()}
+        self._files[STATE_FILE] = digest
+        return "resume"
+
+    def _check_same_config(self) -> None:
+        import yaml
+
+        try:
+            saved = yaml.safe_load((self.out / CONFIG_FILE).read_text())
+        except (OSError, yaml.YAMLError):
+            saved = None
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{self.out / CONFIG_FILE} is missing or unreadable: cannot resume")
+        theirs = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}).comparable()
+        ours = self.cfg.comparable()
+        diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+        if diff:
+            k = diff[0]
+            raise ConfigError(f"cannot resume {self.out}: it was trained with {k}={theirs.get(k)!r}, "
+                              f"not {ours[k]!r} ({len(diff)} option(s) differ)")
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         state = {f"model.{k}": v for k, v in self.model.state_dict().items()}
@@ -316,12 +440,24 @@ class Trainer:
         meta = {"epoch": str(self.epoch), "step": str(self.step), "epoch_step": str(self.epoch_step), "best": json.dumps(self.best),
                 "phase": str(self.phase), "phase_step": str(self.phase_step),
                 "time_s": repr(self.time_s), "record": json.dumps(record) if record else ""}
-        save_tensors(self.out / STATE_FILE, self._state_tensors(), metadata=meta)
+        blobs = {STATE_FILE: tensors_bytes(self._state_tensors(), metadata=meta)}
         if self.best_state is not None:
-            save_tensors(self.out / MODEL_FILE, self.best_state)
-        self._write_manifest(final=None)
-        if record is not None:
+            blobs[MODEL_FILE] = tensors_bytes(self.best_state)
+        self._commit(blobs)
+        if record is not None:  # only once the checkpoint it describes is committed
             append_line(self.out / METRICS_FILE, json.dumps(record))
+
+    def _commit(self, blobs: dict[str, bytes], final: dict | None = None) -> dict:
+        """Write one generation of files: announce their sha256 in manifest.json ("files_next", status
+        running), write each atomically, then write manifest.json listing them (status complete with `final`)."""
+        announced = {name: sha256_bytes(data) for name, data in blobs.items()}
+        base = self._manifest or self._manifest_dict(final=None)
+        write_manifest(self.out, {**base, "status": "running", "files_next": announced}, self._files)
+        for name, data in blobs.items():
+            atomic_write_bytes(self.out / name, data)
+        self._files.update(announced)
+        self._manifest = write_manifest(self.out, self._manifest_dict(final), self._files)
+        return self._manifest
 
     def _load_position(self) -> None:
         """Before the phase is built: which phase the checkpoint is in, and the method's own state."""
@@ -331,6 +467,7 @@ class Trainer:
         except Exception as exc:
             raise ArtifactError(f"cannot read {path}: {exc}") from None
         self.phase, self.phase_step = int(meta.get("phase", 0)), int(meta.get("phase_step", meta["step"]))
+        self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
         state = load_tensors(path, device=self.device)
         self.method.load_state_tensors({k[7:]: v for k, v in state.items() if k.startswith("method.")})
 
@@ -353,14 +490,30 @@ class Trainer:
         self.data_epoch_state = state["rng.data_epoch_start"].cpu()
         self.best = json.loads(meta["best"])
         self.time_s = float(meta.get("time_s", "0"))
-        # metrics.jsonl keeps one line per finished epoch whose checkpoint landed: lines of later epochs and
-        # of --max-steps stops are dropped; a kill between checkpoint and line is repaired from the checkpoint.
-        done = [r for r in read_jsonl(self.out / METRICS_FILE) if not r.get("partial") and r["epoch"] <= self.epoch]
-        record = json.loads(meta["record"]) if meta.get("record") else None
-        if record and not record.get("partial") and len(done) < self.epoch:
-            done.append(record)
-        atomic_write_text(self.out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in done))
+        self.checkpoint_record = json.loads(meta["record"]) if meta.get("record") else None
         self.log(f"resuming {self.out} at epoch {self.epoch} (step {self.step})")
+
+    def _repair_metrics(self) -> None:
+        """metrics.jsonl keeps one line per finished epoch whose checkpoint landed, as an uninterrupted run
+        writes it. Lines the resumed run does not continue from (a --max-steps stop's evaluation, epochs past
+        the checkpoint) move to metrics.superseded.jsonl, never deleted; a kill between checkpoint and line is
+        repaired from the checkpoint."""
+        path = self.out / METRICS_FILE
+        lines = read_jsonl(path)
+        past = [r for r in lines if r.get("partial") or r.get("epoch", 0) > self.epoch]
+        kept = [r for r in lines if not (r.get("partial") or r.get("epoch", 0) > self.epoch)]
+        record = self.checkpoint_record
+        if record and not record.get("partial") and len(kept) < self.epoch:
+            kept.append(record)
+        if past:  # first the copy, then the rewrite: a kill in between duplicates a line, never loses one
+            moved = self.out / SUPERSEDED_METRICS_FILE
+            have = {json.dumps(r, sort_keys=True) for r in read_jsonl(moved)}
+            for r in past:
+                if json.dumps(r, sort_keys=True) not in have:
+                    append_line(moved, json.dumps(r))
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        if not path.is_file() or path.read_text() != text:  # also drops a line torn by a kill
+            atomic_write_text(path, text)
 
     # --- training ----------------------------------------------------------------------------
 
@@ -472,6 +625,14 @@ class Trainer:
         return 1.0 - active / self.sparse.total, active
 
     def fit(self) -> dict:
+        try:
+            if self.already_complete:
+                return dict(self._manifest) if self.dist.main else {}
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         progress_ctx = _Progress(cfg.epochs) if self.progress else nullcontext(None)
         with progress_ctx as prog:
@@ -483,7 +644,11 @@ class Trainer:
                     self._enter_phase(self.phase, resuming=False)
                 t_epoch = time.perf_counter()
                 bar = prog.bar(self.epoch) if prog else None
+                steps_before = self.step
                 rec = self.train_epoch(bar, limit=self.phase_limits[self.phase] - self.phase_step)
+                if self.step == steps_before:  # would loop forever (_check_batches should have refused the run)
+                    raise TrainingError(f"epoch {self.epoch + 1} made no optimizer step: no full batch of "
+                                        f"{cfg.batch_size} images")
                 partial = self.epoch_step > 0  # stopped inside the data epoch (end of a phase, --max-steps)
                 if not partial:
                     self.epoch += 1
@@ -561,9 +726,10 @@ class Trainer:
         if metrics["selected_collapsed"]:
             self.log("warning: every epoch at the budget is a collapsed classifier (most validation images in one "
                      "class); the folder holds the best of them and its manifest says so")
-        return self._write_manifest(final=metrics)
+        # the sealed weights are the selected ones, written from them (whatever an earlier crash left on disk)
+        return self._commit({MODEL_FILE: tensors_bytes(self.best_state)}, final=metrics)
 
-    def _write_manifest(self, final: dict | None) -> dict:
+    def _manifest_dict(self, final: dict | None) -> dict:
         cfg = self.cfg
         state = self.best_state or dense_state_dict(self.model)
         layers, sparsity = layer_report(state, self.layer_names)
@@ -599,8 +765,7 @@ class Trainer:
                          "device": str(self.device), "world_size": self.dist.world, "bf16": self.bf16,
                          "time_s": round(self.time_s, 3), "torch": torch.__version__},
         }
-        files = [MODEL_FILE, STATE_FILE, CONFIG_FILE]
-        return write_manifest(self.out, manifest, files)
+        return manifest
 
     def _method_config(self) -> dict:
         cfg = self.cfg

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .artifacts import ArtifactError, atomic_write_text, build_model, check_files, load_model, read_manifest, write_json
+from .artifacts import (ArtifactError, atomic_write_text, build_model, check_files, load_model, lock_folder,
+                        read_manifest, require_complete, write_json)
 from .latency import compare
 from .runtimes import (ONNX_FILE, TRT_FILE, TVM_FILE, Runtime, RuntimeUnavailable, close_runtimes, onnx_runtime,
                        torch_runtime, tvm_runtime)
@@ -432,6 +433,7 @@ def evaluate_gates(summary: dict, gates: dict) -> list[dict]:
 def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
     bundle, output = Path(bundle), Path(opts.output)
     manifest = read_manifest(bundle)
+    require_complete(bundle, manifest)
     bad = check_files(bundle, manifest)
     if bad:
         raise VerifyError(f"{bundle}: {bad[0]}")
@@ -517,7 +519,7 @@ def _verify(bundle: Path, output: Path, manifest: dict, model, chw, runtimes: di
         "runtimes": {name: rt.info for name, rt in runtimes.items()},
         "system": _system_info(opts, runtimes), "time_s": round(time.perf_counter() - t0, 2),
     }
-    output.mkdir(parents=True, exist_ok=True)
+    _held = lock_folder(output)  # the one writer of output while the report is written
     write_json(output / "verify.json", result)
     _report(output, result, num_classes, log)
     return result
