@@ -161,12 +161,39 @@ def read_manifest(folder: str | Path, stage: str | None = None) -> dict:
         raise ArtifactError(f"{folder} is not a folder")
     if not path.is_file():
         raise ArtifactError(f"{folder} is not an rsp run folder (no {MANIFEST})")
+    max_bytes = 16 << 20  # a manifest is kilobytes (a VGG-16 export's ~100 KB): never parse an unbounded file
     try:
-        manifest = json.loads(path.read_text())
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ArtifactError(f"{path} is larger than {max_bytes} bytes: not an rsp manifest")
+        manifest = json.loads(data.decode("utf-8"))
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:  # [[[[... deeper than the JSON decoder's stack
+        raise ArtifactError(f"{path} is not an rsp manifest (nested too deeply)") from None
     if not isinstance(manifest, dict) or "stage" not in manifest or "model" not in manifest:
         raise ArtifactError(f"{path} is not an rsp manifest (needs 'stage' and 'model')")
+    # the fields stages index into: a wrong kind here would otherwise surface later as a traceback
+    model, files = manifest["model"], manifest.get("files", {})
+    not_mapping = [k for k in ("dataset", "input", "attack", "gates", "target", "artifacts", "metrics", "dense_reference",
+                               "source") if manifest.get(k) is not None and not isinstance(manifest[k], dict)]
+    shape = (manifest["input"].get("shape") or []) if isinstance(manifest.get("input"), dict) else []
+    wrong = next((why for bad, why in (
+        (not isinstance(manifest["stage"], str), "'stage' must be text"),
+        (not (isinstance(model, dict) and isinstance(model.get("name"), str) and isinstance(model.get("kwargs", {}), dict)),
+         "'model' must be {name: text, kwargs: mapping}"),
+        (not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())), "'files' must map names to sha256"),
+        (bool(not_mapping), f"'{(not_mapping or [''])[0]}' must be a mapping"),
+        (not (isinstance(shape, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)),
+         "'input.shape' must be a list of positive integers"),
+    ) if bad), None)
+    if wrong:
+        raise ArtifactError(f"{path} is not an rsp manifest ({wrong})")
     if stage is not None and manifest["stage"] != stage:
         raise ArtifactError(f"{folder} is a {manifest['stage']!r} folder, expected {stage!r}")
     return manifest

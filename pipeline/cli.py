@@ -34,8 +34,10 @@ def _yaml_mapping(flag: str, text: str) -> dict:
     """A flag's YAML mapping ('{width: 0.25}'), or a one-line error."""
     import yaml
 
+    from .config import safe_yaml
+
     try:
-        value = yaml.safe_load(text)
+        value = safe_yaml(text)  # bounded: no aliases, limits on size and depth
     except yaml.YAMLError as exc:
         _fail(f"{flag} {text!r}: not YAML ({str(exc).splitlines()[0]})")
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -314,6 +316,7 @@ def verify(
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch and onnxruntime."),
     rpc: Optional[str] = typer.Option(None, "--rpc", help="HOST:PORT of a TVM RPC server on the device (python -m tvm.exec.rpc_server): the TVM library runs, is scored and timed there (backend tvm-rpc).", rich_help_panel="Remote device"),
     rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="Device key at a TVM RPC tracker; --rpc is then the tracker's HOST:PORT.", rich_help_panel="Remote device"),
+    expect_sha256: Optional[str] = typer.Option(None, "--expect-sha256", help="The sha256 of the bundle's manifest.json, as rsp export printed it: any other bundle is refused (exit 2) before anything of it is loaded. The TVM library is native code: trust a bundle as you would trust code.", rich_help_panel="Trust"),
 ) -> None:
     """Check the artifact that will ship: robust, accurate, fast; exit 1 when a gate fails.
 
@@ -337,7 +340,7 @@ def verify(
                              eps=parse_eps(eps) if eps is not None else None, steps=steps, restarts=restarts,
                              n_examples=n_examples, seed=seed, sanity=sanity, latency_runs=latency_runs,
                              device=device, threads=threads, gates={k: v for k, v in gates.items() if v is not None},
-                             rpc=rpc, rpc_key=rpc_key)
+                             rpc=rpc, rpc_key=rpc_key, expect_sha256=expect_sha256)
         result = run_verify(bundle, opts, log=lambda m: typer.echo(m, err=True))
     except _bad_input_types() as exc:
         _fail(str(exc))
@@ -460,6 +463,20 @@ def models() -> None:
 
     for name in list_models():
         typer.echo(name)
+
+
+def _help_paragraphs(doc: str | None) -> str | None:
+    """A docstring with each paragraph on one line. Typer's rich help keeps single line breaks, so a line
+    wrapped in the source would end mid-sentence on screen next to the terminal's own wrapping."""
+    if not doc:
+        return doc
+    import inspect
+
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
+for _command in app.registered_commands:
+    _command.callback.__doc__ = _help_paragraphs(_command.callback.__doc__)
 
 
 def main() -> None:

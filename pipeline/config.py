@@ -6,6 +6,10 @@ The resolved config is saved with the run as config.yaml; `--resume` compares ag
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -87,22 +91,149 @@ def recipe_names() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
+# What rsp reads from a YAML file or flag. A recipe or config.yaml is a few KB with ~100 values; the bounds
+# leave ample room and stop a small file from expanding into gigabytes (aliases), recursing past the stack,
+# or keeping PyYAML's pure-Python parser busy for long (it reads ~100 KB/s).
+MAX_YAML_BYTES = 256 << 10
+MAX_YAML_NODES = 10_000
+MAX_YAML_DEPTH = 64
+
+
+class BoundedYAMLError(yaml.YAMLError):
+    """A YAML text beyond rsp's bounds (size, nodes, depth) or using an alias."""
+
+
+class _BoundedSafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (plain data, no Python tags) that refuses aliases (*name): a "billion laughs" recipe
+    expands by nesting aliases of aliases, and recipes never need them; nodes and nesting depth are counted."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._nodes = 0
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise BoundedYAMLError(f"aliases (*name) are not allowed (line {mark.line + 1})")
+        self._nodes += 1
+        self._depth += 1
+        try:
+            if self._nodes > MAX_YAML_NODES:
+                raise BoundedYAMLError(f"more than {MAX_YAML_NODES} values")
+            if self._depth > MAX_YAML_DEPTH:
+                raise BoundedYAMLError(f"nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+# PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent: `lr: 1e-3` would be the text
+# "1e-3" (and then refused as not a number). YAML 1.2 reads it as a number; so does rsp. Quoted stays text.
+_BoundedSafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def safe_yaml(text: str) -> Any:
+    """yaml.safe_load within rsp's bounds: raises yaml.YAMLError (BoundedYAMLError beyond them)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise BoundedYAMLError(f"longer than {MAX_YAML_BYTES} characters")
+    loader = _BoundedSafeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def yaml_error_line(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line: PyYAML's messages span several (problem, context, marks)."""
+    first = str(exc).strip().splitlines()
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None and len(first) > 1 else ""
+    return (first[0] if first else type(exc).__name__) + where
+
+
+def read_text_file(path: Path, what: str, max_bytes: int = MAX_YAML_BYTES) -> str:
+    """A small UTF-8 text file, read at most max_bytes + 1 bytes (a huge file or device is never read whole)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > max_bytes:
+        raise ConfigError(f"{what} {path} is larger than {max_bytes} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
 def read_recipe(spec: str) -> dict:
     """A YAML file path, or the name of a recipe shipped with rsp (see `rsp train --list-recipes`)."""
     path = Path(spec)
     if path.is_file():
-        text = path.read_text()
+        text = read_text_file(path, "config file")
     elif spec in recipe_names():
         text = resources.files("rsp").joinpath("recipes", f"{spec}.yaml").read_text()
     else:
         raise ConfigError(f"no config file {spec!r} (nor a shipped recipe; shipped: {', '.join(recipe_names())})")
     try:
-        data = yaml.safe_load(text) or {}
+        data = safe_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{spec}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{spec}: not usable YAML ({yaml_error_line(exc)})") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{spec}: expected a mapping of option: value")
+        raise ConfigError(f"{spec}: expected a mapping of option: value, got {_kind(data)}")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{spec}: option names must be text, got {bad_keys[0]!r}")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _kind(value: Any) -> str:
+    """What a YAML value is, in a user's words."""
+    if isinstance(value, bool):
+        return f"a boolean ({value!r})"
+    names = {str: "text", int: "an integer", float: "a number", list: "a list", dict: "a mapping", type(None): "nothing"}
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return f"{names.get(type(value), type(value).__name__)} ({shown})"
+
+
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def check_types(values: dict) -> None:
+    """Each value has its field's type (TrainConfig's annotations): YAML reads `lr: "0.1"` as text and
+    `epochs: abc` as text; either would otherwise fail later with a traceback. Numbers must be finite."""
+    for key, value in values.items():
+        hint = _FIELD_TYPES[key]
+        allowed = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+        flag = f"--{key.replace('_', '-')}"
+        if value is None and type(None) in allowed:
+            continue
+        ok = False
+        if bool in allowed:
+            ok = isinstance(value, bool)
+        if not ok and int in allowed:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok and float in allowed:
+            ok = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and math.isfinite(value))
+        if not ok and str in allowed:
+            ok = isinstance(value, str)
+        if not ok and (dict in allowed or list in allowed):
+            ok = isinstance(value, dict if dict in allowed else list)
+        if not ok:
+            want = " or ".join(n for t, n in ((bool, "true/false"), (int, "an integer"), (float, "a finite number"),
+                                              (str, "text"), (dict, "a mapping"), (list, "a list"))
+                               if t in allowed and not (t is int and float in allowed))
+            raise ConfigError(f"{flag} must be {want}, got {_kind(value)}")
+        if isinstance(value, dict) and not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{flag} must be a mapping with text keys, got {_kind(value)}")
+    for m in values.get("lr_milestones") or []:
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or (isinstance(m, float) and not math.isfinite(m)):
+            raise ConfigError(f"--lr-milestones must be a list of numbers, got {_kind(m)} in it")
 
 
 def resolve(recipe: dict | None = None, overrides: dict | None = None) -> TrainConfig:
@@ -117,9 +248,12 @@ def resolve(recipe: dict | None = None, overrides: dict | None = None) -> TrainC
     try:
         for key in EPS_KEYS:
             if key in values:
+                if not isinstance(values[key], (int, float, str)) or isinstance(values[key], bool):
+                    raise ValueError(f"expected a number or fraction such as 8/255, got {_kind(values[key])}")
                 values[key] = parse_eps(values[key])
     except ValueError as exc:
         raise ConfigError(f"--{key.replace('_', '-')}: {exc}") from None
+    check_types(values)
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
@@ -153,6 +287,8 @@ def validate(cfg: TrainConfig) -> None:
         create_method(cfg.method, **cfg.method_options).phases(cfg)
     except ValueError as exc:
         bad(str(exc))
+    except TypeError as exc:  # a method option of the wrong kind (rounds: abc) met by the method's arithmetic
+        bad(f"method {cfg.method}: a method_options value of the wrong kind ({str(exc).strip()[:200]})")
     if cfg.vs_lambda is not None and cfg.vs_lambda < 0:
         bad("--vs-lambda must be >= 0")
     if cfg.objective not in OBJECTIVES:
@@ -176,5 +312,12 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Never writes anchors/aliases: config.yaml must read back through the alias-refusing loader."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
 def dump_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return yaml.dump(cfg.to_dict(), Dumper=_PlainDumper, sort_keys=False)

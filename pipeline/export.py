@@ -21,6 +21,7 @@ that verification attacks exactly the exported numbers. manifest.json (stage "ex
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -422,6 +423,24 @@ def build_tensorrt_engine(bundle: str | Path, cache_dir: str | Path | None = Non
                         calibration, log)
 
 
+@contextlib.contextmanager
+def _tuning_progress(target: Target, cache: Path | None, trials: int):
+    """On a terminal, while MetaSchedule tunes: a bar of the candidates measured so far (the lines it
+    appends to its tuning-record file in the cache), against the trials asked for."""
+    from .progress import LineCounter, StepProgress, show_progress
+
+    if not trials or not show_progress():
+        yield
+        return
+    from .tvm_build import default_tune_cache
+
+    records = (cache or default_tune_cache(target)) / "database_tuning_record.json"
+    with StepProgress(f"tvm tuning {target.name}", total=trials) as progress:
+        progress.step("MetaSchedule: candidates measured (cached trials are reused without measuring)")
+        with LineCounter(records, progress.set_completed):
+            yield
+
+
 # --- the stage ----------------------------------------------------------------------------------------
 
 
@@ -540,9 +559,11 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
         cache = Path(opts.tune_cache) if opts.tune_cache else None
         kind = sparse_kernel_kind(target, mode)
         sparse, dense = planned_kernel_layers(kernels, state, kind)
-        result = tvm_build.build(model, chw, target, output / TVM_FILE, batch=opts.batch, nvcc=opts.nvcc,
-                                 tune_trials=opts.tune_trials, tune_cache=cache, log=log,
-                                 sparse_layers=sparse if kind else None, sparse_mode=kind or "cuda", dense_layers=dense)
+        with _tuning_progress(target, cache, opts.tune_trials):
+            result = tvm_build.build(model, chw, target, output / TVM_FILE, batch=opts.batch, nvcc=opts.nvcc,
+                                     tune_trials=opts.tune_trials, tune_cache=cache, log=log,
+                                     sparse_layers=sparse if kind else None, sparse_mode=kind or "cuda",
+                                     dense_layers=dense)
         files.append(TVM_FILE)
         artifacts["tvm"] = result.info
         if kind is None:
@@ -617,6 +638,9 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
                    "time_s": round(time.perf_counter() - t0, 2)},
     }
     written = write_manifest(output, out_manifest, files)
+    # the file hashes in the manifest prove integrity, not origin: this one hash pins the whole bundle
+    log(f"manifest sha256 {sha256_file(output / MANIFEST)} ({output / MANIFEST}): "
+        "rsp verify --expect-sha256 with it refuses any other bundle")
     failed = [f"{k} max |diff| {v['max_abs_err']:.3g} > {v['tolerance']:.3g}" for k, v in parity.items()
               if v.get("passed") is False]
     if failed:

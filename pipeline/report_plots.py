@@ -68,3 +68,31 @@ def latency_bars(path: Path, rows: list[tuple[str, float, float]]) -> bool:
     _save(fig, path)
     plt.close(fig)
     return True
+
+
+def weight_matrix(path: Path, cells, shape: tuple[int, int], cell: tuple[int, int], title: str) -> bool:
+    """A weight matrix's non-zero pattern (cells: 1 = non-zero, each covering cell = (r, c) weights of a
+    matrix of `shape` rows x columns) with axes in weight indices, a title and a scale saying what black,
+    white and one pixel mean."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    from matplotlib.colors import ListedColormap
+
+    rows, cols = shape
+    # wide GEMM views (VGG: 512 x 4608) stay readable: the height follows the aspect, within limits
+    height = min(6.0, max(2.2, 7.0 * rows / max(cols, 1) + 1.2))
+    fig, ax = plt.subplots(figsize=(7.5, height))
+    image = ax.imshow(cells, cmap=ListedColormap(["white", "black"]), vmin=0, vmax=1, interpolation="nearest",
+                      aspect="auto", extent=(0, cols, rows, 0))
+    ax.set_xlabel("GEMM column: input channel x kernel position (in*kh*kw)")
+    ax.set_ylabel("output channel")
+    ax.set_title(title, fontsize=10)
+    bar = fig.colorbar(image, ax=ax, ticks=[0.25, 0.75], fraction=0.04, pad=0.02)
+    bar.ax.set_yticklabels(["zero", "non-zero"])
+    r, c = cell
+    if r > 1 or c > 1:
+        bar.set_label(f"1 pixel = {r} x {c} weights (black: any non-zero)", fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+    return True

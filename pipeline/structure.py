@@ -27,6 +27,7 @@ from . import __version__
 from .artifacts import (MODEL_FILE, ArtifactError, atomic_write_bytes, atomic_write_text, build_model, check_files,
                         load_tensors, lock_folder, read_manifest, require_complete, save_tensors, write_manifest)
 from .channels import ChannelGroup, channel_groups, select_channels
+from .progress import StepProgress
 from .sparse import layer_report, sparsifiable_layers
 
 DEFAULT_BLOCKS = ((1, 4), (4, 4), (16, 1), (32, 1))
@@ -270,16 +271,37 @@ def write_png(path: Path, pixels: torch.Tensor) -> None:
     atomic_write_bytes(path, png)
 
 
-def weight_picture(w: torch.Tensor, max_side: int = 1024) -> torch.Tensor:
-    """The GEMM view as a picture: black = non-zero, white = zero (as the study's figures)."""
+def occupancy(w: torch.Tensor, max_side: int = 1024) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The GEMM view's non-zero pattern (1 = non-zero), at most max_side cells a side: a cell covering r x c
+    weights is 1 if any of them is non-zero. Returns (cells, (r, c))."""
     g = (gemm_view(w) != 0).float()
     r = max(1, -(-g.shape[0] // max_side))
     c = max(1, -(-g.shape[1] // max_side))
-    if r > 1 or c > 1:  # a pixel is black if any weight it covers is non-zero
+    if r > 1 or c > 1:
         g = torch.nn.functional.max_pool2d(g[None, None], (r, c), ceil_mode=True)[0, 0]
+    return g, (r, c)
+
+
+def weight_picture(w: torch.Tensor, max_side: int = 1024) -> torch.Tensor:
+    """The GEMM view as bare pixels: black = non-zero, white = zero (as the study's figures)."""
+    g, _ = occupancy(w, max_side)
     scale = max(1, min(4, 512 // max(g.shape)))
     g = g.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
     return ((1 - g) * 255).to(torch.uint8)
+
+
+def weight_picture_title(layer: str, step: str, w: torch.Tensor) -> str:
+    return f"{layer} ({'x'.join(map(str, w.shape))}), {step}: sparsity {1.0 - (w != 0).float().mean().item():.4f}"
+
+
+def write_weight_picture(path: Path, w: torch.Tensor, layer: str, step: str) -> None:
+    """The GEMM view with axes in weight indices, a title (layer, step, sparsity) and a scale (what black and
+    white mean, how many weights a pixel covers); the bare pixels where matplotlib is missing."""
+    from .report_plots import weight_matrix
+
+    cells, cell = occupancy(w, max_side=512)
+    if not weight_matrix(path, cells.numpy(), tuple(gemm_view(w).shape), cell, weight_picture_title(layer, step, w)):
+        write_png(path, weight_picture(w))
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -332,8 +354,11 @@ def finetune(model: nn.Module, manifest: dict, splits, opts: StructureOptions, s
     batch = opts.batch_size
     if batch is None:
         try:
-            batch = int((yaml.safe_load((source / "config.yaml").read_text()) or {}).get("batch_size") or 128)
-        except (OSError, yaml.YAMLError, ValueError, TypeError):
+            from .config import read_text_file, safe_yaml  # bounded: a config.yaml cannot expand or hang
+
+            saved = safe_yaml(read_text_file(source / "config.yaml", "config file")) or {}
+            batch = int(saved.get("batch_size") or 128)
+        except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError):  # AttributeError: not a mapping
             batch = 128
     step = TrainStep(model, mask, objective, lr=opts.finetune_lr)
     gen = torch.Generator(device).manual_seed(opts.seed)
@@ -459,9 +484,11 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
     steps = []
 
     def record(step, st, mdl, note=""):
+        progress.step(f"evaluating {step}")
         entry = {"step": step, "note": note, "analysis": analyse(st, layer_names, blocks),
                  **_accuracy(mdl.to(opts.device), manifest, opts, splits)}
         steps.append(entry)
+        progress.advance()
         ov = entry["analysis"]["overall"]
         acc = f"  clean {entry['clean_acc']:.3f} robust {entry['robust_acc']:.3f}" if entry.get("robust_acc") is not None else ""
         log(f"{step:<9} sparsity {ov['sparsity']:.4f}  zero vectors {ov['zero_vectors']:.4f}  "
@@ -469,41 +496,45 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
         return entry
 
     t0 = time.perf_counter()
-    record("original", state, model)
-    pictures = opts.plot_layers or list(dict.fromkeys([layer_names[len(layer_names) // 2], layer_names[-2]]))
-    for n in pictures:
-        write_png(output / f"weights_{n.replace('.', '_')}_original.png", weight_picture(state[f"{n}.weight"]))
-
-    if opts.regroup:
-        state = select_channels(state, groups, regroup_permutations(state, groups))
-        model.load_state_dict(state)
-        record("regroup", state, model, "channel permutations, function unchanged")
+    n_steps = 3 + bool(opts.regroup) + bool(nm) + bool(opts.finetune)  # original, prune, shrink + optional
+    with StepProgress(f"structure {source.name}", total=n_steps) as progress:
+        record("original", state, model)
+        pictures = opts.plot_layers or list(dict.fromkeys([layer_names[len(layer_names) // 2], layer_names[-2]]))
         for n in pictures:
-            write_png(output / f"weights_{n.replace('.', '_')}_regrouped.png", weight_picture(state[f"{n}.weight"]))
-    state, pruned = prune_vectors(state, layer_names, opts.k, prune_block)
-    model.load_state_dict(state)
-    unit = "vectors" if prune_block is None else f"{prune_block[0]}x{prune_block[1]} blocks"
-    record("prune", state, model, f"{unit} with <= {opts.k} non-zeros zeroed ({pruned} weights)")
-    warnings = prune_warnings(steps[-2], steps[-1], opts.k, opts.finetune)
-    state, new_kwargs, removed = shrink(state, groups, name, kwargs, model)
-    small = build_model({"model": {"name": name, "kwargs": new_kwargs}})
-    small.load_state_dict(state, strict=True)
-    small.eval()
-    record("shrink", state, small, f"{sum(removed.values())} channels removed in {len(removed)} layers")
-    nm_skipped = []
-    if nm:
-        state, nm_skipped = project_nm(state, layer_names, *nm)
-        small.load_state_dict(state)
-        record(f"nm {nm[0]}:{nm[1]}", state, small, f"skipped (width not a multiple of {nm[1]}): {nm_skipped}")
-    tuned = None
-    if opts.finetune:
-        state, tuned = finetune(small, manifest, splits, opts, source, log)
-        small.load_state_dict(state)
-        record("finetune", state, small, f"{opts.finetune} epochs, structure frozen, selected epoch "
-               f"{tuned['selected_epoch']} on validation")
-        if steps[-1].get("collapsed") and not steps[0].get("collapsed"):
-            warnings.append(f"after fine-tuning one class still takes {steps[-1]['top_class_share']:.0%} of the test "
-                            "predictions: the structured model is a constant classifier")
+            write_weight_picture(output / f"weights_{n.replace('.', '_')}_original.png", state[f"{n}.weight"], n, "original")
+
+        if opts.regroup:
+            state = select_channels(state, groups, regroup_permutations(state, groups))
+            model.load_state_dict(state)
+            record("regroup", state, model, "channel permutations, function unchanged")
+            for n in pictures:
+                write_weight_picture(output / f"weights_{n.replace('.', '_')}_regrouped.png", state[f"{n}.weight"], n,
+                                     "regrouped")
+        state, pruned = prune_vectors(state, layer_names, opts.k, prune_block)
+        model.load_state_dict(state)
+        unit = "vectors" if prune_block is None else f"{prune_block[0]}x{prune_block[1]} blocks"
+        record("prune", state, model, f"{unit} with <= {opts.k} non-zeros zeroed ({pruned} weights)")
+        warnings = prune_warnings(steps[-2], steps[-1], opts.k, opts.finetune)
+        state, new_kwargs, removed = shrink(state, groups, name, kwargs, model)
+        small = build_model({"model": {"name": name, "kwargs": new_kwargs}})
+        small.load_state_dict(state, strict=True)
+        small.eval()
+        record("shrink", state, small, f"{sum(removed.values())} channels removed in {len(removed)} layers")
+        nm_skipped = []
+        if nm:
+            state, nm_skipped = project_nm(state, layer_names, *nm)
+            small.load_state_dict(state)
+            record(f"nm {nm[0]}:{nm[1]}", state, small, f"skipped (width not a multiple of {nm[1]}): {nm_skipped}")
+        tuned = None
+        if opts.finetune:
+            progress.step(f"fine-tuning {opts.finetune} epoch(s)")
+            state, tuned = finetune(small, manifest, splits, opts, source, log)
+            small.load_state_dict(state)
+            record("finetune", state, small, f"{opts.finetune} epochs, structure frozen, selected epoch "
+                   f"{tuned['selected_epoch']} on validation")
+            if steps[-1].get("collapsed") and not steps[0].get("collapsed"):
+                warnings.append(f"after fine-tuning one class still takes {steps[-1]['top_class_share']:.0%} of the test "
+                                "predictions: the structured model is a constant classifier")
     for w in warnings:
         log(f"warning: {w}")
 

@@ -16,9 +16,11 @@ Order of work, so a CI job fails early and cheaply on bad input:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,9 +29,10 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .artifacts import (ArtifactError, atomic_write_text, build_model, check_files, load_model, lock_folder,
+from .artifacts import (MANIFEST, ArtifactError, atomic_write_text, build_model, check_files, load_model, lock_folder,
                         read_manifest, require_complete, write_json)
 from .latency import compare
+from .progress import StepProgress
 from .runtimes import (ONNX_FILE, TRT_FILE, TVM_FILE, Runtime, RuntimeUnavailable, close_runtimes, onnx_runtime,
                        torch_runtime, tvm_runtime)
 
@@ -66,6 +69,36 @@ class VerifyOptions:
     gates: dict = field(default_factory=dict)  # overrides of the manifest's gates
     rpc: str | None = None  # HOST:PORT of a TVM RPC server (or tracker, with rpc_key): backend tvm-rpc runs there
     rpc_key: str | None = None
+    expect_sha256: str | None = None  # the sha256 of the bundle's manifest.json; any other bundle is refused
+
+
+def bundle_origin(bundle: Path, manifest: dict, expected: str | None) -> str:
+    """The sha256 of the bundle's manifest.json, refused unless it is `expected` (--expect-sha256).
+
+    The sha256 list in a manifest proves that the files are intact, not who made them: whoever can write the
+    folder can swap model.tvm.so (native code verify loads and runs) and re-hash the manifest. The manifest's
+    own hash, taken from export's output and checked here before anything native is loaded, pins every file."""
+    if expected is not None and not re.fullmatch(r"[0-9a-f]{64}", expected.strip().lower()):
+        raise VerifyError(f"--expect-sha256 must be a sha256 (64 hex digits), got {expected!r}")
+    path = bundle / MANIFEST
+    max_bytes = 16 << 20  # as read_manifest: a manifest is kilobytes
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise VerifyError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if expected is not None and digest != expected.strip().lower():
+        raise VerifyError(f"{path} has sha256 {digest}, not the expected {expected.strip().lower()}: refusing to load "
+                          "this bundle (its files, the TVM library included, are not the ones exported)")
+    # the hashed bytes must be the manifest that was parsed (not a file swapped in between)
+    try:
+        same = json.dumps(json.loads(data), sort_keys=True) == json.dumps(manifest, sort_keys=True)
+    except (ValueError, RecursionError):
+        same = False
+    if not same:
+        raise VerifyError(f"{path} changed while it was being read: refusing to load this bundle")
+    return digest
 
 
 def _chw(manifest: dict, model: torch.nn.Module) -> tuple[int, int, int]:
@@ -434,6 +467,8 @@ def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
     bundle, output = Path(bundle), Path(opts.output)
     manifest = read_manifest(bundle)
     require_complete(bundle, manifest)
+    # before any file of the bundle is loaded: the TVM library is native code, run as soon as it is loaded
+    manifest_sha256 = bundle_origin(bundle, manifest, opts.expect_sha256)
     bad = check_files(bundle, manifest)
     if bad:
         raise VerifyError(f"{bundle}: {bad[0]}")
@@ -456,37 +491,69 @@ def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
     chw = _chw(manifest, model)
     runtimes = _runtimes(bundle, manifest, model, chw, opts, log)
     try:
-        return _verify(bundle, output, manifest, model, chw, runtimes, gates, opts, log, t0)
+        return _verify(bundle, output, manifest, model, chw, runtimes, gates, opts, log, t0, manifest_sha256)
     finally:
         close_runtimes(runtimes.values())  # an RPC device is free for the next client as soon as we are done
 
 
+def _sanity_checks(model, x, y, eps, opts: VerifyOptions, judge, ensemble: dict, progress: StepProgress, log) -> dict:
+    """sanity.run_sanity_checks one check at a time, so that progress names the one running; the result is
+    the same as one call (the checks are independent and run in the same order)."""
+    from .sanity import CHECKS, run_sanity_checks
+
+    parts = []
+    for name in CHECKS:
+        progress.step(f"sanity check {name}")
+        part = run_sanity_checks(model, x, y, eps, seed=opts.seed, predict=judge, ensemble=ensemble, checks=[name])
+        for c in part["checks"]:
+            log(f"sanity {'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c.get('detail', '')}")
+        parts.append(part)
+        progress.advance()
+    failed = [name for part in parts for name in part["failed"]]
+    return {"passed": not failed, "reliable": not failed, "failed": failed,
+            "checks": [c for part in parts for c in part["checks"]], "n": parts[0]["n"],
+            "seconds": sum(part["seconds"] for part in parts)}
+
+
 def _verify(bundle: Path, output: Path, manifest: dict, model, chw, runtimes: dict[str, Runtime], gates: dict,
-            opts: VerifyOptions, log, t0: float) -> dict:
+            opts: VerifyOptions, log, t0: float, manifest_sha256: str) -> dict:
     x, y, dataset, num_classes = _eval_data(manifest, opts)
     eps = opts.eps if opts.eps is not None else (manifest.get("attack") or {}).get("eps", 8 / 255)
     log(f"verify {bundle} ({manifest['stage']}, {manifest['model']['name']}) on {', '.join(runtimes)}: "
         f"{len(y)} {dataset} test images, eps {eps:.6g}")
-    from .sanity import check_eps_monotone, run_sanity_checks
+    log(f"bundle manifest sha256 {manifest_sha256}"
+        + (" (as expected)" if opts.expect_sha256 else " (pin it with rsp verify --expect-sha256)"))
+    from .sanity import CHECKS, check_eps_monotone
 
-    twin = torch_runtime(model, chw, opts.device)
-    parity = _parity(twin, runtimes, x)
-    # the primary runtime judges every attack (and Square queries it); the twin only when no artifact runs here
-    primary_name, primary = next(iter(runtimes.items()))
-    judge = None if primary_name == "torch" else (lambda xb: primary.predict(xb).to(opts.device))
-    robust = _robustness(model, runtimes, judge, x, y, eps, opts, log)
-    xd, yd = x.to(opts.device), y.to(opts.device)
-    sanity = {"checks": [], "unreliable": None, "note": "not run"}
-    if opts.sanity:
-        sanity = run_sanity_checks(model, xd, yd, eps, seed=opts.seed, predict=judge, ensemble=robust["ensemble"])
-        sanity["unreliable"] = not sanity["reliable"]
-        for c in sanity["checks"]:
-            log(f"sanity {'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c.get('detail', '')}")
-    # the robust-vs-eps plot reuses the monotonicity check's sweep (run alone under --no-sanity)
-    mono = next((c for c in sanity["checks"] if c["name"] == "eps_monotone"), None) \
-        or check_eps_monotone(model, xd[:200], yd[:200], eps, seed=opts.seed, predict=judge)
-    sweep = list(zip(mono["figures"]["eps"], mono["figures"]["robust_acc"]))
-    latency = _latency(runtimes, manifest, chw, opts, log)
+    # parity, the attacks, each sanity check (or the eps sweep alone), latency
+    n_steps = 3 + (len(CHECKS) if opts.sanity else 1)
+    with StepProgress(f"verify {bundle.name}", total=n_steps) as progress:
+        progress.step("parity")
+        twin = torch_runtime(model, chw, opts.device)
+        parity = _parity(twin, runtimes, x)
+        progress.advance()
+        # the primary runtime judges every attack (and Square queries it); the twin only when no artifact runs here
+        primary_name, primary = next(iter(runtimes.items()))
+        judge = None if primary_name == "torch" else (lambda xb: primary.predict(xb).to(opts.device))
+        progress.step(f"attacks {', '.join(opts.attacks)} ({opts.steps} steps x {opts.restarts} restarts, {len(y)} images)")
+        robust = _robustness(model, runtimes, judge, x, y, eps, opts, log)
+        progress.advance()
+        xd, yd = x.to(opts.device), y.to(opts.device)
+        sanity = {"checks": [], "unreliable": None, "note": "not run"}
+        if opts.sanity:
+            sanity = _sanity_checks(model, xd, yd, eps, opts, judge, robust["ensemble"], progress, log)
+            sanity["unreliable"] = not sanity["reliable"]
+        else:
+            progress.step("robust accuracy vs eps")
+        # the robust-vs-eps plot reuses the monotonicity check's sweep (run alone under --no-sanity)
+        mono = next((c for c in sanity["checks"] if c["name"] == "eps_monotone"), None) \
+            or check_eps_monotone(model, xd[:200], yd[:200], eps, seed=opts.seed, predict=judge)
+        sweep = list(zip(mono["figures"]["eps"], mono["figures"]["robust_acc"]))
+        if not opts.sanity:
+            progress.advance()
+        progress.step("latency")
+        latency = _latency(runtimes, manifest, chw, opts, log)
+        progress.advance()
 
     primary = next(iter(runtimes))
     prim = robust["backends"][primary]
@@ -500,6 +567,7 @@ def _verify(bundle: Path, output: Path, manifest: dict, model, chw, runtimes: di
     passed = all(g["passed"] for g in gate_results) and not sanity.get("unreliable")
     result = {
         "rsp_version": __version__, "bundle": str(bundle), "bundle_stage": manifest["stage"],
+        "bundle_manifest_sha256": manifest_sha256, "bundle_manifest_sha256_expected": opts.expect_sha256 is not None,
         "bundle_manifest_files": manifest.get("files", {}),
         "model": manifest["model"], "target": (manifest.get("target") or {}).get("name"),
         "clean_acc": summary["clean_acc"], "robust_acc": summary["robust_acc"],
@@ -542,6 +610,9 @@ def _report(output: Path, r: dict, num_classes: int, log) -> None:
              f"Bundle `{r['bundle']}` ({r['bundle_stage']}, {r['model']['name']}, target {r['target']}); "
              f"{r['n_examples']} {r['dataset']} test images ({r['evaluation_images']}); Linf eps = {r['eps']:.6g} "
              f"({r['eps'] * 255:.3g}/255); seed {r['seed']}.", "",
+             f"Bundle manifest sha256 `{r['bundle_manifest_sha256']}`"
+             + (" (as expected: --expect-sha256)." if r["bundle_manifest_sha256_expected"] else
+                " (not pinned: pass it to --expect-sha256 to refuse any other bundle)."), "",
              f"**clean {r['clean_acc']:.4f}, robust {r['robust_acc']:.4f}** on `{next(iter(r['backends']))}`"
              + (" — **UNRELIABLE** (a sanity check failed)" if r["unreliable"] else ""), "",
              "| backend | clean | robust (worst case) | " + " | ".join(r["attacks"]) + " |",
