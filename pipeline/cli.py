@@ -1,7 +1,8 @@
 """The `rsp` command line: thin verbs over the stage modules.
 
 Bad input (a missing data folder, an unknown model, a sparsity outside [0, 1), a resume folder from
-another config, ...) prints one line on stderr and exits with code 2; no traceback.
+another config, an --output that cannot be written, ...) prints one line on stderr and exits with code 2;
+no traceback. Each command checks its options and its --output before it does any work.
 """
 
 from __future__ import annotations
@@ -45,6 +46,111 @@ def _yaml_mapping(flag: str, text: str) -> dict:
     return value
 
 
+def _check_output(path: str, flag: str = "--output") -> None:
+    """Fail now, not after the work, when `path` cannot be created and written: probe the folder itself, or
+    the nearest folder above it that exists (where it would be created), with a temporary file."""
+    import pathlib
+    import tempfile
+
+    p = pathlib.Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        _fail(f"{flag} {path} exists and is not a folder")
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        _fail(f"{flag} {path} cannot be created: {probe} is not a folder")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".rsp-write-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        _fail(f"{flag} {path} cannot be {'written' if probe == p else 'created'} ({probe}: {exc.strerror or exc})")
+
+
+def _check_threads(threads: Optional[int], flag: str = "--threads") -> None:
+    if threads is not None and threads < 1:
+        _fail(f"{flag} must be >= 1, got {threads}")
+
+
+def _check_device(device: str) -> None:
+    """cpu, cuda or cuda:N, and a CUDA device that exists here."""
+    import re
+
+    if device == "cpu":
+        return
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        _fail(f"--device must be cpu or cuda (cuda:N), got {device!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        _fail(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        _fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_train_config(cfg) -> None:
+    """What the trainer needs of its numbers beyond config.validate: without these, a negative temperature
+    is a NaN noise std, a negative weight decay grows the weights, a thread count < 1 a torch traceback."""
+    _check_threads(cfg.threads)
+    for key in ("weight_decay", "beta", "sigma", "alpha"):
+        if getattr(cfg, key) < 0:
+            _fail(f"--{key.replace('_', '-')} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.temperature is not None and cfg.temperature <= 0:
+        _fail(f"--temperature must be > 0, got {cfg.temperature}")
+
+
+def _onnx_opset_range() -> tuple[int, int]:
+    """The opsets rsp's ONNX export can write: from export's minimum to the TorchScript exporter's maximum."""
+    from .export import MIN_OPSET
+
+    try:
+        from torch.onnx import _constants
+
+        top = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):  # a torch without these private constants: export says what fails
+        top = 10**6
+    return MIN_OPSET, int(top)
+
+
+def _check_dataset_fits(bundle: str, dataset: Optional[str]) -> None:
+    """verify --dataset on a bundle: the data set's images and classes must be the ones the model takes."""
+    if dataset is None:
+        return
+    from .artifacts import read_manifest
+    from .data import dataset_info
+
+    info = dataset_info(dataset)
+    manifest = read_manifest(bundle)
+    shape = list((manifest.get("input") or {}).get("shape") or [])
+    want = [info.in_channels, info.image_size, info.image_size]
+    classes = (manifest.get("dataset") or {}).get("num_classes")
+    if shape and shape != want:
+        _fail(f"--dataset {dataset}: its images are {'x'.join(map(str, want))}, the bundle's model takes "
+              f"{'x'.join(map(str, shape))}")
+    if classes is not None and classes != info.num_classes:
+        _fail(f"--dataset {dataset}: it has {info.num_classes} classes, the bundle's model {classes}")
+
+
+def _method_options(items: list[str]) -> dict:
+    """--method-option KEY=VALUE (VALUE in YAML), repeatable."""
+    import yaml
+
+    from .config import safe_yaml  # bounded: no aliases, limits on size and depth
+
+    opts = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--method-option {item!r}: expected KEY=VALUE")
+        try:
+            opts[key.strip().replace("-", "_")] = safe_yaml(value)
+        except yaml.YAMLError as exc:
+            _fail(f"--method-option {item!r}: the value is not YAML ({str(exc).strip().splitlines()[0]})")
+    return opts
+
+
 def _bad_input_types():
     from .artifacts import ArtifactError
     from .config import ConfigError
@@ -64,7 +170,7 @@ def _bad_input_types():
 )
 def train(
     dataset: Optional[str] = typer.Option(None, help="digits (embedded, no download) | cifar10 | cifar100 | svhn.", rich_help_panel="Data"),
-    data_dir: Optional[str] = typer.Option(None, help="Folder holding cifar-10-batches-py/ (torchvision's root) or that folder itself.", rich_help_panel="Data"),
+    data_dir: Optional[str] = typer.Option(None, help="Folder holding cifar-10-batches-py/ (torchvision's root) or that folder itself (default: $RSP_DATA_DIR).", rich_help_panel="Data"),
     val_fraction: Optional[float] = typer.Option(None, help="Share of the training data held out for model selection (default: 0.1).", rich_help_panel="Data"),
     extra_data: Optional[str] = typer.Option(None, help="RST: .npz/.safetensors of pseudo-labelled images (images, labels), mixed 50/50 into each batch.", rich_help_panel="Data"),
     model: Optional[str] = typer.Option(None, help="Registry name (rsp models lists them) (default: the data set's: small-cnn, vgg16).", rich_help_panel="Model"),
@@ -128,15 +234,7 @@ def train(
     if model_kwargs is not None:
         overrides["model_kwargs"] = _yaml_mapping("--model-kwargs", model_kwargs)
     if method_option:
-        import yaml
-
-        opts = {}
-        for item in method_option:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                _fail(f"--method-option {item!r}: expected KEY=VALUE")
-            opts[key.strip().replace("-", "_")] = yaml.safe_load(value)
-        overrides["method_options"] = opts
+        overrides["method_options"] = _method_options(method_option)
     try:
         from .train import CONFIG_FILE, TrainingError, run
 
@@ -150,19 +248,35 @@ def train(
             if saved.is_file():  # resuming: the saved config is the recipe, flags may change runtime options
                 recipe = read_recipe(str(saved))
         cfg = resolve(recipe, overrides)
+        _check_train_config(cfg)
         out = output or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"
+        _check_output(out)
         manifest = run(cfg, out, resume=resume, log=lambda m: typer.echo(m, err=True))
     except _bad_input_types() as exc:
         _fail(str(exc))
     except TrainingError as exc:
         _fail(str(exc), code=1)
+    except OSError as exc:  # the disk filled up, a folder vanished mid-run: one line, not a traceback
+        _fail(_os_error_text(exc), code=1)
     except KeyboardInterrupt:
         _fail("interrupted; continue with --resume", code=130)
     if manifest:
         m = manifest["metrics"]
         rob = f", robust {m['robust_acc']:.4f} ({m['attack']})" if m.get("robust_acc") is not None else ""
         typer.echo(f"{out}: {manifest['model']['name']} {manifest['method']} sparsity {manifest['sparsity']:.4f}; "
-                   f"test clean {m['clean_acc']:.4f}{rob}; selected epoch {m['epoch']} on validation")
+                   f"test clean {m['clean_acc']:.4f}{rob}; {_selection_text(manifest)}")
+
+
+def _selection_text(manifest: dict) -> str:
+    """How the saved epoch was chosen, as the run did it: on the validation split, or (none held out) the last."""
+    m = manifest["metrics"]
+    if m.get("selected_on") == "last" or (manifest.get("dataset") or {}).get("n_val") == 0:
+        return f"kept the last epoch, {m['epoch']} (--val-fraction 0: no validation split to select on)"
+    return f"selected epoch {m['epoch']} on validation"
+
+
+def _os_error_text(exc: OSError) -> str:
+    return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
 
 
 @app.command(
@@ -183,7 +297,7 @@ def structure(
     plot_layer: Optional[list[str]] = typer.Option(None, "--plot-layer", help="Layers to draw (GEMM view PNG) (default: two)."),
     n_examples: int = typer.Option(500, help="Test images for clean/robust accuracy after each step (0: skip)."),
     attack_steps: int = typer.Option(20, help="PGD steps for the robust accuracy in the report (0: clean only)."),
-    data_dir: Optional[str] = typer.Option(None, help="Data folder of the run's data set (not needed for digits)."),
+    data_dir: Optional[str] = typer.Option(None, help="Data folder of the run's data set (default: $RSP_DATA_DIR, else the folder the run was trained on while it still holds that data; not needed for digits)."),
     finetune: int = typer.Option(0, "--finetune", help="Epochs of robust fine-tuning with the structure frozen (same objective as training; selected on validation)."),
     finetune_lr: float = typer.Option(0.01, "--finetune-lr", help="Peak learning rate of the fine-tune (cosine)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Fine-tuning batch size (default: the run's)."),
@@ -200,6 +314,12 @@ def structure(
     """
     from .structure import StructureOptions, run as run_structure
 
+    _check_device(device)
+    if n_examples < 0 or attack_steps < 0:
+        _fail("--n-examples and --attack-steps must be >= 0")
+    if batch_size is not None and batch_size < 1:
+        _fail(f"--batch-size must be >= 1, got {batch_size}")
+    _check_output(output)
     opts = StructureOptions(k=k, regroup=regroup, nm=nm, n_examples=n_examples, attack_steps=attack_steps,
                             data_dir=data_dir, device=device, plot_layers=plot_layer or None, prune_block=prune_block,
                             finetune=finetune, finetune_lr=finetune_lr, batch_size=batch_size, seed=seed)
@@ -209,6 +329,8 @@ def structure(
         manifest = run_structure(run_dir, output, opts, log=lambda m: typer.echo(m, err=True))
     except _bad_input_types() as exc:
         _fail(str(exc))
+    except OSError as exc:
+        _fail(_os_error_text(exc), code=1)
     p = manifest["params"]
     typer.echo(f"{output}: {manifest['model']['name']} parameters {p['before']} -> {p['after']}, "
                f"sparsity {manifest['sparsity']:.4f}; report {output}/report.md")
@@ -218,12 +340,13 @@ def structure(
     epilog="Examples:\n\n"
     "  rsp export --list-targets\n\n"
     "  rsp export runs/v99-s --target jetson-orin-nano --data-dir ~/data --output out/orin   # ONNX + TVM (sm_87 fatbin) + TensorRT settings\n\n"
+    "  rsp export runs/v99-s --target jetson --output out/jetson   # a family alias: the Jetson rsp runs on, else the family's default\n\n"
     "  rsp export runs/demo --target x86-cpu --output out/x86 --tune-trials 256             # tuned CPU library\n\n"
     "  rsp export runs/demo --target cuda --format onnx --precision fp16 --output out/onnx16",
 )
 def export(
     run_dir: Optional[str] = typer.Argument(None, help="A train or structure folder."),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="Registry target (rsp export --list-targets)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Registry target or family alias (rsp export --list-targets lists both)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Bundle folder (default: exports/<run>-<target>)."),
     format: Optional[list[str]] = typer.Option(None, "--format", "-f", help="onnx | tvm | tensorrt; repeat for several (default: the target's)."),
     precision: Optional[str] = typer.Option(None, help="ONNX numbers: fp32 | fp16 (default: the target's)."),
@@ -233,7 +356,7 @@ def export(
     tune_trials: int = typer.Option(0, "--tune-trials", help="MetaSchedule trials for the TVM CPU library (0: untuned); records are cached and reused."),
     tune_cache: Optional[str] = typer.Option(None, "--tune-cache", help="Tuning record folder (default: ~/.cache/rsp/tvm-tuning/<target>)."),
     nvcc: Optional[str] = typer.Option(None, "--nvcc", help="nvcc that compiles the TVM CUDA kernels into a fatbin (default: nvcc on PATH)."),
-    data_dir: Optional[str] = typer.Option(None, help="Data folder of the run's data set, for the parity images (not needed for digits)."),
+    data_dir: Optional[str] = typer.Option(None, help="Data folder of the run's data set, for the parity images (default: $RSP_DATA_DIR, else the folder the run was trained on while it still holds that data; not needed for digits)."),
     parity_images: int = typer.Option(256, "--parity-images", help="Test images on which exported logits are compared with PyTorch."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch and onnxruntime."),
     sparse_kernels: str = typer.Option(
@@ -253,25 +376,36 @@ def export(
     are compared with PyTorch on real test images; manifest.json records the parity, hashes of every file,
     the target, and model.safetensors so rsp.load_model works on the bundle.
     """
-    from .targets import describe, targets
+    from .targets import aliases, describe, describe_aliases, resolve_target, target_names, targets
 
     if list_targets:
         for t in targets().values():
             typer.echo(describe(t))
+        if aliases():
+            typer.echo("")
+            for line in describe_aliases():
+                typer.echo(line)
         return
     try:
         from .export import ExportOptions, ParityError, run as run_export
         from .tvm_build import TVMCompileError
 
         if not target:
-            from .targets import target_names
-
-            _fail(f"--target is required; targets: {', '.join(target_names())}")
+            _fail(f"--target is required; targets: {', '.join(target_names())}; aliases: {', '.join(sorted(aliases()))}")
         if not run_dir:
             _fail("missing RUN_DIR: the train or structure folder to export")
+        resolved, why = resolve_target(target)
+        if why:
+            typer.echo(f"target {why}", err=True)
+        target = resolved.name
+        low, high = _onnx_opset_range()
+        if not low <= opset <= high:
+            _fail(f"--opset must be in {low}..{high} (what the ONNX exporter writes), got {opset}")
+        _check_threads(threads)
         import pathlib
 
         out = output or f"exports/{pathlib.Path(run_dir).resolve().name}-{target}"
+        _check_output(out)
         opts = ExportOptions(target=target, formats=format or None, precision=precision, trt_precision=trt_precision,
                              opset=opset, batch=batch, tune_trials=tune_trials, tune_cache=tune_cache, nvcc=nvcc,
                              data_dir=data_dir, parity_images=parity_images, threads=threads,
@@ -281,6 +415,8 @@ def export(
         _fail(str(exc))
     except (ParityError, TVMCompileError) as exc:
         _fail(str(exc), code=1)
+    except OSError as exc:
+        _fail(_os_error_text(exc), code=1)
     par = ", ".join(f"{k} {v['max_abs_err']:.1e}" for k, v in manifest["parity"].items() if v.get("passed") is not None)
     typer.echo(f"{out}: {manifest['target']['name']} {'+'.join(manifest['formats'])}"
                + (f"; parity max |diff| {par}" if par else "") + f"; manifest {out}/manifest.json")
@@ -298,7 +434,7 @@ def verify(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Report folder: verify.json, report.md, PNG charts (default: BUNDLE/verify)."),
     backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="torch | onnx | tvm | tvm-rpc | tensorrt; repeat for several (default: every artifact in the bundle that runs here; tvm-rpc first with --rpc)."),
     dataset: Optional[str] = typer.Option(None, help="Evaluation data set (default: the bundle's)."),
-    data_dir: Optional[str] = typer.Option(None, help="Data folder (as in rsp train; not needed for digits)."),
+    data_dir: Optional[str] = typer.Option(None, help="Data folder (as in rsp train) (default: $RSP_DATA_DIR, else the folder the run was trained on while it still holds that data; not needed for digits)."),
     attacks: Optional[list[str]] = typer.Option(None, "--attacks", help="pgd | apgd-ce | apgd-dlr | apgd-t (targeted DLR) | square (black-box, queries the artifact) | autoattack (apgd-ce, apgd-t, square) | all; repeatable, robust = worst case over them (default: pgd)."),
     eps: Optional[str] = typer.Option(None, help="Linf radius; fractions allowed (default: the bundle's, 8/255)."),
     steps: int = typer.Option(50, help="Attack steps."),
@@ -330,8 +466,16 @@ def verify(
 
     from .attacks import parse_eps
 
+    _check_device(device)
+    _check_threads(threads)
+    if latency_runs < 1:
+        _fail(f"--latency-runs must be >= 1 (timed runs per batch size), got {latency_runs}")
     try:
         from .verify import VerifyOptions, run as run_verify
+
+        _check_dataset_fits(bundle, dataset)
+        _check_output(output or str(pathlib.Path(bundle) / "verify"), "--output" if output else
+                      "the report folder (default BUNDLE/verify; pass --output elsewhere)")
 
         gates = {"min_clean_acc": min_clean_acc, "min_robust_acc": min_robust_acc, "max_latency_ms": max_latency_ms,
                  "max_parity_error": max_parity_error, "min_speedup": min_speedup}
@@ -346,6 +490,8 @@ def verify(
         _fail(str(exc))
     except ValueError as exc:  # e.g. an eps that does not parse
         _fail(str(exc))
+    except OSError as exc:
+        _fail(_os_error_text(exc), code=1)
     b1 = result["latency"].get(f"{next(iter(result['backends']))}/batch1", {})
     typer.echo(f"{bundle}: clean {result['clean_acc']:.4f}, robust {result['robust_acc']:.4f} "
                f"(eps {result['eps'] * 255:.3g}/255, {result['n_examples']} images)"
@@ -369,7 +515,7 @@ def pipeline(
     output: str = typer.Option(..., "--output", "-o", help="Folder for train/, structure/, export/, verify/."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Training recipe (YAML or shipped name); flags override it.", rich_help_panel="train"),
     dataset: Optional[str] = typer.Option(None, help="digits (embedded) | cifar10 | cifar100 | svhn.", rich_help_panel="train"),
-    data_dir: Optional[str] = typer.Option(None, help="Data folder (all stages).", rich_help_panel="train"),
+    data_dir: Optional[str] = typer.Option(None, help="Data folder (all stages) (default: $RSP_DATA_DIR).", rich_help_panel="train"),
     model: Optional[str] = typer.Option(None, help="Registry model.", rich_help_panel="train"),
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="YAML mapping of model constructor arguments, e.g. '{width: 0.25}'.", rich_help_panel="train"),
     sparsity: Optional[float] = typer.Option(None, help="Weight sparsity fixed from step one.", rich_help_panel="train"),
@@ -383,7 +529,7 @@ def pipeline(
     k: int = typer.Option(1, "--k", help="Prune vectors with <= k non-zeros (0: exact changes only).", rich_help_panel="structure"),
     finetune: int = typer.Option(0, "--finetune", help="Robust fine-tune epochs after pruning.", rich_help_panel="structure"),
     nm: Optional[str] = typer.Option(None, "--nm", help="N:M projection, e.g. 2:4.", rich_help_panel="structure"),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="Export target (default: this machine's, e.g. x86-cpu).", rich_help_panel="export"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Export target or family alias (rsp export --list-targets) (default: this machine's, e.g. x86-cpu).", rich_help_panel="export"),
     format: Optional[list[str]] = typer.Option(None, "--format", "-f", help="onnx | tvm | tensorrt (default: the target's).", rich_help_panel="export"),
     tune_trials: int = typer.Option(0, "--tune-trials", help="MetaSchedule trials for a CPU TVM library.", rich_help_panel="export"),
     attacks: Optional[list[str]] = typer.Option(None, "--attacks", help="Verify attacks (default: pgd).", rich_help_panel="verify"),
@@ -419,12 +565,20 @@ def pipeline(
         import pathlib
 
         saved = pathlib.Path(output) / "train" / "config.yaml"
-        recipe = read_recipe(config) if config else (read_recipe(str(saved)) if saved.is_file() else None)
+        ours = saved.is_file() and (saved.parent / "manifest.json").is_file()  # a run's config, not any file
+        recipe = read_recipe(config) if config else (read_recipe(str(saved)) if ours else None)
         cfg = resolve(recipe, overrides)
+        _check_train_config(cfg)
+        _check_output(output)
         dev = "cuda" if cfg.device == "cuda" else "cpu"
         s_opts = StructureOptions(k=k, nm=nm, finetune=finetune, data_dir=cfg.data_dir, device=dev, seed=cfg.seed,
                                   n_examples=500, attack_steps=20)
-        e_opts = ExportOptions(target=target or workflow.host_target(), formats=format or None, tune_trials=tune_trials,
+        from .targets import resolve_target
+
+        resolved, why = resolve_target(target or workflow.host_target())
+        if why:
+            typer.echo(f"target {why}", err=True)
+        e_opts = ExportOptions(target=resolved.name, formats=format or None, tune_trials=tune_trials,
                                data_dir=cfg.data_dir)
         gates = {"min_clean_acc": min_clean_acc, "min_robust_acc": min_robust_acc, "max_latency_ms": max_latency_ms,
                  "max_parity_error": max_parity_error, "min_speedup": min_speedup}
@@ -436,6 +590,8 @@ def pipeline(
         _fail(str(exc))
     except (TrainingError, ParityError, TVMCompileError) as exc:
         _fail(str(exc), code=1)
+    except OSError as exc:
+        _fail(_os_error_text(exc), code=1)
     except KeyboardInterrupt:
         _fail("interrupted; run the same command again to resume", code=130)
     r = result["verify"]

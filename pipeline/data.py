@@ -7,12 +7,17 @@ NCHW in [0, 1]: normalisation lives inside the model.
 
 Readers never execute code from files: the CIFAR pickle reader admits numpy arrays and plain
 types only.
+
+Where the data is: --data-dir, else $RSP_DATA_DIR (like $TORCH_HOME: one folder holding
+cifar-10-batches-py/, cifar-100-python/, svhn/), else, for a stage reading an earlier stage's folder, the
+folder the run was trained on (recorded in its manifest; used only while it still holds the same data).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +73,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "svhn": DatasetInfo("svhn", 10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), 4, False, "vgg16"),
 }
 EMBEDDED = "digits"
+DATA_DIR_ENV = "RSP_DATA_DIR"
 
 
 # --- safe pickle reading -----------------------------------------------------------------------
@@ -115,18 +121,42 @@ def _cifar_arrays(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 3, 32, 32), y
 
 
+# Each file-backed data set: the folder its files live in, and the one file that says they are there.
+DATA_FOLDERS = {"cifar10": ("cifar-10-batches-py", "data_batch_1"), "cifar100": ("cifar-100-python", "train"),
+                "svhn": ("svhn", "train_32x32.mat")}
+
+
+def _data_root(data_dir: str | None) -> tuple[str | None, str]:
+    """(the folder to look in, where it came from): --data-dir wins over $RSP_DATA_DIR."""
+    if data_dir:
+        return data_dir, "--data-dir"
+    env = os.environ.get(DATA_DIR_ENV)
+    return (env, DATA_DIR_ENV) if env else (None, "")
+
+
+def holds_data(path: str | Path, name: str) -> bool:
+    """Whether `path` (a data root or the data set's own folder) holds the files of data set `name`."""
+    if name not in DATA_FOLDERS:
+        return name in DATASETS
+    folder, marker = DATA_FOLDERS[name]
+    root = Path(path).expanduser()
+    return any((cand / marker).is_file() for cand in (root, root / folder))
+
+
 def _find_folder(data_dir: str | None, folder: str, marker: str) -> Path:
-    if not data_dir:
-        raise DataError(f"--data-dir is required for this data set (the folder holding {folder}/, or that folder)")
-    root = Path(data_dir).expanduser()
+    root_text, origin = _data_root(data_dir)
+    if not root_text:
+        raise DataError(f"--data-dir is required for this data set (the folder holding {folder}/, or that folder; "
+                        f"or set {DATA_DIR_ENV})")
+    root = Path(root_text).expanduser()
     for cand in (root, root / folder):
         if (cand / marker).is_file():
-            return cand
-    raise DataError(f"no {folder}/ data under {root}: expected {root / folder / marker}")
+            return cand.resolve()  # absolute: manifests record it as the run's data location
+    raise DataError(f"no {folder}/ data under {root} ({origin}): expected {root / folder / marker}")
 
 
 def _load_cifar10(data_dir):
-    base = _find_folder(data_dir, "cifar-10-batches-py", "data_batch_1")
+    base = _find_folder(data_dir, *DATA_FOLDERS["cifar10"])
     parts = [_cifar_arrays(base / f"data_batch_{i}", "labels") for i in range(1, 6)]
     tx, ty = _cifar_arrays(base / "test_batch", "labels")
     names = ()
@@ -137,14 +167,14 @@ def _load_cifar10(data_dir):
 
 
 def _load_cifar100(data_dir):
-    base = _find_folder(data_dir, "cifar-100-python", "train")
+    base = _find_folder(data_dir, *DATA_FOLDERS["cifar100"])
     x, y = _cifar_arrays(base / "train", "fine_labels")
     tx, ty = _cifar_arrays(base / "test", "fine_labels")
     return x, y, tx, ty, base, ()
 
 
 def _load_svhn(data_dir):
-    base = _find_folder(data_dir, "svhn", "train_32x32.mat")
+    base = _find_folder(data_dir, *DATA_FOLDERS["svhn"])
     try:
         from scipy.io import loadmat
     except ImportError:
@@ -221,6 +251,38 @@ def load_dataset(name: str, data_dir: str | None = None, *, val_fraction: float 
         "split_seed": split_seed,
         "val_indices_sha256": hashlib.sha256(np.sort(val_idx).astype(np.int64).tobytes()).hexdigest(),
     }
+    return splits
+
+
+# What a run's manifest records of its data that a reload must reproduce: the same files give the same counts
+# and the same validation cut (its indices' hash depends on every training label).
+SPLIT_FINGERPRINT = ("n_train", "n_val", "n_test", "val_indices_sha256")
+
+
+def load_run_dataset(recorded: dict, data_dir: str | None = None, name: str | None = None) -> Splits:
+    """The data set a run was trained on, with its validation cut, for a later stage.
+
+    `recorded` is the run's manifest["dataset"]. The data comes from --data-dir, else $RSP_DATA_DIR, else
+    the folder the run was trained on (recorded["source"]): that hint is used only while it still holds the
+    data set and the same data (SPLIT_FINGERPRINT); otherwise one line says it moved or changed.
+    `name` (e.g. verify --dataset) may ask for another data set, which the hint does not cover.
+    """
+    recorded = recorded or {}
+    trained_on = recorded.get("dataset", EMBEDDED)
+    name = name or trained_on
+    split = dict(val_fraction=recorded.get("val_fraction", 0.1), split_seed=recorded.get("split_seed", 0))
+    hint = recorded.get("source")
+    if data_dir or _data_root(None)[0] or name not in DATA_FOLDERS or name != trained_on or not hint:
+        return load_dataset(name, data_dir, **split)
+    if not holds_data(hint, name):
+        raise DataError(f"the run was trained on {name} data in {hint}, which no longer holds it (moved?): "
+                        f"pass --data-dir or set {DATA_DIR_ENV}")
+    splits = load_dataset(name, hint, **split)
+    changed = [k for k in SPLIT_FINGERPRINT if k in recorded and splits.meta.get(k) != recorded[k]]
+    if changed:
+        k = changed[0]
+        raise DataError(f"{hint} no longer holds the {name} data the run was trained on ({k} "
+                        f"{splits.meta.get(k)} here, {recorded[k]} recorded): pass --data-dir or set {DATA_DIR_ENV}")
     return splits
 
 

@@ -111,12 +111,11 @@ def _formats(opts: ExportOptions, target: Target) -> list[str]:
 
 def _parity_images(manifest: dict, opts: ExportOptions) -> tuple[torch.Tensor, dict]:
     """The first N test images of the run's data set, float NCHW in [0, 1] (what the model takes)."""
-    from .data import load_dataset, to_float
+    from .data import load_run_dataset, to_float
 
     ds = manifest.get("dataset") or {}
     name = ds.get("dataset", "digits")
-    splits = load_dataset(name, opts.data_dir, val_fraction=ds.get("val_fraction", 0.1),
-                          split_seed=ds.get("split_seed", 0))
+    splits = load_run_dataset(ds, opts.data_dir)  # --data-dir, RSP_DATA_DIR or where the run was trained
     x = to_float(splits.test_x[: opts.parity_images])
     return x, {"dataset": name, "split": "test", "n": len(x), "first": 0}
 

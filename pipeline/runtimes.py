@@ -241,6 +241,35 @@ def _is_tracker(host: str, port: int, timeout: float) -> bool:
     return len(reply) == 4 and struct.unpack("<i", reply)[0] == base.RPC_TRACKER_MAGIC
 
 
+# A key no server holds, ending in a blank line: a TVM RPC server answers it with RPC_CODE_MISMATCH and
+# closes (no session starts); a line-based server (HTTP) answers its "request"; an SSH server its banner.
+_PROBE_KEY = "rsp-probe\r\n\r\n"
+
+
+def _check_rpc_server(host: str, port: int, address: str, timeout: float) -> None:
+    """Raise when what listens on HOST:PORT is not a TVM RPC server: a non-TVM server is named as such, not
+    reported as a host that is down. A silent peer (a TVM server busy with another client, or a server that
+    waits for something else) fails here too, in Python, without entering TVM's uninterruptible connect."""
+    from tvm.rpc import base
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(struct.pack("<ii", base.RPC_MAGIC, len(_PROBE_KEY)) + _PROBE_KEY.encode())
+            reply = sock.recv(64)
+    except TimeoutError:
+        raise RuntimeUnavailable(f"cannot connect to the TVM RPC server at {address}: no answer within {timeout:.0f} s "
+                                 "to the handshake (the host is up: a TVM RPC server busy with another client, a "
+                                 "tracker queues clients; or not a TVM RPC server)") from None
+    except OSError:
+        return  # reset or refused mid-probe: TVM's own connect below says what it finds
+    if len(reply) >= 4 and struct.unpack("<i", reply[:4])[0] == base.RPC_CODE_MISMATCH:
+        return  # a TVM RPC server, free: the real connect follows
+    if reply:
+        shown = reply[:24].decode("ascii", errors="replace").splitlines()[0] if reply[:1].isascii() else reply[:8].hex()
+        raise RuntimeUnavailable(f"{address} is not a TVM RPC server: it answered the handshake with {shown!r} "
+                                 "(another service on that port?)")
+
+
 def rpc_session(address: str, key: str | None = None, timeout: float = RPC_CONNECT_TIMEOUT_S):
     """An RPC session with a device: its server at HOST:PORT, or through the tracker at HOST:PORT with key."""
     host, sep, port = address.rpartition(":")
@@ -256,6 +285,7 @@ def rpc_session(address: str, key: str | None = None, timeout: float = RPC_CONNE
     _reachable(host, port, timeout, f"cannot connect to {where}", hint)
     try:
         if not key:
+            _check_rpc_server(host, port, address, timeout)
             # the Python server serves one client at a time: a busy one accepts and then never answers
             return _with_timeout(lambda: rpc.connect(host, port), timeout, f"cannot connect to {where}",
                                  f" ({RPC_SILENT})")

@@ -473,11 +473,9 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
 
     splits = None
     if opts.n_examples > 0 or opts.finetune:
-        from .data import load_dataset
+        from .data import load_run_dataset
 
-        ds = manifest.get("dataset", {})
-        splits = load_dataset(ds.get("dataset", "digits"), opts.data_dir, val_fraction=ds.get("val_fraction", 0.1),
-                              split_seed=ds.get("split_seed", 0))
+        splits = load_run_dataset(manifest.get("dataset", {}), opts.data_dir)  # --data-dir, RSP_DATA_DIR or the run's
     name, kwargs = manifest["model"]["name"], manifest["model"].get("kwargs", {})
     groups = channel_groups(model)
     _held = lock_folder(output, new=True)  # the one writer of output until run() returns

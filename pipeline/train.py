@@ -598,8 +598,9 @@ class Trainer:
             if bar is not None and (i % 10 == 0):
                 bar(i + 1, steps_per_epoch, loss_sum.item() / max(1, seen))
         if seen and not torch.isfinite(loss_sum):
-            raise TrainingError(f"loss diverged (non-finite) in epoch {self.epoch + 1}; the last good checkpoint in "
-                                f"{self.out} is intact: lower --lr or check the data")
+            kept = (f"the last good checkpoint in {self.out} is intact" if (self.out / STATE_FILE).is_file()
+                    else "no checkpoint was written yet")  # a first-epoch divergence has none to point to
+            raise TrainingError(f"loss diverged (non-finite) in epoch {self.epoch + 1}; {kept}: lower --lr or check the data")
         dt = time.perf_counter() - t0
         if self.epoch_step >= steps_per_epoch:
             self.epoch_step = 0  # the epoch is complete
@@ -661,7 +662,9 @@ class Trainer:
                     sparsity, active = self.sparsity_now()
                     collapsed = is_collapsed(val, self.splits.val_y)
                     # only weights at the budget may be selected (a dense pre-training epoch never is)
-                    selected = phase.at_budget and active <= self.budget and beats_best(score, collapsed, self.best)
+                    # without a validation split (--val-fraction 0) there is no score to select on: the latest epoch
+                    selected = phase.at_budget and active <= self.budget and (
+                        not len(self.splits.val_y) or beats_best(score, collapsed, self.best))
                     if selected:
                         self.best = {"score": score, "epoch": self.epoch, "val_clean_acc": val["clean_acc"],
                                      "val_robust_acc": val.get("robust_acc"), "collapsed": collapsed}
@@ -722,7 +725,8 @@ class Trainer:
         metrics = {"clean_acc": test["clean_acc"], "robust_acc": test.get("robust_acc"), "epoch": self.best["epoch"],
                    "split": "test", "n_test": test["n"], "attack": test.get("attack"),
                    "val_clean_acc": self.best["val_clean_acc"], "val_robust_acc": self.best["val_robust_acc"],
-                   "selected_on": "val", "selected_collapsed": bool(self.best.get("collapsed", False))}
+                   "selected_on": "val" if len(self.splits.val_y) else "last",
+                   "selected_collapsed": bool(self.best.get("collapsed", False))}
         if metrics["selected_collapsed"]:
             self.log("warning: every epoch at the budget is a collapsed classifier (most validation images in one "
                      "class); the folder holds the best of them and its manifest says so")

@@ -201,11 +201,11 @@ def _runtimes(bundle: Path, manifest: dict, model, chw, opts: VerifyOptions, log
 
 
 def _eval_data(manifest: dict, opts: VerifyOptions):
-    from .data import load_dataset, to_float
+    from .data import load_run_dataset, to_float
 
     ds = manifest.get("dataset") or {}
     name = opts.dataset or ds.get("dataset") or "digits"
-    splits = load_dataset(name, opts.data_dir, val_fraction=ds.get("val_fraction", 0.1), split_seed=ds.get("split_seed", 0))
+    splits = load_run_dataset(ds, opts.data_dir, name=name)  # --data-dir, RSP_DATA_DIR or where the run was trained
     n = min(opts.n_examples, len(splits.test_y)) if opts.n_examples > 0 else len(splits.test_y)
     # the first N test images in file order: anyone can reproduce the subset
     return to_float(splits.test_x[:n]), splits.test_y[:n], name, splits.info.num_classes

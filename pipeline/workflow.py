@@ -2,30 +2,102 @@
 
 Each stage's folder is complete when its manifest says so (manifest.json is written last, atomically), so
 an interrupted pipeline resumes where it stopped: finished stages are kept, an interrupted training run
-continues from its last checkpoint (bit for bit on CPU), and a stage that died half-way (a folder with no
-manifest) is rebuilt. Nothing a finished stage wrote is touched again.
+continues from its last checkpoint (bit for bit on CPU), and a stage that died half-way is rebuilt.
+
+What the pipeline removes, and only that: in a stage folder that it created itself (it holds the pipeline's
+marker, written before the stage starts) and that has no manifest, the files that stage writes (by name)
+and rsp's temporary files. A stage folder it did not create, or one holding anything else, is refused
+(exit 2) before anything is removed or trained. Nothing a finished stage wrote is touched again.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
-import platform
+import os
 import shutil
 from pathlib import Path
 
-from .artifacts import ArtifactError, MANIFEST
+from .artifacts import MANIFEST, MODEL_FILE, ArtifactError
 
 STAGES = ("train", "structure", "export", "verify")
+
+# Written by the pipeline into a stage folder it creates, before the stage runs: the proof that the folder and
+# the stage's files in it are rsp's (removed once the stage's manifest is written).
+MARKER = ".rsp-pipeline-stage"
+
+# The names each stage writes into its folder (glob patterns), besides manifest.json: what a half-written
+# stage folder may hold. The tensorboard/ folder is written by train after its first checkpoint.
+STAGE_FILES = {
+    "train": (MODEL_FILE, "train_state.safetensors", "config.yaml", "metrics.jsonl", "metrics.superseded.jsonl",
+              "tensorboard"),
+    "structure": (MODEL_FILE, "analysis.json", "config.yaml", "report.md", "weights_*.png"),
+    "export": (MODEL_FILE, "model.onnx", "model.tvm.so", "tensorrt.json", "calibration.safetensors"),
+}
+# artifacts.atomic_write_bytes' temporary files (.NAME.XXXXXXXX.tmp), left only by a kill mid-write
+TEMP_FILE = ".*.tmp"
+# rsp's own dot-files in a folder it writes: the marker above, the one-writer lock (.rsp-lock); as
+# artifacts.rsp_bookkeeping counts them
+RSP_DOTFILES = ".rsp*"
 
 
 def host_target() -> str:
     """The registry target of the machine we run on."""
-    machine = platform.machine()
-    if machine in ("x86_64", "AMD64"):
-        return "x86-cpu"
-    if machine == "aarch64" and Path("/etc/nv_tegra_release").is_file():
-        return "jetson-agx-orin"
-    raise ArtifactError(f"no default export target for a {machine} host; pass --target")
+    from .targets import host_target_name
+
+    return host_target_name()
+
+
+def check_options(structure_opts, export_opts, verify_opts) -> None:
+    """Every stage's options, before training starts: bad input fails in seconds, not after the training.
+
+    The same checks the stages make on their own options (each stage checks again when it runs)."""
+    from . import structure as structure_stage
+    from .attacks import BLACK_BOX, WHITE_BOX
+    from .export import MIN_OPSET, ExportError, _formats
+    from .targets import get_target
+    from .verify import ATTACK_ALIASES, GATES, VerifyError, expand_attacks
+
+    s = structure_opts
+    if s.k < 0:
+        raise structure_stage.StructureError(f"--k must be >= 0, got {s.k}")
+    if s.finetune < 0 or s.finetune_lr <= 0:
+        raise structure_stage.StructureError("--finetune must be >= 0 epochs and --finetune-lr > 0")
+    structure_stage.parse_nm(s.nm)
+    for b in ([s.prune_block] if s.prune_block else []) + list(s.blocks):
+        structure_stage.parse_block(b)
+
+    e = export_opts
+    target = get_target(e.target)
+    formats = _formats(e, target)
+    if e.opset < MIN_OPSET:
+        raise ExportError(f"--opset must be >= {MIN_OPSET}, got {e.opset}")
+    if e.batch < 1 or e.tune_trials < 0:
+        raise ExportError("--batch must be >= 1 and --tune-trials >= 0")
+    if "tvm" in formats:
+        from .tvm_build import require_tvm
+
+        require_tvm()
+    elif e.tune_trials:
+        raise ExportError("--tune-trials tunes the TVM library: add --format tvm")
+    if any(f in formats for f in ("onnx", "tensorrt")):
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise ExportError(f"the onnx format needs onnx and onnxruntime (pip install 'rsp[export]'): {exc}") from None
+
+    v = verify_opts
+    if v.n_examples < 0 or v.steps < 1 or v.restarts < 1:
+        raise VerifyError("--n-examples must be >= 0, --steps and --restarts >= 1")
+    unknown_gates = [g for g in v.gates if g not in GATES]
+    if unknown_gates:
+        raise VerifyError(f"unknown gate {unknown_gates[0]!r}")
+    known = WHITE_BOX + BLACK_BOX
+    bad_attacks = [a for a in expand_attacks(v.attacks) if a not in known]
+    if bad_attacks or not v.attacks:
+        raise VerifyError(f"unknown attack(s) {', '.join(bad_attacks) or '(none)'}; choose from {', '.join(known)}, "
+                          f"or {', '.join(ATTACK_ALIASES)}")
 
 
 def _complete(folder: Path) -> bool:
@@ -38,16 +110,62 @@ def _complete(folder: Path) -> bool:
         return False
 
 
-def _fresh(folder: Path) -> None:
-    """A stage folder left half-written (no manifest) is rebuilt; one with a manifest is never deleted."""
-    if folder.exists() and not (folder / MANIFEST).exists():
-        shutil.rmtree(folder)
+def _foreign_entries(folder: Path, stage: str) -> list[str]:
+    """What in a stage folder without a manifest rsp cannot prove it wrote (sorted names)."""
+    if not (folder / MARKER).is_file():  # not created by the pipeline: every entry is the user's
+        return sorted(p.name for p in folder.iterdir())
+    ours = STAGE_FILES.get(stage, ()) + (RSP_DOTFILES, TEMP_FILE)
+    return sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatchcase(p.name, pat) for pat in ours))
+
+
+def check_folders(out: Path) -> None:
+    """Refuse, before anything is removed or trained, stage folders that are not the pipeline's to rebuild."""
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"--output {out} exists and is not a folder")
+    for stage in STAGES[:3]:
+        folder = out / stage
+        if folder.exists() and not folder.is_dir():
+            raise ArtifactError(f"{folder} exists and is not a folder: move it away or choose another --output")
+        if not folder.is_dir() or (folder / MANIFEST).is_file():
+            continue
+        _refuse_foreign(folder, stage)
+
+
+def _refuse_foreign(folder: Path, stage: str) -> None:
+    foreign = _foreign_entries(folder, stage)
+    if not foreign:
+        return
+    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    if (folder / MARKER).is_file():
+        raise ArtifactError(f"{folder} (a {stage} stage that did not finish) also holds files rsp did not write "
+                            f"({shown}): move them away or choose another --output; nothing was removed")
+    raise ArtifactError(f"{folder} is not an rsp stage folder (no {MANIFEST}) and holds {shown}: move it away "
+                        "or choose another --output; nothing was removed")
+
+
+def _fresh(folder: Path, stage: str) -> None:
+    """Make `folder` an empty stage folder carrying the pipeline's marker, removing only what rsp wrote there
+    (check_folders has refused anything else)."""
+    if folder.is_dir():
+        _refuse_foreign(folder, stage)  # again: the folder may have changed since check_folders
+        for entry in folder.iterdir():
+            if entry.name != MARKER:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).write_text(json.dumps({"stage": stage, "written_by": "rsp pipeline", "pid": os.getpid()}) + "\n")
+
+
+def _sealed(folder: Path) -> None:
+    """The stage's manifest is written: the marker's work is done."""
+    (folder / MARKER).unlink(missing_ok=True)
 
 
 def run(output: str | Path, train_cfg, structure_opts, export_opts, verify_opts, log=print) -> dict:
     from . import export as export_stage, structure as structure_stage, train as train_stage, verify as verify_stage
 
     out = Path(output)
+    check_options(structure_opts, export_opts, verify_opts)
+    check_folders(out)
     out.mkdir(parents=True, exist_ok=True)
     dirs = {s: out / s for s in STAGES}
     done = {}
@@ -57,9 +175,10 @@ def run(output: str | Path, train_cfg, structure_opts, export_opts, verify_opts,
     else:
         resume = (dirs["train"] / MANIFEST).is_file()
         if not resume:
-            _fresh(dirs["train"])
+            _fresh(dirs["train"], "train")
         log(f"[1/4] train -> {dirs['train']}" + (" (resuming)" if resume else ""))
         train_stage.run(train_cfg, dirs["train"], resume=resume, log=log)
+    _sealed(dirs["train"])
     done["train"] = json.loads((dirs["train"] / MANIFEST).read_text())
 
     for i, (stage, module, opts) in enumerate((("structure", structure_stage, structure_opts),
@@ -71,9 +190,10 @@ def run(output: str | Path, train_cfg, structure_opts, export_opts, verify_opts,
                 raise ArtifactError(f"{dirs[stage]} holds an unfinished {stage} (status "
                                     f"{json.loads((dirs[stage] / MANIFEST).read_text()).get('status')}); "
                                     "inspect it, remove it, and run again")
-            _fresh(dirs[stage])
+            _fresh(dirs[stage], stage)
             log(f"[{i}/4] {stage} -> {dirs[stage]}")
             module.run(dirs["train" if stage == "structure" else "structure"], dirs[stage], opts, log=log)
+        _sealed(dirs[stage])
         done[stage] = json.loads((dirs[stage] / MANIFEST).read_text())
 
     log(f"[4/4] verify -> {dirs['verify']}")
