@@ -22,8 +22,8 @@ from .artifacts import MANIFEST, MODEL_FILE, ArtifactError
 
 STAGES = ("train", "structure", "export", "verify")
 
-# Written by the pipeline into a stage folder it creates, before the stage runs: the proof that the folder and
-# the stage's files in it are rsp's (removed once the stage's manifest is written).
+# Written by the pipeline into a stage folder it creates, before the stage runs, and left there: the proof that
+# the folder and the stage's files in it are rsp's, should its manifest ever be missing (a kill, a deletion).
 MARKER = ".rsp-pipeline-stage"
 
 # The names each stage writes into its folder (glob patterns), besides manifest.json: what a half-written
@@ -155,11 +155,6 @@ def _fresh(folder: Path, stage: str) -> None:
     (folder / MARKER).write_text(json.dumps({"stage": stage, "written_by": "rsp pipeline", "pid": os.getpid()}) + "\n")
 
 
-def _sealed(folder: Path) -> None:
-    """The stage's manifest is written: the marker's work is done."""
-    (folder / MARKER).unlink(missing_ok=True)
-
-
 def run(output: str | Path, train_cfg, structure_opts, export_opts, verify_opts, log=print) -> dict:
     from . import export as export_stage, structure as structure_stage, train as train_stage, verify as verify_stage
 
@@ -178,7 +173,6 @@ def run(output: str | Path, train_cfg, structure_opts, export_opts, verify_opts,
             _fresh(dirs["train"], "train")
         log(f"[1/4] train -> {dirs['train']}" + (" (resuming)" if resume else ""))
         train_stage.run(train_cfg, dirs["train"], resume=resume, log=log)
-    _sealed(dirs["train"])
     done["train"] = json.loads((dirs["train"] / MANIFEST).read_text())
 
     for i, (stage, module, opts) in enumerate((("structure", structure_stage, structure_opts),
@@ -193,7 +187,6 @@ def run(output: str | Path, train_cfg, structure_opts, export_opts, verify_opts,
             _fresh(dirs[stage], stage)
             log(f"[{i}/4] {stage} -> {dirs[stage]}")
             module.run(dirs["train" if stage == "structure" else "structure"], dirs[stage], opts, log=log)
-        _sealed(dirs[stage])
         done[stage] = json.loads((dirs[stage] / MANIFEST).read_text())
 
     log(f"[4/4] verify -> {dirs['verify']}")
