@@ -407,9 +407,11 @@ class Trainer:
     def _check_same_config(self) -> None:
         import yaml
 
-        try:
-            saved = yaml.safe_load((self.out / CONFIG_FILE).read_text())
-        except (OSError, yaml.YAMLError):
+        from .config import read_text_file, safe_yaml
+
+        try:  # bounded like every file rsp reads: a config.yaml cannot expand or hang the resume
+            saved = safe_yaml(read_text_file(self.out / CONFIG_FILE, "config file"))
+        except (OSError, yaml.YAMLError, ValueError):
             saved = None
         if not isinstance(saved, dict):
             raise ConfigError(f"{self.out / CONFIG_FILE} is missing or unreadable: cannot resume")

@@ -486,6 +486,8 @@ def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
     gates = {**(manifest.get("gates") or {}), **{k: v for k, v in opts.gates.items() if v is not None}}
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    # the one writer of output from here on: a second verify into it fails now, not after its attacks
+    _held = lock_folder(output)
     t0 = time.perf_counter()
     model = load_model(bundle, device=opts.device)
     chw = _chw(manifest, model)
@@ -587,7 +589,7 @@ def _verify(bundle: Path, output: Path, manifest: dict, model, chw, runtimes: di
         "runtimes": {name: rt.info for name, rt in runtimes.items()},
         "system": _system_info(opts, runtimes), "time_s": round(time.perf_counter() - t0, 2),
     }
-    _held = lock_folder(output)  # the one writer of output while the report is written
+    output.mkdir(parents=True, exist_ok=True)  # locked by run()
     write_json(output / "verify.json", result)
     _report(output, result, num_classes, log)
     return result

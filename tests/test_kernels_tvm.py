@@ -333,7 +333,7 @@ def test_auto_on_a_cpu_target_plans_and_links_the_cpu_kernels(source, tmp_path):
 @needs_cxx
 def test_cpu_kernels_thread_pool(tmp_path):
     """Every layer run in parallel on rsp's pool (RSP_CPU_PARALLEL_MIN_WORK=1: an 8x8 map in bands of output
-    rows, the small maps and the linear layer split by output channels) matches PyTorch on 1, 2 and 3 threads
+    rows, the small maps and the linear layer split by output channels) matches PyTorch on 1 and 3 threads
     (RSP_NUM_THREADS, in a fresh process each: the pool is made once per library load)."""
 
     torch.manual_seed(1)
@@ -358,7 +358,7 @@ def test_cpu_kernels_thread_pool(tmp_path):
     script = ("import sys, ctypes, numpy as np; from rsp.tvm_build import run_library; "
               f"y = run_library({str(lib)!r}, np.load({str(tmp_path / 'x.npy')!r}), 1); "
               f"np.save(sys.argv[1], y); print(ctypes.CDLL({str(lib)!r}).rsp_cpu_threads())")
-    for threads in (1, 2, 3):
+    for threads in (1, 3):  # serially, and in three uneven bands or row shares
         out = tmp_path / f"y{threads}.npy"
         r = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "RSP_NUM_THREADS": str(threads), "RSP_CPU_PARALLEL_MIN_WORK": "1"})

@@ -216,6 +216,19 @@ def test_expect_sha256_refuses_another_bundle_before_loading_native_code(tmp_pat
     assert result["bundle_manifest_sha256"] == current and current in (tmp_path / "v" / "report.md").read_text()
 
 
+def test_a_second_verify_into_a_busy_output_fails_before_any_work(tmp_path, monkeypatch):
+    """verify locks its output before it loads the model or attacks (the lock used to come at the report)."""
+    import rsp.verify
+    from rsp.artifacts import FolderBusyError, lock_folder
+    from rsp.verify import VerifyOptions, run
+
+    bundle = _small_folder(tmp_path, "bundle", stage="export")
+    monkeypatch.setattr(rsp.verify, "load_model", lambda *a, **k: pytest.fail("loaded the model of a busy verify"))
+    with lock_folder(tmp_path / "v"), pytest.raises(FolderBusyError, match="is in use by another rsp process"):
+        run(bundle, VerifyOptions(output=str(tmp_path / "v"), backends=["torch"], n_examples=8, steps=1, restarts=1),
+            log=lambda *_: None)
+
+
 def test_export_prints_the_manifest_sha256(tmp_path):
     pytest.importorskip("onnxruntime")
     from rsp.export import ExportOptions, run
