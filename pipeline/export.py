@@ -443,6 +443,23 @@ def _tuning_progress(target: Target, cache: Path | None, trials: int):
 # --- the stage ----------------------------------------------------------------------------------------
 
 
+def check_tools(formats, tune_trials: int) -> None:
+    """What the formats need is installed, and --tune-trials has a TVM library to tune: one line before any
+    work (rsp export, and rsp pipeline before it trains)."""
+    if "tvm" in formats:
+        from .tvm_build import require_tvm
+
+        require_tvm()
+    elif tune_trials:
+        raise ExportError("--tune-trials tunes the TVM library: add --format tvm")
+    if any(f in formats for f in ("onnx", "tensorrt")):
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise ExportError(f"the onnx format needs onnx and onnxruntime (pip install 'rsp[export]'): {exc}") from None
+
+
 def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) -> dict:
     source, output = Path(source), Path(output)
     t0 = time.perf_counter()
@@ -470,18 +487,7 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
         raise ExportError("--sparse-kernels host links kernels into the TVM library: add --format tvm")
     if opts.force_sparse and mode == "off":
         raise ExportError("force_sparse needs --sparse-kernels auto or host")
-    if "tvm" in formats:
-        from .tvm_build import require_tvm
-
-        require_tvm()  # fail in one line before any work when TVM is absent
-    elif opts.tune_trials:
-        raise ExportError("--tune-trials tunes the TVM library: add --format tvm")
-    if any(f in formats for f in ("onnx", "tensorrt")):
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            raise ExportError(f"the onnx format needs onnx and onnxruntime (pip install 'rsp[export]'): {exc}") from None
+    check_tools(formats, opts.tune_trials)
     manifest = _check_source(source)
     if output.resolve() == source.resolve():
         raise ExportError("--output must differ from the source folder")

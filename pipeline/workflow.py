@@ -54,7 +54,7 @@ def check_options(structure_opts, export_opts, verify_opts) -> None:
     The same checks the stages make on their own options (each stage checks again when it runs)."""
     from . import structure as structure_stage
     from .attacks import BLACK_BOX, WHITE_BOX
-    from .export import MIN_OPSET, ExportError, _formats
+    from .export import MIN_OPSET, ExportError, _formats, check_tools
     from .targets import get_target
     from .verify import ATTACK_ALIASES, GATES, VerifyError, expand_attacks
 
@@ -74,18 +74,7 @@ def check_options(structure_opts, export_opts, verify_opts) -> None:
         raise ExportError(f"--opset must be >= {MIN_OPSET}, got {e.opset}")
     if e.batch < 1 or e.tune_trials < 0:
         raise ExportError("--batch must be >= 1 and --tune-trials >= 0")
-    if "tvm" in formats:
-        from .tvm_build import require_tvm
-
-        require_tvm()
-    elif e.tune_trials:
-        raise ExportError("--tune-trials tunes the TVM library: add --format tvm")
-    if any(f in formats for f in ("onnx", "tensorrt")):
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            raise ExportError(f"the onnx format needs onnx and onnxruntime (pip install 'rsp[export]'): {exc}") from None
+    check_tools(formats, e.tune_trials)
 
     v = verify_opts
     if v.n_examples < 0 or v.steps < 1 or v.restarts < 1:
