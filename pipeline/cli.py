@@ -90,17 +90,6 @@ def _check_device(device: str) -> None:
         _fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-def _check_train_config(cfg) -> None:
-    """What the trainer needs of its numbers beyond config.validate: without these, a negative temperature
-    is a NaN noise std, a negative weight decay grows the weights, a thread count < 1 a torch traceback."""
-    _check_threads(cfg.threads)
-    for key in ("weight_decay", "beta", "sigma", "alpha"):
-        if getattr(cfg, key) < 0:
-            _fail(f"--{key.replace('_', '-')} must be >= 0, got {getattr(cfg, key)}")
-    if cfg.temperature is not None and cfg.temperature <= 0:
-        _fail(f"--temperature must be > 0, got {cfg.temperature}")
-
-
 def _onnx_opset_range() -> tuple[int, int]:
     """The opsets rsp's ONNX export can write: from export's minimum to the TorchScript exporter's maximum."""
     from .export import MIN_OPSET
@@ -248,7 +237,6 @@ def train(
             if saved.is_file():  # resuming: the saved config is the recipe, flags may change runtime options
                 recipe = read_recipe(str(saved))
         cfg = resolve(recipe, overrides)
-        _check_train_config(cfg)
         out = output or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}"
         _check_output(out)
         manifest = run(cfg, out, resume=resume, log=lambda m: typer.echo(m, err=True))
@@ -568,7 +556,6 @@ def pipeline(
         ours = saved.is_file() and (saved.parent / "manifest.json").is_file()  # a run's config, not any file
         recipe = read_recipe(config) if config else (read_recipe(str(saved)) if ours else None)
         cfg = resolve(recipe, overrides)
-        _check_train_config(cfg)
         _check_output(output)
         dev = "cuda" if cfg.device == "cuda" else "cpu"
         s_opts = StructureOptions(k=k, nm=nm, finetune=finetune, data_dir=cfg.data_dir, device=dev, seed=cfg.seed,

@@ -310,6 +310,15 @@ def validate(cfg: TrainConfig) -> None:
         bad(f"--device must be cpu, cuda or auto, got {cfg.device!r}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         bad(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    # without these a negative temperature is a NaN noise std, a negative weight decay grows the weights, a
+    # thread count < 1 a torch traceback
+    if cfg.threads is not None and cfg.threads < 1:
+        bad(f"--threads must be >= 1, got {cfg.threads}")
+    for key in ("weight_decay", "beta", "sigma", "alpha"):
+        if getattr(cfg, key) < 0:
+            bad(f"--{key.replace('_', '-')} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.temperature is not None and cfg.temperature <= 0:
+        bad(f"--temperature must be > 0, got {cfg.temperature}")
 
 
 class _PlainDumper(yaml.SafeDumper):

@@ -367,7 +367,6 @@ static const long long PARALLEL_MIN_WORK = 16384;
 //   rows (split by non-zeros) over the whole grid; each thread packs the whole chunk once per call (a few
 //   microseconds at these sizes), however many of the tasks it claims.
 struct ChunkTask {
-  int (*job)(const void*, int, int);  // chunk_job<L>
   const float* x;
   const float* r;
   float* y;
@@ -611,7 +610,7 @@ static int run_chunk(const float* x, const float* r, float* y, int nb, const wfl
   const int half = U / 2;
   const bool bands = !L.GH && U >= 2 &&
                      8 * ((unit_end<L>(half - 1) + 7) / 8 + (unit_end<L>(U - 1) - unit_begin<L>(half) + 7) / 8) <= 9 * vectors;
-  const ChunkTask task{chunk_job<L>, x, r, y, W, nb, bands, next_call()};
+  const ChunkTask task{x, r, y, W, nb, bands, next_call()};
 #ifdef RSP_TVM_FFI
   const long long work = ((long long)L.row_ptr[L.M] + ROW_COST * L.M) * vectors;
   return launch(chunk_job<L>, &task, bands ? U / 2 : L.M / (L.dense ? 4 : 1), bands ? 1 : 4, work, pool()->min_work);
