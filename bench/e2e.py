@@ -48,7 +48,7 @@ BATCHES = (1, 8)
 THREADS = (1, 2)
 CHW = (3, 32, 32)
 # untimed calls of a candidate before each timed burst: onnxruntime's intra-op workers keep spinning for
-# more than 20 ms after its last call (measured: rsp on 2 threads right after onnxruntime with 20 ms of
+# more than 20 ms after its last call (measured in an ad hoc script: rsp on 2 threads right after onnxruntime with 20 ms of
 # settling ran 1.65x slower than alone; with 200 ms, the same), so each candidate is timed as it runs alone
 SETTLE_S = 0.25
 
