@@ -16,33 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # study.py, also when loaded by path (tests)
+import study  # noqa: E402
+
 METHODS = ["bcs", "fixed", "magnitude", "lth", "hydra", "edge-popup", "admm", "anp-vs"]
-
-
-def _done(folder: Path, name: str = "manifest.json") -> bool:
-    f = folder / name
-    if not f.is_file():
-        return False
-    try:
-        data = json.loads(f.read_text())
-    except ValueError:
-        return False
-    return data.get("status", "complete") == "complete"
-
-
-def _run(cmd: list[str], dry: bool, log: Path | None) -> int:
-    line = " ".join(shlex.quote(c) for c in cmd)
-    sys.stderr.write(f"$ {line}\n")  # one write: --jobs threads do not interleave within a line
-    sys.stderr.flush()
-    if dry:
-        return 0
-    with open(log, "a") if log else subprocess.DEVNULL as out:
-        return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
 
 
 def main(argv=None) -> int:
@@ -66,50 +46,34 @@ def main(argv=None) -> int:
     ap.add_argument("--report", action="store_true", help="run nothing: the table of the runs finished so far")
     args = ap.parse_args(argv)
     root = Path(args.root)
-    rsp = [sys.executable, "-m", "rsp.cli"]
+    write = not args.dry_run and not args.report
     specs = []
     for sparsity in args.sparsity or [0.9, 0.99]:
         for method in args.method or METHODS:
             run = root / f"{method}-{sparsity:g}"
-            train = ["train", "--dataset", args.dataset, "--data-dir", args.data_dir, "--model", args.model,
+            train = ["train", *study.model_config(run, args.model_kwargs, write), "--dataset", args.dataset,
+                     "--data-dir", args.data_dir, "--model", args.model,
                      "--method", method, "--sparsity", str(sparsity), "--objective", args.objective,
                      "--epochs", str(args.epochs), "--seed", str(args.seed), "--device", args.device,
                      "--output", str(run / "train"), *shlex.split(args.train_flags)]
-            if args.model_kwargs:
-                cfg = run / "model.yaml"
-                if not args.dry_run and not args.report:
-                    run.mkdir(parents=True, exist_ok=True)
-                    cfg.write_text(f"model_kwargs: {args.model_kwargs}\n")
-                train[1:1] = ["--config", str(cfg)]
             export = ["export", str(run / "train"), "--target", "x86-cpu", "--format", "onnx",
                       "--data-dir", args.data_dir, "--output", str(run / "export")]
             verify = ["verify", str(run / "export"), "--data-dir", args.data_dir, "--backend", "onnx",
                       "--n-examples", str(args.n_examples), "--steps", "50", "--restarts", "10",
-                      "--device", "cuda" if args.device in ("cuda", "auto") and _cuda() else "cpu",
+                      "--device", "cuda" if args.device in ("cuda", "auto") and study.cuda_available() else "cpu",
                       "--output", str(run / "verify"), *shlex.split(args.verify_flags)]
-            specs.append((method, sparsity, run, train, export, verify))
-    # rows are independent: --jobs N runs N at a time (one GPU holds many small runs; a CPU gains little)
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        codes = list(pool.map(lambda sp: 0 if args.report else _advance(rsp, *sp[2:], args.dry_run), specs))
+            specs.append(study.Row(run, train, export, verify, {"method": method, "target_sparsity": sparsity}))
+    codes = study.run_rows(specs, args.jobs, args.dry_run, args.report)
     rows = []
-    for (method, sparsity, run, train, export, verify), rc in zip(specs, codes):
-        row = {"method": method, "target_sparsity": sparsity, "commands": ["rsp " + " ".join(c) for c in
-                                                                         (train, export, verify)]}
-        if not args.dry_run and (run / "verify" / "verify.json").is_file():
-            v = json.loads((run / "verify" / "verify.json").read_text())
-            m = json.loads((run / "train" / "manifest.json").read_text())
-            row.update(sparsity=m["sparsity"], clean_acc=v["clean_acc"], robust_acc=v["robust_acc"],
-                       unreliable=v.get("unreliable"), n_examples=v.get("n_examples"),
-                       sanity_run=bool(v.get("sanity", {}).get("checks")),
-                       train_time_s=m["training"]["time_s"], val_robust_acc=m["metrics"].get("val_robust_acc"),
-                       val_clean_acc=m["metrics"].get("val_clean_acc"), selected_epoch=m["metrics"].get("epoch"),
-                       selected_collapsed=m["metrics"].get("selected_collapsed"),
-                       unit_sparsity=m["method_config"].get("unit_sparsity"),  # ANP-VS: units pruned / gated
-                       phases=", ".join(f"{p['name']} {p['steps']}" for p in m["method_config"].get("phases", [])))
+    for spec, rc in zip(specs, codes):
+        row = {**spec.labels, "commands": spec.commands()}
+        found = None if args.dry_run else study.results(spec)
+        if found:
+            row.update(found)
         elif args.report:
             row["error"] = "not finished yet"
         elif not args.dry_run:
-            row["error"] = f"exit code {rc}, see {run / 'log.txt'}"
+            row["error"] = f"exit code {rc}, see {spec.run / 'log.txt'}"
         rows.append(row)
     table = _markdown(rows, args)
     print(table)
@@ -118,32 +82,6 @@ def main(argv=None) -> int:
         (root / "methods.md").write_text(table)
     print(json.dumps({"rows": rows}))
     return 0
-
-
-def _advance(rsp: list[str], run: Path, train: list[str], export: list[str], verify: list[str], dry: bool) -> int:
-    """Run the steps of one row that are not finished yet (train resumes a half-done run)."""
-    log = None if dry else run / "log.txt"
-    if log:
-        run.mkdir(parents=True, exist_ok=True)
-    rc = 0
-    if not _done(run / "train"):
-        resume = ["--resume"] if (run / "train" / "train_state.safetensors").is_file() else []
-        rc = _run(rsp + train + resume, dry, log)
-    if rc == 0 and not _done(run / "export"):
-        rc = _run(rsp + export, dry, log)
-    if rc == 0 and not (run / "verify" / "verify.json").is_file():
-        rc = _run(rsp + verify, dry, log)
-        rc = 0 if rc in (0, 1) else rc  # 1: a gate or sanity check failed; the figures still stand
-    return rc
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
 
 
 def _sanity(row) -> str:
