@@ -9,6 +9,8 @@
 #   RSP_GPU_CHECKS=methods bash scripts/gpu_checks.sh                   # issue 7's table on the GPU (resumable):
 #       copy the CIFAR-10 subset into the ignored gpu-data/ first (cp -r ../shared/data/cifar-10-subset gpu-data/)
 #       and carry gpu-data; RSP_METHODS_FLAGS overrides the model and budget
+#   RSP_GPU_CHECKS=paper bash scripts/gpu_checks.sh             # issue 16's table, GPU settings (full-width VGG-16),
+#       the rows RSP_PAPER_FLAGS names (default: pgd-at at 99 %, the three masks, seed 0) on the same gpu-data copy
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-checks}
@@ -37,6 +39,9 @@ for step in $STEPS; do
     methods)    run methods 480 python scripts/methods_table.py --data-dir "${RSP_CIFAR_DIR:-gpu-data/cifar-10-subset}" \
                     --device "${RSP_METHODS_DEVICE:-cuda}" --jobs 7 --root "${RSP_METHODS_ROOT:-/tmp/rsp-methods}" \
                     ${RSP_METHODS_FLAGS:---model vgg16 --epochs 20 --method bcs --method magnitude --method lth --method hydra --method edge-popup --method admm --method anp-vs} ;;
+    paper)      run paper 540 python scripts/paper_table.py --data-dir "${RSP_CIFAR_DIR:-gpu-data/cifar-10-subset}" \
+                    --device cuda --jobs 3 --root "${RSP_PAPER_ROOT:-/tmp/rsp-paper}" \
+                    ${RSP_PAPER_FLAGS:---objective pgd-at --sparsity 0.99 --seed 0 --epochs 30} ;;
     *) echo "unknown step $step" ;;
   esac
 done
