@@ -75,3 +75,11 @@ def resnet18(*, num_classes: int = 10, in_channels: int = 3, mean: Sequence[floa
              block_channels: Sequence[Sequence[int]] | None = None) -> ResNet:
     return ResNet([2, 2, 2, 2], width, block_channels, num_classes=num_classes, in_channels=in_channels,
                   mean=mean, std=std)
+
+
+@register_model("resnet34")
+def resnet34(*, num_classes: int = 10, in_channels: int = 3, mean: Sequence[float] | None = None,
+             std: Sequence[float] | None = None, width: int = 64,
+             block_channels: Sequence[Sequence[int]] | None = None) -> ResNet:
+    return ResNet([3, 4, 6, 3], width, block_channels, num_classes=num_classes, in_channels=in_channels,
+                  mean=mean, std=std)
