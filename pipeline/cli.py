@@ -599,6 +599,11 @@ def _speed_text(result: dict) -> str:
             f"(the fastest dense runtime here, {sp['fastest_dense_p50_ms']:.3f} ms)")
 
 
+from .pseudo_label import EPILOG as _PSEUDO_LABEL_EPILOG, command as _pseudo_label  # noqa: E402  (light: no torch)
+
+app.command("pseudo-label", epilog=_PSEUDO_LABEL_EPILOG)(_pseudo_label)
+
+
 @app.command()
 def models() -> None:
     """List the model registry."""

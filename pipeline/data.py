@@ -5,8 +5,8 @@ so rsp keeps them there and augments whole batches with tensor ops: no DataLoade
 per-image Python work per step. Images stay uint8 until a batch is drawn, and come out as float
 NCHW in [0, 1]: normalisation lives inside the model.
 
-Readers never execute code from files: the CIFAR pickle reader admits numpy arrays and plain
-types only.
+Readers never execute code from files: the one pickle reader (CIFAR batches, the RST pseudo-labelled
+set as Carmon et al. distribute it) admits numpy arrays and plain types only.
 
 Where the data is: --data-dir, else $RSP_DATA_DIR (like $TORCH_HOME: one folder holding
 cifar-10-batches-py/, cifar-100-python/, svhn/), else, for a stage reading an earlier stage's folder, the
@@ -16,7 +16,6 @@ folder the run was trained on (recorded in its manifest; used only while it stil
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -85,6 +84,8 @@ _ALLOWED_GLOBALS = {
     ("numpy", "dtype"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # how numpy pickles arrays at protocol 5 (bytes -> array, no objects)
+    ("numpy._core.numeric", "_frombuffer"),
     ("_codecs", "encode"),
 }
 
@@ -98,15 +99,19 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays and plain types are allowed")
 
 
-def read_pickle_safely(path: Path) -> dict:
+def read_pickle_safely(path: Path, what: str = "a CIFAR batch") -> dict:
+    """A pickled dict (str keys), read without running code: CIFAR batches, the RST pseudo-labelled set."""
     try:
-        data = _ArrayOnlyUnpickler(io.BytesIO(Path(path).read_bytes()), encoding="bytes").load()
+        with open(path, "rb") as f:  # streamed: the 500 K pseudo-labelled set is 1.5 GB
+            data = _ArrayOnlyUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
         raise DataError(f"missing data file {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a folder, expected {what} file") from None
     except Exception as exc:  # any corrupt or hostile file is bad input, not a crash
         raise DataError(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
-        raise DataError(f"{path} is not a CIFAR batch (expected a dict, got {type(data).__name__})")
+        raise DataError(f"{path} is not {what} (expected a dict, got {type(data).__name__})")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
 
 
@@ -298,36 +303,173 @@ def _stratified_val_indices(y: np.ndarray, fraction: float, seed: int) -> np.nda
     return np.sort(np.concatenate(out))
 
 
-def load_extra_data(path: str, info: DatasetInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pseudo-labelled extra images for RST: .npz or .safetensors with `images` (uint8 NCHW or NHWC) and `labels`."""
-    p = Path(path)
-    try:
-        if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                images, labels = z["images"], z["labels"]
-        elif p.suffix == ".safetensors":
-            from safetensors.numpy import load_file
+# --- image sets in files: RST's extra data, and the images rsp pseudo-label labels -------------------------
 
-            z = load_file(str(p))
-            images, labels = z["images"], z["labels"]
-        else:
-            raise DataError(f"--extra-data must be a .npz or .safetensors file, got {p.name}")
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(f"missing extra-data file {p}") from None
+PSEUDO_LABEL_STAGE = "pseudo-label"  # the stage name of an `rsp pseudo-label` folder
+PSEUDO_LABEL_FILE = "pseudo_labeled.safetensors"
+# The label keys a pickled image set may hold, the first one present wins: the RST set's, CIFAR-10's, CIFAR-100's.
+PICKLE_LABEL_KEYS = ("extrapolated_targets", "labels", "fine_labels")
+# A CIFAR-layout folder's batch files by split (CIFAR-10's names, then CIFAR-100's); the first split that
+# finds files wins.
+CIFAR_SPLIT_FILES = {"train": ([f"data_batch_{i}" for i in range(1, 6)], ["train"]),
+                     "test": (["test_batch"], ["test"])}
+IMAGE_SPLITS = ("train", "test", "all")
+
+# Every layout an image set can come in: name -> what it holds (help texts and errors list these).
+IMAGE_SET_LAYOUTS = {
+    "npz": ".npz (read without pickled objects) with `images` (uint8 N x C x H x W or N x H x W x C) and `labels`",
+    "safetensors": ".safetensors with `images` and `labels`, as .npz",
+    "pickle": ".pickle/.pkl or a CIFAR batch file: a pickled dict with `data` and `extrapolated_targets` (the layout "
+              "ti_500K_pseudo_labeled.pickle of Carmon et al. 2019 is distributed in: uint8 N x 32 x 32 x 3) or "
+              "`labels`, read by the restricted unpickler (numpy arrays and plain types only)",
+    "pseudo-label folder": "an `rsp pseudo-label` output folder (its manifest and sha256-checked safetensors)",
+    "cifar folder": "a CIFAR-layout folder (cifar-10-batches-py, cifar-100-python, or the folder above it): "
+                    "input of rsp pseudo-label only",
+}
+
+
+@dataclass
+class ImageSet:
+    """Images as stored (uint8 N x C x H x W, N x H x W x C, or CIFAR rows N x 3072) and labels where the set
+    has them; `files` are the files read, in order (what is made from them records their sha256)."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    layout: str
+    files: tuple[Path, ...]
+    meta: dict = field(default_factory=dict)
+
+
+def _arrays_file(p: Path) -> dict[str, np.ndarray]:
+    if p.suffix == ".npz":
+        with np.load(p, allow_pickle=False) as z:  # an object array inside is refused, not unpickled
+            return {k: z[k] for k in z.files}
+    from safetensors.numpy import load_file
+
+    return load_file(str(p))
+
+
+def _pickled_set(p: Path) -> ImageSet:
+    d = read_pickle_safely(p, what="a pickled image set")
+    if "data" not in d:
+        raise DataError(f"{p}: a pickled image set needs `data` (and `extrapolated_targets` or `labels`), "
+                        f"found keys {sorted(map(str, d))}")
+    key = next((k for k in PICKLE_LABEL_KEYS if k in d), None)
+    return ImageSet(d["data"], None if key is None else d[key], "pickle", (p,))
+
+
+def _cifar_folder_set(p: Path, split: str) -> ImageSet | None:
+    """The batches of a CIFAR-layout folder (None: `p` is not one)."""
+    for cand in (p, p / "cifar-10-batches-py", p / "cifar-100-python"):
+        for layout in range(2):  # CIFAR-10's file names, then CIFAR-100's
+            names = [n for s in (IMAGE_SPLITS[:2] if split == "all" else (split,)) for n in CIFAR_SPLIT_FILES[s][layout]]
+            files = [cand / n for n in names if (cand / n).is_file()]
+            if files:
+                parts = [_pickled_set(f) for f in files]
+                if any(s.labels is None for s in parts):
+                    raise DataError(f"{cand}: a CIFAR batch without labels")
+                return ImageSet(np.concatenate([np.asarray(s.images) for s in parts]),
+                                np.concatenate([np.asarray(s.labels).reshape(-1) for s in parts]), "cifar folder",
+                                tuple(files), {"split": split})
+    return None
+
+
+def _pseudo_label_folder(p: Path) -> ImageSet:
+    from .artifacts import ArtifactError, check_files, read_manifest, require_complete
+
+    try:
+        m = read_manifest(p)
+        if m["stage"] != PSEUDO_LABEL_STAGE:
+            raise ArtifactError(f"{p} is an rsp {m['stage']} folder, not an image set (make one with rsp pseudo-label)")
+        require_complete(p, m)
+        problems = check_files(p, m)
+    except ArtifactError as exc:
+        raise DataError(str(exc)) from None
+    if PSEUDO_LABEL_FILE not in m.get("files", {}) or problems:
+        raise DataError(f"{p}: {problems[0] if problems else PSEUDO_LABEL_FILE + ' is not in its manifest'}")
+    try:
+        z = _arrays_file(p / PSEUDO_LABEL_FILE)
     except Exception as exc:
-        raise DataError(f"cannot read extra data {p}: {exc}") from None
-    images = np.asarray(images)
-    if images.ndim == 4 and images.shape[-1] == info.in_channels and images.shape[1] != info.in_channels:
-        images = images.transpose(0, 3, 1, 2)
-    want = (info.in_channels, info.image_size, info.image_size)
-    if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != want:
-        raise DataError(f"extra data {p}: expected uint8 images N x {want}, got {images.dtype} {images.shape}")
-    labels = np.asarray(labels).astype(np.int64).reshape(-1)
-    if len(labels) != len(images) or labels.min() < 0 or labels.max() >= info.num_classes:
-        raise DataError(f"extra data {p}: need one label in 0..{info.num_classes - 1} per image")
-    return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
+        raise DataError(f"cannot read {p / PSEUDO_LABEL_FILE}: {exc}") from None
+    if "images" not in z or "labels" not in z:
+        raise DataError(f"{p / PSEUDO_LABEL_FILE}: needs `images` and `labels` (found {sorted(z)})")
+    return ImageSet(z["images"], z["labels"], "pseudo-label folder", (p / PSEUDO_LABEL_FILE,), m)
+
+
+def read_image_set(path: str | Path, split: str = "train", cifar_folders: bool = True) -> ImageSet:
+    """An image set in any of IMAGE_SET_LAYOUTS, as stored; split picks a CIFAR-layout folder's images."""
+    p = Path(path).expanduser()
+    if split not in IMAGE_SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(IMAGE_SPLITS)}")
+    layouts = ", ".join(k for k in IMAGE_SET_LAYOUTS if cifar_folders or k != "cifar folder")
+    if p.is_dir():
+        if (p / "manifest.json").is_file():
+            return _pseudo_label_folder(p)
+        if (p / PSEUDO_LABEL_FILE).exists():  # the manifest is written last: without it the folder is not sealed
+            raise DataError(f"{p} holds {PSEUDO_LABEL_FILE} but no manifest.json: an rsp pseudo-label run that did "
+                            "not finish; run it again")
+        found = _cifar_folder_set(p, split) if cifar_folders else None
+        if found is None:
+            raise DataError(f"{p} is a folder but not an image set; expected one of: {layouts}")
+        return found
+    if not p.is_file():
+        raise DataError(f"missing image file {p}")
+    suffix = p.suffix.lower()
+    if suffix in (".pickle", ".pkl"):
+        return _pickled_set(p)
+    if not suffix:  # CIFAR batches (data_batch_1, test_batch) have no suffix: known by pickle's protocol byte
+        with open(p, "rb") as f:
+            if f.read(1) == b"\x80":
+                return _pickled_set(p)
+    if suffix not in (".npz", ".safetensors"):
+        kind = repr(p.suffix) if suffix else "(no suffix, not a pickle)"
+        raise DataError(f"{p}: unknown image-set layout {kind}; expected one of: {layouts}")
+    try:
+        z = _arrays_file(p)
+    except Exception as exc:  # a corrupt, truncated or object-holding file is bad input
+        raise DataError(f"cannot read {p}: {exc}") from None
+    if "images" not in z:
+        raise DataError(f"{p}: no `images` array (found {sorted(z)})")
+    return ImageSet(z["images"], z.get("labels"), suffix[1:], (p,))
+
+
+def fit_images(images, shape: tuple[int, int, int], where: str) -> np.ndarray:
+    """uint8 N x C x H x W from N x C x H x W, N x H x W x C or CIFAR rows (N x C*H*W, channel planes)."""
+    x = np.asarray(images)
+    c, h, w = shape
+    if x.dtype == np.uint8 and len(x) > 0:
+        if x.ndim == 2 and x.shape[1] == c * h * w:
+            return x.reshape(-1, c, h, w)
+        if x.ndim == 4 and tuple(x.shape[1:]) == (c, h, w):
+            return np.ascontiguousarray(x)
+        if x.ndim == 4 and tuple(x.shape[1:]) == (h, w, c):
+            return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    raise DataError(f"{where}: expected uint8 images N x {c} x {h} x {w} (or N x {h} x {w} x {c}), "
+                    f"got {x.dtype} {'x'.join(map(str, x.shape)) or 'scalar'}")
+
+
+def fit_labels(labels, n: int, num_classes: int, where: str) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.dtype.kind not in "iu":
+        raise DataError(f"{where}: labels must be integers, got {y.dtype}")
+    y = y.reshape(-1).astype(np.int64)
+    if len(y) != n or y.min(initial=0) < 0 or y.max(initial=0) >= num_classes:
+        raise DataError(f"{where}: need one label in 0..{num_classes - 1} per image ({n} images, {len(y)} labels)")
+    return y
+
+
+def load_extra_data(path: str, info: DatasetInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudo-labelled extra images for RST, in any labelled layout of IMAGE_SET_LAYOUTS (not a CIFAR folder)."""
+    s = read_image_set(path, cifar_folders=False)
+    where = f"extra data {path}"
+    made_for = ((s.meta.get("dataset") or {}).get("dataset")) if s.layout == "pseudo-label folder" else None
+    if made_for and made_for != info.name:  # same shapes, other classes (cifar10 vs svhn): labels would lie
+        raise DataError(f"{where} was labelled by a {made_for} model; this run trains on {info.name}")
+    if s.labels is None:
+        raise DataError(f"{where} holds no labels: label it first with rsp pseudo-label MODEL_DIR {path} -o FOLDER")
+    images = fit_images(s.images, (info.in_channels, info.image_size, info.image_size), where)
+    labels = fit_labels(s.labels, len(images), info.num_classes, where)
+    return torch.from_numpy(images), torch.from_numpy(labels)
 
 
 # --- batches on the device ----------------------------------------------------------------------

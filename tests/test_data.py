@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rsp.data import (DataError, DeviceBatches, augment, dataset_info, load_dataset, load_extra_data,
-                      read_pickle_safely)
+from rsp.data import (DataError, DeviceBatches, augment, dataset_info, fit_images, fit_labels, load_dataset,
+                      load_extra_data, read_image_set, read_pickle_safely)
 
 
 def test_cifar10_subset_reads_with_val_cut_from_train(cifar_dir):
@@ -96,3 +96,58 @@ def test_extra_data_for_rst(tmp_path):
         load_extra_data(str(tmp_path / "bad.npz"), info)
     with pytest.raises(DataError):
         load_extra_data(str(tmp_path / "missing.npz"), info)
+
+
+def _ti_pickle(protocol: int, numpy1_names: bool = False) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """A small set in the layout ti_500K_pseudo_labeled.pickle is distributed in (Carmon et al. 2019)."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    targets = np.array([0, 1, 2, 3, 4, 9])
+    blob = pickle.dumps({"data": data, "extrapolated_targets": targets, "ti_index": np.arange(6)}, protocol=protocol)
+    if numpy1_names:  # the 2019 file was written by numpy 1.x, whose arrays name numpy.core
+        blob = blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    return blob, data, targets
+
+
+@pytest.mark.parametrize("protocol,numpy1", [(2, True), (3, False), (4, False), (5, False)])
+def test_rst_pickle_layout_loads_as_extra_data(tmp_path, protocol, numpy1):
+    blob, data, targets = _ti_pickle(protocol, numpy1)
+    path = tmp_path / "ti_500K_pseudo_labeled.pickle"
+    path.write_bytes(blob)
+    ex, ey = load_extra_data(str(path), dataset_info("cifar10"))
+    assert ex.shape == (6, 3, 32, 32) and ey.tolist() == targets.tolist()
+    assert np.array_equal(ex.numpy().transpose(0, 2, 3, 1), data)  # HWC pixels land in their CHW places
+
+
+def test_rst_pickle_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "ti_500K_pseudo_labeled.pickle"
+    bad.write_bytes(pickle.dumps({"data": Evil(), "extrapolated_targets": [0]}))
+    with pytest.raises(DataError, match="refusing to load posix.system"):
+        load_extra_data(str(bad), dataset_info("cifar10"))
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "targets_only.pickle").write_bytes(pickle.dumps({"extrapolated_targets": np.zeros(3, np.int64)}))
+    with pytest.raises(DataError, match="needs `data`"):  # generate_pseudolabels.py's targets-only output
+        load_extra_data(str(tmp_path / "targets_only.pickle"), dataset_info("cifar10"))
+
+
+def test_image_set_layouts_and_their_errors(tmp_path, cifar_dir):
+    test = read_image_set(cifar_dir, split="test")  # a CIFAR folder: the images rsp pseudo-label may label
+    assert test.layout == "cifar folder" and len(test.images) == 517 and len(test.labels) == 517
+    assert len(read_image_set(cifar_dir / "cifar-10-batches-py", split="all").labels) == 5085 + 517
+    one = read_image_set(cifar_dir / "cifar-10-batches-py" / "test_batch")  # a batch file, no suffix
+    assert np.array_equal(fit_images(one.images, (3, 32, 32), "x"), fit_images(test.images, (3, 32, 32), "x"))
+    with pytest.raises(DataError, match="not an image set"):  # extra data must be pseudo-labelled, not a CIFAR folder
+        load_extra_data(str(cifar_dir), dataset_info("cifar10"))
+    with pytest.raises(DataError, match="got float32"):
+        fit_images(np.zeros((2, 3, 32, 32), np.float32), (3, 32, 32), "x")
+    with pytest.raises(DataError, match="labels must be integers"):
+        fit_labels(np.zeros(2, np.float32), 2, 10, "x")
+    with pytest.raises(DataError, match="need one label in 0..9"):
+        fit_labels(np.array([0, 10]), 2, 10, "x")
+    (tmp_path / "images.csv").write_text("1,2,3")
+    with pytest.raises(DataError, match="unknown image-set layout '.csv'"):
+        read_image_set(tmp_path / "images.csv")
