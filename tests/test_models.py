@@ -15,7 +15,9 @@ TINY = {
     "small-cnn": {},
     "vgg11": {"width": 0.125},
     "vgg16": {"width": 0.125},
+    "vgg16-1fc": {"width": 0.125},
     "resnet18": {"width": 8},
+    "resnet34": {"width": 8},
     "wrn": {"depth": 10, "widen_factor": 1},
     "wrn-28-4": {"block_channels": [[4] * 4] * 3},  # full depth and stage widths, narrow inner convs
     "wrn-34-10": None,  # 46M parameters: built on the meta device for the parameter count only
@@ -96,7 +98,7 @@ def test_same_seed_same_weights(name):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("name,expected", [("vgg16", 14.7e6), ("resnet18", 11.2e6), ("wrn-28-4", 5.85e6),
+@pytest.mark.parametrize("name,expected", [("vgg16", 15.3e6), ("vgg16-1fc", 14.7e6), ("resnet18", 11.2e6), ("wrn-28-4", 5.85e6),
                                            ("wrn-34-10", 46.2e6), ("vgg11", 9.2e6)])
 def test_full_size_parameter_counts(name, expected):
     with torch.device("meta"):
@@ -105,12 +107,57 @@ def test_full_size_parameter_counts(name, expected):
     assert abs(count - expected) / expected < 0.01, count
 
 
-def test_vgg16_output_layer_is_512_by_classes():
+def _weights(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def test_vgg16_is_the_papers_network():
+    # the reference (models/sparse_vgg16.py): 13 convs, 4 pools, head 2048 -> 256 -> 256 -> C with biases
     with torch.device("meta"):
-        model = create_model("vgg16")
+        model = create_model("vgg16", num_classes=10)
+    layers = _weights(model)
+    assert sum(m.weight.numel() for _, m in layers) == 15_302_848
+    assert [n for n, _ in layers] == [f"features.{i}" for i in (0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40)] + \
+        ["classifier.0", "classifier.2", "classifier.4"]
+    assert all(m.bias is None for _, m in layers[:13]) and all(m.bias is not None for _, m in layers[13:])
+    assert [tuple(m.weight.shape) for _, m in layers[13:]] == [(256, 2048), (256, 256), (10, 256)]
+
+
+def test_vgg16_forward_follows_the_reference_layer_sequence():
+    model = create_model("vgg16").eval()
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((type(m).__name__, tuple(o.shape[1:]))))
+             for m in model.modules() if not list(m.children())]
+    model(batch(n=1))
+    for h in hooks:
+        h.remove()
+
+    def block(c, s):
+        return [("Conv2d", (c, s, s)), ("BatchNorm2d", (c, s, s)), ("ReLU", (c, s, s))]
+
+    pool = lambda c, s: [("MaxPool2d", (c, s, s))]
+    expected = [("Normalize", (3, 32, 32))] + block(64, 32) * 2 + pool(64, 16) + block(128, 16) * 2 + pool(128, 8) \
+        + block(256, 8) * 3 + pool(256, 4) + block(512, 4) * 3 + pool(512, 2) + block(512, 2) * 3 \
+        + [("AdaptiveAvgPool2d", (512, 2, 2)), ("Flatten", (2048,)), ("Linear", (256,)), ("ReLU", (256,)),
+           ("Linear", (256,)), ("ReLU", (256,)), ("Linear", (10,))]
+    assert seen == expected
+
+
+def test_vgg16_width_scales_convs_and_the_hidden_head():
+    model = create_model("vgg16", width=0.25)
+    assert model.rsp_config["hidden"] == [64, 64] and model.rsp_config["pool_size"] == 2
+    assert [m.weight.shape[1] for _, m in _weights(model)[13:]] == [512, 64, 64]
+    explicit = create_model("vgg16", width=0.25, hidden=[7, 5])  # explicit widths win over width
+    assert [m.out_features for _, m in _weights(explicit)[13:]] == [7, 5, 10]
+    assert explicit(batch(size=64)).shape == (2, 10)  # larger inputs are pooled to 2x2 before the head
+
+
+def test_vgg16_1fc_is_the_single_linear_variant():
+    with torch.device("meta"):
+        model = create_model("vgg16-1fc")
     assert isinstance(model.classifier, nn.Linear) and model.classifier.weight.shape == (10, 512)
-    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert len(convs) == 14  # 13 convs + classifier: the layer count rsp.sparse's VGG-16 densities assume
+    assert len(_weights(model)) == 14
+    assert sum(m.weight.numel() for _, m in _weights(model)) == 14_715_584
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
@@ -196,7 +243,8 @@ def test_backward_reaches_every_parameter(name):
 def test_state_dict_keys_are_plain():
     keys = {n: list(create_model(n, **TINY[n]).state_dict()) for n in RUNNABLE}
     assert keys["vgg16"][:3] == ["normalize.mean", "normalize.std", "features.0.weight"]
-    assert "classifier.weight" in keys["vgg16"] and "classifier.bias" in keys["vgg16"]
+    assert keys["vgg16"][-2:] == ["classifier.4.weight", "classifier.4.bias"]
+    assert "classifier.weight" in keys["vgg16-1fc"] and "classifier.bias" in keys["vgg16-1fc"]
     assert keys["small-cnn"][2] == "features.0.weight" and "classifier.weight" in keys["small-cnn"]
     for k in ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer1.0.bn2.running_var",
               "layer2.0.shortcut.0.weight", "layer2.0.shortcut.1.weight", "layer4.1.conv2.weight", "fc.weight"):
