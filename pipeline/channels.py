@@ -2,7 +2,8 @@
 
 A channel group is one channel space: the output channels of the convs that write it (several when
 residual additions merge streams), the per-channel modules on it (BatchNorm), and the input channels
-of every conv/linear that reads it. Permuting a group consistently leaves the function unchanged;
+of every conv/linear that reads it (a linear layer after a flatten reads each channel at every spatial
+position: features c*S .. c*S + S-1 of its input, S = H*W, as torch.flatten orders NCHW). Permuting a group consistently leaves the function unchanged;
 removing channel c of a group removes filter c of each producer, entry c of each BatchNorm and input
 slice c of each consumer.
 
@@ -32,6 +33,9 @@ class ChannelGroup:
     size: int = 0
     merged: bool = False  # a residual addition joins several producers
     post_bn_relu: bool = False  # single producer -> BN -> ReLU -> consumers (zero filters give relu(bn(0)))
+    post_relu: bool = False  # single producer -> ReLU -> consumers, no norm (a hidden linear: zero rows give relu(bias))
+    # consumer -> input features per channel: 1 for a conv, H*W for a linear reading a flattened H x W map
+    features_per_channel: dict[str, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -105,15 +109,21 @@ def channel_groups(model: nn.Module) -> list[ChannelGroup]:
         else:
             raise TypeError(f"cannot trace channels through {node.op} {node.target}")
 
-    # Is each single producer followed by exactly BN then ReLU before anything reads it?
+    # Is each single producer followed by exactly BN then ReLU (a conv) or by a ReLU (a linear) before anything
+    # reads it?
     bn_relu: set[str] = set()
+    relu_only: set[str] = set()
+    is_relu = lambda n: n.op == "call_module" and isinstance(modules[n.target], nn.ReLU)
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d) and len(node.users) == 1:
-            bn = next(iter(node.users))
-            if bn.op == "call_module" and isinstance(modules[bn.target], nn.BatchNorm2d) and len(bn.users) == 1:
-                act = next(iter(bn.users))
-                if act.op == "call_module" and isinstance(modules[act.target], nn.ReLU):
+        if node.op != "call_module" or len(node.users) != 1:
+            continue
+        nxt = next(iter(node.users))
+        if isinstance(modules[node.target], nn.Conv2d):
+            if nxt.op == "call_module" and isinstance(modules[nxt.target], nn.BatchNorm2d) and len(nxt.users) == 1:
+                if is_relu(next(iter(nxt.users))):
                     bn_relu.add(node.target)
+        elif isinstance(modules[node.target], nn.Linear) and is_relu(nxt):
+            relu_only.add(node.target)
 
     groups: dict[int, ChannelGroup] = {}
     for sid in set(list(producer_of) + list(norms_of) + list(consumers_of)):
@@ -133,7 +143,15 @@ def channel_groups(model: nn.Module) -> list[ChannelGroup]:
         g.size = first.out_channels if isinstance(first, nn.Conv2d) else first.out_features
         if not g.consumers:  # the logits
             continue
-        g.post_bn_relu = not g.merged and len(g.producers) == 1 and g.producers[0] in bn_relu
+        single = not g.merged and len(g.producers) == 1
+        g.post_bn_relu = single and g.producers[0] in bn_relu
+        g.post_relu = single and not g.norms and g.producers[0] in relu_only
+        for name in g.consumers:
+            mod = modules[name]
+            n_in = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
+            if n_in % g.size or (isinstance(mod, nn.Conv2d) and n_in != g.size):
+                raise TypeError(f"{name} reads {n_in} inputs from {g.size} channels of {g.name}")
+            g.features_per_channel[name] = n_in // g.size
         out.append(g)
     return out
 
@@ -153,5 +171,7 @@ def select_channels(state: dict[str, torch.Tensor], groups: list[ChannelGroup],
                 if f"{name}.{leaf}" in state:
                     state[f"{name}.{leaf}"] = state[f"{name}.{leaf}"].index_select(0, idx)
         for name in g.consumers:
-            state[f"{name}.weight"] = state[f"{name}.weight"].index_select(1, idx)
+            per = g.features_per_channel.get(name, 1)
+            cols = (idx[:, None] * per + torch.arange(per, device=idx.device)).reshape(-1) if per > 1 else idx
+            state[f"{name}.weight"] = state[f"{name}.weight"].index_select(1, cols)
     return state

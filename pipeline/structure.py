@@ -199,10 +199,14 @@ def removable_channels(state: dict[str, torch.Tensor], g: ChannelGroup) -> torch
     unread = torch.ones(g.size, dtype=torch.bool)
     for c in g.consumers:
         w = state[f"{c}.weight"]
-        unread &= ~(w != 0).transpose(0, 1).reshape(w.shape[1], -1).any(1)
-    if not g.post_bn_relu:
+        # rows of the transposed weight are input features; a linear after a flatten has several per channel
+        unread &= ~(w != 0).transpose(0, 1).reshape(g.size, -1).any(1)
+    if not (g.post_bn_relu or g.post_relu):
         return unread
     zero_filter = ~(gemm_view(state[f"{g.producers[0]}.weight"]) != 0).any(1)
+    if g.post_relu:  # producer -> ReLU: a zero row outputs relu(bias), exactly 0 where the bias is <= 0
+        bias = state.get(f"{g.producers[0]}.bias")
+        return unread | (zero_filter & (bias is None or torch.relu(bias) == 0))
     if f"{g.producers[0]}.bias" in state:
         zero_filter &= state[f"{g.producers[0]}.bias"] == 0
     bn = g.norms[0]
@@ -222,6 +226,10 @@ def width_kwargs(name: str, kwargs: dict, model: nn.Module) -> dict[str, tuple]:
         convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.startswith("features.")]
         for conv, pos in zip(convs, positions):
             out[conv] = (key, pos)
+        # the hidden linears of a VGG head (classifier.0, .2, ...): their widths are kwargs["hidden"]
+        head = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("classifier.")]
+        for j, linear in enumerate(head[: len(kwargs.get("hidden") or [])]):
+            out[linear] = ("hidden", j)
     elif family in ("resnet", "wrn"):
         for s, stage in enumerate(kwargs["block_channels"]):
             for j in range(len(stage)):

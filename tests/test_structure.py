@@ -14,7 +14,8 @@ from rsp.structure import (StructureOptions, analyse_layer, project_nm, prune_ve
                            shrink)
 from helpers import rsp_cli
 
-TINY = {"small-cnn": {}, "vgg11": {"width": 0.125}, "vgg16": {"width": 0.125}, "resnet18": {"width": 8},
+TINY = {"small-cnn": {}, "vgg11": {"width": 0.125}, "vgg16": {"width": 0.125}, "vgg16-1fc": {"width": 0.125},
+        "resnet18": {"width": 8}, "resnet34": {"width": 8},
         "wrn": {"depth": 10, "widen_factor": 2}, "wrn-28-4": {"block_channels": [[4] * 4, [8] * 4, [16] * 4]},
         "wrn-34-10": None}
 
@@ -66,7 +67,7 @@ def test_every_registry_model_is_covered():
     assert set(list_models()) == set(TINY)
 
 
-@pytest.mark.parametrize("name", ["small-cnn", "vgg16", "resnet18", "wrn"])
+@pytest.mark.parametrize("name", ["small-cnn", "vgg16", "vgg16-1fc", "resnet18", "wrn"])
 def test_shrinking_only_dead_structures_is_exact_and_never_larger(name):
     model = _sparse_model(name, _params(name))
     x = torch.rand(4, 3, 32, 32)
@@ -81,6 +82,31 @@ def test_shrinking_only_dead_structures_is_exact_and_never_larger(name):
     n_big = sum(p.numel() for p in model.parameters())
     n_small = sum(p.numel() for p in small.parameters())
     assert n_small < n_big
+
+
+def test_shrinking_the_vgg16_head_removes_rows_biases_and_columns_exactly():
+    """The paper's head is a Linear chain: a hidden unit goes with its row and bias and the next layer's column;
+    a conv channel read through the 2x2 flatten goes with its 4 input features of classifier.0."""
+    model = _sparse_model("vgg16", {"width": 0.125}, zero_channels=False)
+    fc14, fc15, fc16 = model.classifier[0], model.classifier[2], model.classifier[4]
+    with torch.no_grad():
+        fc14.weight[:, 4 * 3: 4 * 3 + 4] = 0  # channel 3 of conv 13, at all 4 positions: nobody reads it
+        fc14.weight[5] = 0
+        fc14.bias[5] = -0.1  # relu(0 * x - 0.1) = 0: unit 5 of fc14 is silent
+        fc14.weight[6] = 0
+        fc14.bias[6] = 0.2  # relu(0.2) > 0 feeds a constant: kept
+        fc15.weight[:, 7] = 0  # unit 7 of fc14 is read by nobody
+        fc16.weight[:, 2] = 0  # unit 2 of fc15 too
+    x = torch.rand(4, 3, 32, 32)
+    groups = channel_groups(model)
+    state, kwargs, removed = shrink(model.state_dict(), groups, "vgg16", model.rsp_config, model)
+    assert removed == {"features.40": 1, "classifier.0": 2, "classifier.2": 1}
+    assert kwargs["hidden"] == [30, 31] and kwargs["cfg"][-1] == 63  # from 32, 32 and 64 at width 0.125
+    small = create_model("vgg16", **json.loads(json.dumps(kwargs))).eval()
+    small.load_state_dict(state, strict=True)
+    assert [tuple(small.classifier[i].weight.shape) for i in (0, 2, 4)] == [(30, 252), (31, 30), (10, 31)]
+    with torch.no_grad():
+        assert torch.allclose(model(x), small(x), atol=1e-5, rtol=0)
 
 
 def test_zero_filter_with_live_batchnorm_output_is_kept():
