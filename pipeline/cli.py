@@ -165,12 +165,14 @@ def train(
     model: Optional[str] = typer.Option(None, help="Registry name (rsp models lists them) (default: the data set's: small-cnn, vgg16).", rich_help_panel="Model"),
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="YAML mapping of the model constructor's keyword arguments, e.g. '{width: 0.25}' (vgg), '{widen_factor: 4}' (wrn).", rich_help_panel="Model"),
     sparsity: Optional[float] = typer.Option(None, help="Share of conv/linear weights that are zero, fixed from step one (default: 0.9).", rich_help_panel="Model"),
-    method: Optional[str] = typer.Option(None, help="bcs (Bayesian connectivity sampling, sparse from step one) | fixed (random static mask) | dense; "
+    method: Optional[str] = typer.Option(None, help="bcs (Bayesian connectivity sampling, sparse from step one) | fixed (random static mask, BCS's layer profile) | "
+                                         "random (random static mask, the same density in every layer) | dense; "
                                          "baselines that prune a dense robust model: magnitude | lth | hydra | admm | anp-vs; edge-popup (scores on random weights). "
                                          "--epochs is a method's whole budget, split over its phases (see the manifest) (default: bcs).", rich_help_panel="Model"),
     method_option: Optional[list[str]] = typer.Option(None, "--method-option", help="KEY=VALUE (YAML value) for the method's recipe, e.g. rounds=3; repeatable.", rich_help_panel="Model"),
     rewire_every: Optional[int] = typer.Option(None, help="BCS: rebirth dead connections every N steps (default: 1).", rich_help_panel="Model"),
     regrow: Optional[str] = typer.Option(None, help="BCS rebirth rule: random | l2 (nearest dormant to random active seeds) | l2-weighted (seeds: largest |theta|) (default: random).", rich_help_panel="Model"),
+    sparse_init: Optional[str] = typer.Option(None, help="BCS/fixed start: budget (exactly the budget from step one, |He| values) | reference (the paper's code: under the budget with the layer profile, the first step fills the rest at 1e-12, layers drawn in proportion to size) (default: budget; the paper recipes: reference).", rich_help_panel="Model"),
     sigma: Optional[float] = typer.Option(None, help="BCS: noise std is lr * sigma (default: 1e-6).", rich_help_panel="Model"),
     alpha: Optional[float] = typer.Option(None, help="BCS: L1 prior strength (default: 0).", rich_help_panel="Model"),
     temperature: Optional[float] = typer.Option(None, help="BCS: SGLD temperature T, noise std sqrt(2 lr T) (overrides sigma).", rich_help_panel="Model"),
@@ -186,7 +188,8 @@ def train(
     max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps (smoke runs).", rich_help_panel="Optimisation"),
     batch_size: Optional[int] = typer.Option(None, help="Global batch size (default: 128).", rich_help_panel="Optimisation"),
     lr: Optional[float] = typer.Option(None, help="Initial learning rate; x0.1 at 50 % and 75 % of the epochs (default: 0.1).", rich_help_panel="Optimisation"),
-    weight_decay: Optional[float] = typer.Option(None, help="Decoupled (SGDW) weight decay on conv/linear weights (default: 5e-4).", rich_help_panel="Optimisation"),
+    weight_decay: Optional[float] = typer.Option(None, help="Decoupled (SGDW) weight decay (default: 5e-4).", rich_help_panel="Optimisation"),
+    decay_scope: Optional[str] = typer.Option(None, help="What the decay shrinks: weights (conv/linear weights) | all (every trainable parameter, BatchNorm and biases too, as the paper's code) (default: weights; the paper recipes: all).", rich_help_panel="Optimisation"),
     seed: Optional[int] = typer.Option(None, help="Seed of init, data order, attacks, rewiring (default: 0).", rich_help_panel="Optimisation"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | auto (default: auto).", rich_help_panel="Runtime"),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for CUDA).", rich_help_panel="Runtime"),
@@ -215,11 +218,11 @@ def train(
         return
     overrides = {k: v for k, v in dict(
         dataset=dataset, data_dir=data_dir, val_fraction=val_fraction, extra_data=extra_data, model=model,
-        sparsity=sparsity, method=method, rewire_every=rewire_every, regrow=regrow, sigma=sigma, alpha=alpha, temperature=temperature,
+        sparsity=sparsity, method=method, rewire_every=rewire_every, regrow=regrow, sparse_init=sparse_init, sigma=sigma, alpha=alpha, temperature=temperature,
         objective=objective, eps=eps, attack_step_size=attack_step_size, attack_steps=attack_steps, beta=beta,
         vs_lambda=vs_lambda, eval_attack_steps=eval_attack_steps, test_attack_steps=test_attack_steps,
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
-        device=device, bf16=bf16, compile=compile, threads=threads).items() if v is not None}
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, decay_scope=decay_scope,
+        seed=seed, device=device, bf16=bf16, compile=compile, threads=threads).items() if v is not None}
     if model_kwargs is not None:
         overrides["model_kwargs"] = _yaml_mapping("--model-kwargs", model_kwargs)
     if method_option:

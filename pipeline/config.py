@@ -24,6 +24,9 @@ class ConfigError(ValueError):
     """A config value or file that cannot be used: one line, exit code 2."""
 
 
+DECAY_SCOPES = ("weights", "all")  # TrainConfig.decay_scope
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -40,6 +43,9 @@ class TrainConfig:
     sparsity: float = 0.9
     rewire_every: int = 1
     regrow: str = "random"  # BCS rebirth rule: random | l2 | l2-weighted (structured regrowth)
+    # BCS / fixed start: budget (rsp: exactly K from step one, |He| values) | reference (the paper's code:
+    # under K with the layer profile, the first step fills the rest at 1e-12, layers in proportion to size)
+    sparse_init: str = "budget"
     sigma: float = 1e-6  # noise std is lr * sigma
     alpha: float = 0.0  # L1 prior (SGLD form)
     temperature: float | None = None  # SGLD temperature: noise std sqrt(2 lr T) instead of lr * sigma
@@ -60,6 +66,9 @@ class TrainConfig:
     lr_gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # which parameters the decoupled decay shrinks: weights (rsp: conv/linear weights, BCS's theta) | all
+    # (the reference's SGDW: every trainable parameter, BatchNorm and biases too)
+    decay_scope: str = "weights"
     seed: int = 0
     # evaluation (model selection uses the validation split only)
     eval_attack_steps: int = 10
@@ -275,6 +284,12 @@ def validate(cfg: TrainConfig) -> None:
 
     if cfg.regrow not in REGROW:
         bad(f"unknown regrow rule {cfg.regrow!r}; choose one of {', '.join(REGROW)}")
+    from .sparse import INITS
+
+    if cfg.sparse_init not in INITS:
+        bad(f"unknown sparse init {cfg.sparse_init!r}; choose one of {', '.join(INITS)}")
+    if cfg.decay_scope not in DECAY_SCOPES:
+        bad(f"unknown decay scope {cfg.decay_scope!r}; choose one of {', '.join(DECAY_SCOPES)}")
     from .methods import list_methods
 
     if cfg.method not in list_methods():

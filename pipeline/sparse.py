@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -197,46 +197,99 @@ def global_magnitude_masks(model: nn.Module, keep: int) -> dict[str, torch.Tenso
 # --- initial connectivity -----------------------------------------------------------------------
 
 
-def initial_densities(model_name: str, n_layers: int, density: float) -> list[float | None]:
-    """Per-layer initial densities (None: filled at random from the rest of the budget).
+INITS = ("budget", "reference")  # how BCS / fixed start (TrainConfig.sparse_init); see BayesianRewiring
 
-    VGG-16 follows the reference: first two convs 0.6, next two 0.2, the rest 0.5 * density,
-    output layer 0.6. Other models keep the first and last layer at >= 0.6 (they are tiny and
-    carry the input and the classes) and fill the rest uniformly.
+
+def initial_densities(model_name: str, layers: Sequence[str] | int, density: float) -> list[float | None]:
+    """Per-layer initial densities (None: filled at random from the rest of the budget), one per conv/linear
+    layer in module order; `layers` are their names (or just their count, for profiles that need no names).
+
+    The table is rsp.models.profiles (the reference's profiles for VGG-16, ResNet and WideResNet, keyed by
+    registered model name); other models keep the first and last layer at >= 0.6 and fill the rest.
     """
-    if n_layers == 0:
-        return []
-    if model_name == "vgg16" and n_layers == 14:
-        return [0.6, 0.6, 0.2, 0.2] + [0.5 * density] * 9 + [0.6]
-    spec: list[float | None] = [None] * n_layers
-    spec[0] = max(density, 0.6)
-    spec[-1] = max(density, 0.6)
-    return spec
+    from .models.profiles import initial_densities as profile
+
+    names = [str(i) for i in range(layers)] if isinstance(layers, int) else list(layers)
+    return profile(model_name, names, density)
 
 
-def allocate_budget(sizes: list[int], budget: int, spec: list[float | None], generator: torch.Generator) -> torch.Tensor:
-    """A flat bool mask with exactly `budget` True positions: per-layer counts from `spec`, scaled down if
-    they exceed the budget, then the rest drawn uniformly over all still-dormant positions."""
-    n = sum(sizes)
-    if not 0 <= budget <= n:
-        raise ValueError(f"budget {budget} outside [0, {n}]")
-    fixed = [0 if d is None else min(s, round(d * s)) for s, d in zip(sizes, spec)]
-    if sum(fixed) > budget:  # scale down, largest remainders first, to land exactly on the budget
+def profile_counts(sizes: list[int], budget: int, spec: list[float | None], *, floor: bool = False) -> list[int]:
+    """Active connections per layer from `spec` (round(d * size), or int(d * size) as the reference's
+    initialize_conn_mask with floor=True), scaled down, largest remainders first, if they exceed the budget."""
+    fixed = [0 if d is None else min(s, math.floor(d * s) if floor else round(d * s)) for s, d in zip(sizes, spec)]
+    if sum(fixed) > budget:
         exact = [f * budget / sum(fixed) for f in fixed]
         fixed = [math.floor(e) for e in exact]
         order = sorted(range(len(exact)), key=lambda i: exact[i] - fixed[i], reverse=True)
         for i in order[: budget - sum(fixed)]:
             fixed[i] += 1
-    active = torch.zeros(n, dtype=torch.bool)
+    return fixed
+
+
+def uniform_counts(sizes: list[int], budget: int) -> list[int]:
+    """The same density in every layer at exactly `budget` connections: budget * size / total, the rounding
+    remainders to the largest fractions, so every layer is within one weight of the common density."""
+    n = sum(sizes)
+    if not 0 <= budget <= n:
+        raise ValueError(f"budget {budget} outside [0, {n}]")
+    exact = [budget * s / n for s in sizes]
+    counts = [math.floor(e) for e in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: exact[i] - counts[i], reverse=True)[: budget - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def fill_by_layer_size(sizes: list[int], counts: list[int], need: int, generator: torch.Generator) -> list[int]:
+    """How many of `need` new connections go to each layer: each one's layer drawn with probability in
+    proportion to the layer's size (the reference's get_rewire_n_units, a Categorical over layer sizes).
+    A full layer's overflow is drawn again among the layers with room (the reference would leave it for
+    the next step), so the result lands exactly on the budget."""
+    free = [s - c for s, c in zip(sizes, counts)]
+    if need > sum(free):
+        raise ValueError(f"{need} connections do not fit in {sum(free)} dormant positions")
+    add = [0] * len(sizes)
+    while need > 0:
+        probs = torch.tensor([float(s) if f > a else 0.0 for s, f, a in zip(sizes, free, add)], dtype=torch.float64)
+        drawn = torch.bincount(torch.multinomial(probs, need, replacement=True, generator=generator),
+                               minlength=len(sizes)).tolist()
+        for i, d in enumerate(drawn):
+            take = min(d, free[i] - add[i])
+            add[i] += take
+            need -= take
+    return add
+
+
+def place(sizes: list[int], counts: list[int], generator: torch.Generator,
+          active: torch.Tensor | None = None) -> torch.Tensor:
+    """A flat bool mask: `counts[l]` more positions of layer l, uniform among those not yet in `active`."""
+    active = torch.zeros(sum(sizes), dtype=torch.bool) if active is None else active
     start = 0
-    for s, f in zip(sizes, fixed):
-        if f:
-            active[start + torch.randperm(s, generator=generator)[:f]] = True
+    for s, c in zip(sizes, counts):
+        if c:
+            dormant = torch.nonzero(~active[start : start + s]).squeeze(1)
+            active[start + dormant[torch.randperm(len(dormant), generator=generator)[:c]]] = True
         start += s
-    rest = budget - int(active.sum())
-    if rest:
+    return active
+
+
+def allocate_budget(sizes: list[int], budget: int, spec: list[float | None], generator: torch.Generator, *,
+                    rest: str = "uniform", floor: bool = False) -> torch.Tensor:
+    """A flat bool mask with exactly `budget` True positions: per-layer counts from `spec` (profile_counts),
+    then the rest drawn either uniformly over all still-dormant positions (rest="uniform", rsp's rule) or
+    layer by layer, each new connection's layer in proportion to the layer's size (rest="layer-size", the
+    reference's first sample_connectivity)."""
+    n = sum(sizes)
+    if not 0 <= budget <= n:
+        raise ValueError(f"budget {budget} outside [0, {n}]")
+    fixed = profile_counts(sizes, budget, spec, floor=floor)
+    if rest == "layer-size":
+        add = fill_by_layer_size(sizes, fixed, budget - sum(fixed), generator)
+        return place(sizes, [f + a for f, a in zip(fixed, add)], generator)
+    active = place(sizes, fixed, generator)
+    left = budget - int(active.sum())
+    if left:
         dormant = torch.nonzero(~active).squeeze(1)
-        active[dormant[torch.randperm(len(dormant), generator=generator)[:rest]]] = True
+        active[dormant[torch.randperm(len(dormant), generator=generator)[:left]]] = True
     return active
 
 
@@ -288,12 +341,26 @@ class FixedMask(SparseMethod):
 
     name = "fixed"
 
-    def __init__(self, model: nn.Module, sparsity: float, generator: torch.Generator, model_name: str = ""):
+    def __init__(self, model: nn.Module, sparsity: float, generator: torch.Generator, model_name: str = "",
+                 init: str = "budget"):
+        """init: "budget" (the profile, the rest uniform over dormant positions) or "reference" (the profile,
+        the rest layer by layer in proportion to layer size: BCS's mask after its first reference fill)."""
         dense = sparsifiable_layers(model)
         sizes = [m.weight.numel() for _, m in dense]
         self.total = sum(sizes)
         self.budget = round((1.0 - sparsity) * self.total)
-        active = allocate_budget(sizes, self.budget, initial_densities(model_name, len(sizes), 1 - sparsity), generator)
+        active = self._allocate([n for n, _ in dense], sizes, 1 - sparsity, model_name, init, generator)
+        self._attach(dense, sizes, active)
+
+    def _allocate(self, names, sizes, density, model_name, init, generator) -> torch.Tensor:
+        if init not in INITS:
+            raise ValueError(f"unknown sparse init {init!r}; choose one of {', '.join(INITS)}")
+        spec = initial_densities(model_name, names, density)
+        if init == "reference":
+            return allocate_budget(sizes, self.budget, spec, generator, rest="layer-size", floor=True)
+        return allocate_budget(sizes, self.budget, spec, generator)
+
+    def _attach(self, dense, sizes, active) -> None:
         start = 0
         self.layers = []
         for (name, m), s in zip(dense, sizes):
@@ -349,6 +416,17 @@ class FixedMask(SparseMethod):
             m.mask.copy_(state[f"mask.{n}"].to(m.mask.dtype))
 
 
+
+class RandomMask(FixedMask):
+    """The `random` baseline: a static random mask with the same density in every layer (within one
+    weight), exactly at the budget; no profile. Trained like `fixed`: w = weight * mask."""
+
+    name = "random"
+
+    def _allocate(self, names, sizes, density, model_name, init, generator) -> torch.Tensor:
+        return place(sizes, uniform_counts(sizes, self.budget), generator)
+
+
 class BayesianRewiring(SparseMethod):
     """Bayesian connectivity sampling (Özdenizci & Legenstein 2021; Deep Rewiring, Bellec et al. 2018).
 
@@ -358,8 +436,17 @@ class BayesianRewiring(SparseMethod):
                        - lr * alpha                                      (optional L1 prior)
                        + N(0, (lr * sigma)^2)  or  N(0, 2 * lr * T)      (noise; SGLD form when T is set)
     then theta <= 0 dies (theta = 0, momentum reset) and exactly as many dormant connections are
-    reborn at theta = 1e-12, drawn uniformly over all positions (so layers get rebirths in proportion
-    to their size) among those still dormant.
+    reborn at theta = 1e-12, drawn uniformly among all positions still dormant. A layer's share of the
+    rebirths is thus in proportion to its *dormant* count; the reference draws each rebirth's layer in
+    proportion to its *size*, then a dormant position in it. The two agree up to the factor (1 - layer
+    density): the same at the paper's 0.5 p layers, while the reference rebirths relatively more into
+    its small 0.6-density layers (first convs, output layer; ~0.01 % of VGG-16's weights).
+
+    Initialisation (`init`): "budget" (rsp) starts exactly at K, the profile's per-layer counts
+    (round(d * size)) plus the rest uniformly, active theta = |He normal|. "reference" (the paper's code)
+    starts *under* K with int(d * size) active per layer of the profile (theta = |He normal| there, signs
+    random everywhere); the first step's rewiring then fills the remaining slots at theta = 1e-12, each
+    one's layer drawn in proportion to layer size (the reference's first sample_connectivity()).
 
     Since exactly K connections are active, their flat positions live in a fixed-size index tensor
     `slots` (K,): momentum, noise, death and rebirth all cost O(K) plus O(M) for M rebirth candidates,
@@ -371,10 +458,13 @@ class BayesianRewiring(SparseMethod):
 
     def __init__(self, model: nn.Module, sparsity: float, generator: torch.Generator, *, model_name: str = "",
                  momentum: float = 0.9, weight_decay: float = 5e-4, sigma: float = 1e-6, alpha: float = 0.0,
-                 temperature: float | None = None, rewire_every: int = 1, regrow: str = "random"):
+                 temperature: float | None = None, rewire_every: int = 1, regrow: str = "random",
+                 init: str = "budget"):
         if regrow not in REGROW:
             raise ValueError(f"unknown regrow rule {regrow!r}; choose one of {', '.join(REGROW)}")
-        self.regrow = regrow
+        if init not in INITS:
+            raise ValueError(f"unknown sparse init {init!r}; choose one of {', '.join(INITS)}")
+        self.regrow, self.init = regrow, init
         dense = sparsifiable_layers(model)
         if not dense:
             raise ValueError("model has no conv or linear layer to sparsify")
@@ -389,7 +479,13 @@ class BayesianRewiring(SparseMethod):
 
         # Initial connectivity and signs are drawn on the CPU once (cheap, reproducible), then moved.
         cpu_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=device)))
-        active = allocate_budget(sizes, self.budget, initial_densities(model_name, len(sizes), 1 - sparsity), cpu_gen)
+        spec = initial_densities(model_name, [name for name, _ in dense], 1 - sparsity)
+        if init == "reference":
+            if not 0 <= self.budget <= n:
+                raise ValueError(f"budget {self.budget} outside [0, {n}]")
+            active = place(sizes, profile_counts(sizes, self.budget, spec, floor=True), cpu_gen)
+        else:
+            active = allocate_budget(sizes, self.budget, spec, cpu_gen)
         theta = torch.zeros(n + 1, dtype=dtype)  # one spare slot at [n]: writes that must go nowhere land there
         sign = torch.empty(n, dtype=dtype)
         start = 0
@@ -401,8 +497,13 @@ class BayesianRewiring(SparseMethod):
             start += s
         self.theta_buf = theta.to(device)
         self.sign = sign.to(device)
-        self.grad = torch.zeros(n, dtype=dtype, device=device)
-        self.slots = torch.nonzero(active).squeeze(1).to(device)  # (K,) flat positions of the active connections
+        self._grad_ext = torch.zeros(n + 1, dtype=dtype, device=device)  # [n]: the free slots' (always 0)
+        self.grad = self._grad_ext[:n]
+        # (K,) flat positions of the active connections; under the budget (reference init) the free slots
+        # point at the spare position n (theta 0): dead slots that the first rewiring fills
+        slots = torch.nonzero(active).squeeze(1)
+        self.slots = torch.cat([slots, torch.full((self.budget - len(slots),), n, dtype=slots.dtype)]).to(device)
+        self._sizes = sizes
         self.buf = torch.zeros(self.budget, dtype=dtype, device=device)  # momentum, per slot
         self.steps = 0
         # Rebirth candidates per step. With BatchNorm scaling gradients by 1/|w| and newborns at 1e-12 dying
@@ -466,7 +567,7 @@ class BayesianRewiring(SparseMethod):
         slots, buf = self.slots, self.buf
         theta = self.theta_buf.index_select(0, slots)  # 0 in slots whose connection died and awaits rebirth (rewire_every > 1)
         live = theta > 0
-        buf.mul_(self.momentum).add_(self.grad.index_select(0, slots))
+        buf.mul_(self.momentum).add_(self._grad_ext.index_select(0, slots))
         noise_std = lr * self.sigma if self.temperature is None else math.sqrt(2.0 * lr * self.temperature)
         update = buf * lr + theta * (self.weight_decay * decay_scale)
         if self.alpha:
@@ -478,11 +579,33 @@ class BayesianRewiring(SparseMethod):
         buf.masked_fill_(dead, 0.0)  # momentum of a dead connection is reset
         self.theta_buf.index_copy_(0, slots, theta)
         self.steps += 1
-        if self.steps % self.rewire_every == 0:
+        if self.init == "reference" and self.steps == 1:
+            self._fill_by_layer_size(dead)
+        elif self.steps % self.rewire_every == 0:
             if self.regrow == "random":
                 self._rebirth(dead)
             else:
                 self._rebirth_near(dead)
+
+    @torch.no_grad()
+    def _fill_by_layer_size(self, dead: torch.Tensor) -> None:
+        """The reference's sample_connectivity() at the first step: every dead or free slot is reborn at
+        theta = 1e-12, its layer drawn in proportion to layer size, its position uniform among the layer's
+        dormant ones. Once per run, so host-side per-layer bookkeeping is fine."""
+        n, theta_ext = self.total, self.theta_buf
+        cpu_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.generator,
+                                                                  device=self.generator.device)))
+        live = (theta_ext[:n] > 0).cpu()
+        counts, start = [], 0
+        for s in self._sizes:
+            counts.append(int(live[start : start + s].sum()))
+            start += s
+        dead_idx = torch.nonzero(dead).squeeze(1)
+        add = fill_by_layer_size(self._sizes, counts, int(dead_idx.numel()), cpu_gen)
+        new = torch.nonzero(place(self._sizes, add, cpu_gen, active=live.clone()) & ~live).squeeze(1)
+        new = new[torch.randperm(len(new), generator=cpu_gen)].to(self.slots.device)
+        theta_ext[new] = REBIRTH_THETA
+        self.slots[dead_idx] = new
 
     @torch.no_grad()
     def _rebirth(self, dead: torch.Tensor | None = None) -> None:
@@ -673,13 +796,15 @@ def _uniform_dormant(theta_ext: torch.Tensor, start: int, size: int, generator: 
 
 def make_sparse(method: str, model: nn.Module, sparsity: float, generator: torch.Generator, *,
                 model_name: str = "", **bcs_options) -> SparseMethod | None:
-    """`dense` -> None; `fixed` -> FixedMask; `bcs` -> BayesianRewiring."""
+    """`dense` -> None; `fixed` -> FixedMask; `random` -> RandomMask; `bcs` -> BayesianRewiring."""
     if method == "dense":
         return None
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if method == "fixed":
-        return FixedMask(model, sparsity, generator, model_name=model_name)
+        return FixedMask(model, sparsity, generator, model_name=model_name, init=bcs_options.get("init", "budget"))
+    if method == "random":
+        return RandomMask(model, sparsity, generator)
     if method == "bcs":
         return BayesianRewiring(model, sparsity, generator, model_name=model_name, **bcs_options)
     raise ValueError(f"unknown method {method!r}")

@@ -37,6 +37,7 @@ from .attacks import PGDConfig, evaluate
 from .config import ConfigError, TrainConfig, dump_yaml
 from .data import DeviceBatches, Splits, load_dataset, load_extra_data
 from .models import create_model
+from .models.profiles import profile_name
 from .objectives import Objective
 from .methods import Phase, PhaseContext, budget_of, create_method, split_steps
 from .sparse import dense_state_dict, layer_report, sparsifiable_layers, to_dense
@@ -145,13 +146,15 @@ class TrainStep:
     """One optimizer step, the same for training and for bench/train_step.py:
     objective (attack + loss) -> backward -> gradient averaging over ranks -> SGDW update -> rewiring.
 
-    Conv/linear weights get decoupled decay that follows the schedule multiplier lr_t / lr_0 (SGDW), not
-    the learning rate; BatchNorm and biases get none. With BCS, the sparse method updates theta itself.
+    Decoupled decay follows the schedule multiplier lr_t / lr_0 (SGDW), not the learning rate. It shrinks
+    conv/linear weights only with decay_scope "weights" (rsp's default: BatchNorm and biases get none), or
+    every trainable parameter with "all" (the reference's SGDW, applied to all of model.param_list). With
+    BCS, the sparse method updates and decays theta itself.
     """
 
     def __init__(self, model: nn.Module, sparse, objective: Objective, *, lr: float, momentum: float = 0.9,
                  weight_decay: float = 5e-4, bf16: bool = False, forward_model: nn.Module | None = None,
-                 allreduce=None):
+                 allreduce=None, decay_scope: str = "weights"):
         self.model, self.sparse, self.objective = model, sparse, objective
         self.lr0, self.weight_decay, self.bf16, self.allreduce = lr, weight_decay, bf16, allreduce
         self.forward_model = forward_model or model
@@ -159,6 +162,12 @@ class TrainStep:
         # the method updates some parameters itself (BCS's theta); frozen ones (score phases) are not trained
         own = {id(p) for p in sparse.self_updated_params()} if sparse else set()
         self.sgd_params = [p for p in model.parameters() if id(p) not in own and p.requires_grad]
+        if decay_scope == "all":  # + BatchNorm affine parameters and biases (what "weights" leaves out)
+            weight_like = {id(p) for _, m in sparsifiable_layers(model) for n, p in m.named_parameters() if n != "bias"}
+            seen = {id(p) for p in self.decayed}
+            self.decayed = self.decayed + [p for p in self.sgd_params if id(p) not in seen and id(p) not in weight_like]
+        elif decay_scope != "weights":
+            raise ValueError(f"unknown decay scope {decay_scope!r}; choose weights or all")
         self.opt = torch.optim.SGD(self.sgd_params, lr=lr, momentum=momentum, weight_decay=0.0)
 
     def autocast(self):
@@ -328,7 +337,7 @@ class Trainer:
         # lr: the phase's base, so decoupled decay follows the phase's own schedule multiplier
         self.train_step = TrainStep(self.model, self.sparse, self.objective, lr=cfg.lr if phase.lr is None else phase.lr,
                                     momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay, bf16=self.bf16,
+                                    weight_decay=cfg.weight_decay, decay_scope=cfg.decay_scope, bf16=self.bf16,
                                     forward_model=torch.compile(self.model) if cfg.compile else None,
                                     allreduce=self._allreduce_grads if self.dist.world > 1 else None)
         self.opt, self.sgd_params = self.train_step.opt, self.train_step.sgd_params
@@ -778,10 +787,15 @@ class Trainer:
         out = {"name": cfg.method, "budget": self.budget, "total": self.total_weights,
                "budget_rule": "non-zero conv+linear weights <= round((1 - sparsity) * all conv+linear weights)"}
         if cfg.method in ("bcs", "fixed"):
-            out["initial_density_profile"] = "vgg16-reference" if self.model_name == "vgg16" else "first/last>=0.6"
+            out["initial_density_profile"] = profile_name(self.model_name)
+            out["sparse_init"] = cfg.sparse_init
+            out["sparse_init_rule"] = SPARSE_INIT_RULES[cfg.sparse_init][cfg.method]
+        if cfg.method == "random":
+            out["initial_density_profile"] = "uniform (every layer at the global density, +-1 weight)"
         if cfg.method == "bcs":
             out.update({"rewire_every": cfg.rewire_every, "regrow": cfg.regrow, "sigma": cfg.sigma, "alpha": cfg.alpha,
                         "temperature": cfg.temperature, "optimizer": "SGDW momentum 0.9, decoupled decay"})
+        out["weight_decay_scope"] = DECAY_SCOPE_RULES[cfg.decay_scope]
         if len(self.phases) > 1 or cfg.method_options or cfg.method not in ("bcs", "fixed", "dense"):
             out["phases"] = [{"name": p.name, "fraction": p.fraction, "steps": n,
                               "lr": cfg.lr if p.lr is None else p.lr, "schedule": p.schedule, "at_budget": p.at_budget}
@@ -795,6 +809,18 @@ class Trainer:
         if self.vs_lambda:
             out["vs_lambda"] = self.vs_lambda
         return out
+
+
+SPARSE_INIT_RULES = {
+    "budget": {"bcs": "exactly the budget from step one: the profile's round(d * size) per layer, the rest uniform "
+                      "over dormant positions; active theta = |He normal|",
+               "fixed": "the profile's round(d * size) per layer, the rest uniform over dormant positions"},
+    "reference": {"bcs": "under the budget: the profile's int(d * size) per layer at theta = |He normal|; the first "
+                         "step fills the rest at theta = 1e-12, each one's layer drawn in proportion to layer size",
+                  "fixed": "the profile's int(d * size) per layer, the rest layer by layer in proportion to layer size"},
+}
+DECAY_SCOPE_RULES = {"weights": "weights: conv/linear weights (BCS: theta); BatchNorm and biases not decayed",
+                     "all": "all: every trainable parameter, BatchNorm and biases included (the reference's SGDW)"}
 
 
 COLLAPSE_RULE = ("one class predicted for more than halfway from its true share to all of the validation images "

@@ -196,3 +196,97 @@ def test_nearest_dormant_picks_the_closest_free_position_and_no_position_twice()
     dist2 = sorted(sum((a - b) ** 2 for a, b in zip(c, (1, 2, 1, 1))) for c in coords)
     assert dist2 == [1, 2, 2]  # the one free neighbour, then the nearest diagonal ones
     assert torch.all(theta[out] > 0)
+
+
+# --- the reference's initialisation (issue 16) ----------------------------------------------------
+
+REFERENCE_PROFILES = {  # model: (kwargs, expected density of a layer by name, p the global density)
+    "vgg16": ({"width": 0.25}, None),
+    "resnet18": ({"width": 16}, lambda n, i, last, p: 0.6 if i in (0, last) else 0.2 if n.startswith("layer1.") else 0.5 * p),
+    "wrn-28-4": ({}, lambda n, i, last, p: 0.6 if i in (0, last) else 0.1 if n.startswith("layer1.") else 0.5 * p),
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_PROFILES))
+def test_reference_init_starts_at_the_profile_and_the_first_step_fills_the_budget(name):
+    import math
+
+    kwargs, rule = REFERENCE_PROFILES[name]
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, **kwargs)
+    sparsity, p = 0.9, 0.1
+    sparse = make_sparse("bcs", model, sparsity, torch.Generator().manual_seed(0), model_name=name, init="reference")
+    layer_names = [n for n, _ in sparse.layers]
+    if name == "vgg16":
+        assert len(layer_names) == 16  # conv1..conv13, fc14, fc15, fc16 (the reference's network)
+        expected = [0.6, 0.6, 0.2, 0.2] + [0.5 * p] * 11 + [0.6]
+    else:
+        expected = [rule(n, i, len(layer_names) - 1, p) for i, n in enumerate(layer_names)]
+        # shortcut convs take their stage's density, as in the reference
+        assert any("shortcut" in n for n in layer_names)
+    counts = [int((m.theta > 0).sum()) for _, m in sparse.layers]
+    sizes = [m.theta.numel() for _, m in sparse.layers]
+    assert counts == [math.floor(d * s) for d, s in zip(expected, sizes)]  # int(p_init * size), per layer
+    assert sum(counts) < sparse.budget  # under the budget until the first fill
+    # signs are drawn everywhere, theta only where active
+    assert all(bool((m.sign.abs() == 1).all()) for _, m in sparse.layers)
+    # one step: exactly the budget, no position twice, the newborns at 1e-12
+    before = sparse.theta.clone()
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    F.cross_entropy(model(x), y).backward()
+    sparse.step(1e-9, 1.0)  # lr ~0: nothing dies, so every new connection is a fill
+    assert int(sparse.active_count()) == sparse.budget
+    assert torch.unique(sparse.slots).numel() == sparse.budget
+    assert torch.equal(torch.sort(sparse.slots).values, torch.nonzero(sparse.theta > 0).squeeze(1))
+    born = (sparse.theta > 0) & (before == 0)
+    assert int(born.sum()) == sparse.budget - sum(counts)
+    assert torch.all(sparse.theta[born] == 1e-12)
+
+
+def test_reference_fill_draws_layers_in_proportion_to_size_not_to_dormant_count():
+    from rsp.sparse import fill_by_layer_size
+
+    # two layers of equal size, one 90 % full: the reference's draw still sends half to each (while room lasts)
+    add = fill_by_layer_size([10000, 10000], [9000, 0], 1800, torch.Generator().manual_seed(0))
+    assert sum(add) == 1800 and 800 < add[0] <= 1000
+    # overflow of a full layer goes to the others: the total always lands on the request
+    add = fill_by_layer_size([10, 1000], [10, 0], 500, torch.Generator().manual_seed(0))
+    assert add == [0, 500]
+
+
+def test_random_method_is_budget_exact_with_the_same_density_in_every_layer():
+    torch.manual_seed(0)
+    model = _uneven_net()
+    sparse = make_sparse("random", model, 0.99, torch.Generator().manual_seed(0))
+    counts = [int(m.mask.sum()) for _, m in sparse.layers]
+    sizes = [m.mask.numel() for _, m in sparse.layers]
+    assert sum(counts) == sparse.budget == round(0.01 * sum(sizes))
+    common = sparse.budget / sum(sizes)
+    assert all(abs(c - common * s) < 1 for c, s in zip(counts, sizes))  # within one weight of one density
+    _train_steps(model, sparse, 2)
+    assert int(sparse.active_count()) == sparse.budget
+
+
+def test_decay_scope_all_decays_batchnorm_and_biases_and_weights_only_does_not():
+    from rsp.attacks import PGDConfig
+    from rsp.objectives import Objective
+    from rsp.train import TrainStep
+
+    def run(scope):
+        torch.manual_seed(0)
+        model = create_model("small-cnn", in_channels=3)
+        bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+        with torch.no_grad():
+            bn.weight.fill_(2.0)
+        step = TrainStep(model, None, Objective("natural", PGDConfig(steps=0)), lr=0.1, momentum=0.0, weight_decay=0.1,
+                         decay_scope=scope)
+        decayed = {id(p) for p in step.decayed}
+        return model, bn, decayed
+
+    model, bn, decayed = run("all")
+    assert id(bn.weight) in decayed and id(bn.bias) in decayed
+    biases = [m.bias for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None]
+    assert biases and all(id(b) in decayed for b in biases)
+    assert {id(p) for p in model.parameters() if p.requires_grad} == decayed
+    model, bn, decayed = run("weights")
+    assert id(bn.weight) not in decayed and id(bn.bias) not in decayed

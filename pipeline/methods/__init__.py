@@ -9,7 +9,8 @@ Budget accounting is the same for every method: zero weights over all conv and l
 Model selection (best validation robust accuracy) only considers phases whose weights are at the budget
 (`Phase.at_budget`), so every method's selected model is at or under it; the trainer checks this.
 
-    bcs, fixed, dense    one phase (rsp.sparse): Bayesian connectivity sampling, a static random mask, dense
+    bcs, fixed, random,  one phase (rsp.sparse): Bayesian connectivity sampling; a static random mask with
+    dense                BCS's initial layer profile (fixed) or the same density in every layer (random); dense
     magnitude            dense robust training -> one-shot global magnitude pruning -> robust fine-tune
     lth                  iterative magnitude pruning with rewinding (lottery tickets), robust throughout
     hydra                dense robust training -> importance-score search (weights frozen) -> fine-tune
@@ -86,7 +87,7 @@ def budget_of(model: nn.Module, sparsity: float) -> tuple[int, int]:
 
 
 class SingleSparse(Method):
-    """bcs / fixed / dense: one phase, the rsp.sparse method from step one."""
+    """bcs / fixed / random / dense: one phase, the rsp.sparse method from step one."""
 
     def __init__(self, name: str):
         self.name = name  # no options: BCS's are first-class flags (--regrow, --sigma, ...)
@@ -95,9 +96,10 @@ class SingleSparse(Method):
         from ..sparse import make_sparse
 
         cfg = ctx.cfg
+        init = getattr(cfg, "sparse_init", "budget")
         opts = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, sigma=cfg.sigma, alpha=cfg.alpha,
                     temperature=cfg.temperature, rewire_every=cfg.rewire_every,
-                    regrow=cfg.regrow) if self.name == "bcs" else {}
+                    regrow=cfg.regrow, init=init) if self.name == "bcs" else {"init": init} if self.name == "fixed" else {}
         return make_sparse(self.name, model, cfg.sparsity, ctx.generator, model_name=ctx.model_name, **opts)
 
 
@@ -111,7 +113,7 @@ def register(name: str):
     return wrap
 
 
-for _n in ("bcs", "fixed", "dense"):
+for _n in ("bcs", "fixed", "random", "dense"):
     _REGISTRY[_n] = (lambda n=_n, **kw: SingleSparse(n, **kw))
 
 
