@@ -542,3 +542,49 @@ def test_kernel_plan_uses_rsp_kernels_planner_when_present(monkeypatch):
     assert cpu["planner"] is None and cpu["layers"][0]["reason"] == "rsp.kernels.cpu is not available"
     off = export.kernel_plan(model, (1, 8, 8), get_target("jetson-orin-nano"), state, names, 1, mode="off")
     assert off["planner"] == "rsp.kernels.costmodel.plan_model" and off["mode"] == "off"  # the plan, not linked
+
+
+# --- the paper's VGG-16 end to end ----------------------------------------------------------------------
+
+
+def test_papers_vgg16_trains_structures_exports_and_verifies(tmp_path, cifar_dir):
+    """vgg16 (2x2 map, Linear chain 2048-256-256-C at width 1/8) through train (1 step) -> structure -> export
+    (ONNX, and TVM with rsp's CPU kernels where TVM is installed: the hidden linears fuse bias + ReLU) -> verify."""
+    pytest.importorskip("onnxruntime")
+    from rsp.config import resolve
+    from rsp.structure import StructureOptions
+    from rsp.structure import run as structure_run
+    from rsp.train import Trainer
+    from rsp.verify import VerifyOptions
+    from rsp.verify import run as verify_run
+
+    cfg = resolve(None, {"dataset": "cifar10", "data_dir": str(cifar_dir), "model": "vgg16",
+                         "model_kwargs": {"width": 0.125}, "sparsity": 0.9, "epochs": 1, "max_steps": 1,
+                         "batch_size": 16, "attack_steps": 1, "eval_attack_steps": 1, "test_attack_steps": 1,
+                         "device": "cpu", "threads": 1})
+    Trainer(cfg, tmp_path / "train", progress=False, log=lambda *_: None).fit()
+    state = rsp.artifacts.load_tensors(tmp_path / "train" / "model.safetensors")
+    state["classifier.2.weight"][:, 3] = 0  # a hidden unit nobody reads, so that structure shrinks the head
+    save_tensors(tmp_path / "train" / "model.safetensors", state)
+    m = read_manifest(tmp_path / "train")
+    write_manifest(tmp_path / "train", m, list(m["files"]))  # the edited weights' checksum
+    s = structure_run(tmp_path / "train", tmp_path / "structure",
+                      StructureOptions(k=0, n_examples=16, attack_steps=0, data_dir=str(cifar_dir)), log=lambda *_: None)
+    removed = s["structure"]["removed_channels"]
+    assert removed.get("classifier.0", 0) >= 1
+    assert s["model"]["kwargs"]["hidden"] == [32 - removed.get(f"classifier.{i}", 0) for i in (0, 2)]
+    formats = ["onnx", "tvm"] if has_module("tvm") else ["onnx"]
+    e = run(tmp_path / "structure", tmp_path / "bundle", ExportOptions(target="x86-cpu", formats=formats, parity_images=32,
+                                                                       threads=1, data_dir=str(cifar_dir)),
+            log=lambda *_: None)
+    for f in formats:
+        assert e["parity"][f]["passed"] and e["parity"][f]["max_abs_err"] < 1e-4, f
+    if "tvm" in formats:
+        linked = {l["layer"]: l["fused"] for l in e["kernels"]["linked_layers"]}
+        assert linked["classifier.0"] == linked["classifier.2"] == ["bias", "relu"] and linked["classifier.4"] == ["bias"]
+    result = verify_run(tmp_path / "bundle", VerifyOptions(output=str(tmp_path / "verify"), backends=["onnx"],
+                                                           data_dir=str(cifar_dir), attacks=["pgd"], n_examples=16,
+                                                           steps=1, restarts=1,
+                                                           sanity=False, latency_runs=2, latency_batches=(1,), threads=1),
+                        log=lambda *_: None)
+    assert 0.0 <= result["robust_acc"] <= result["clean_acc"] <= 1.0
