@@ -360,9 +360,10 @@ def _pickled_set(p: Path) -> ImageSet:
 
 def _cifar_folder_set(p: Path, split: str) -> ImageSet | None:
     """The batches of a CIFAR-layout folder (None: `p` is not one)."""
+    splits = ("train", "test") if split == "all" else (split,)
     for cand in (p, p / "cifar-10-batches-py", p / "cifar-100-python"):
         for layout in range(2):  # CIFAR-10's file names, then CIFAR-100's
-            names = [n for s in (IMAGE_SPLITS[:2] if split == "all" else (split,)) for n in CIFAR_SPLIT_FILES[s][layout]]
+            names = [n for s in splits for n in CIFAR_SPLIT_FILES[s][layout]]
             files = [cand / n for n in names if (cand / n).is_file()]
             if files:
                 parts = [_pickled_set(f) for f in files]

@@ -129,10 +129,11 @@ def test_bad_input_is_one_line(natural_run, tmp_path):
         assert not (tmp_path / "out").exists()
     # the one writer of a folder: a held lock and a sealed folder are both refused
     held = lock_folder(tmp_path / "busy")
-    assert "in use by another rsp process" in one_line_error(rsp("pseudo-label", natural_run, good, "-o", tmp_path / "busy"))
+    label = lambda out: rsp("pseudo-label", natural_run, good, "-o", out)  # noqa: E731
+    assert "in use by another rsp process" in one_line_error(label(tmp_path / "busy"))
     held.release()
-    assert rsp("pseudo-label", natural_run, good, "-o", tmp_path / "done").exit_code == 0
-    assert "already holds an rsp folder" in one_line_error(rsp("pseudo-label", natural_run, good, "-o", tmp_path / "done"))
+    assert label(tmp_path / "done").exit_code == 0
+    assert "already holds an rsp folder" in one_line_error(label(tmp_path / "done"))
 
 
 def test_unsealed_or_changed_folder_is_not_extra_data(natural_run, tmp_path):
