@@ -31,8 +31,8 @@ import study  # noqa: E402
 METHODS = ["random", "fixed", "bcs"]  # the poster's column order: Random, Fixed, Ours
 OBJECTIVES = ["natural", "pgd-at", "mixed-at", "trades", "mart", "rst"]
 CPU_OBJECTIVES = ["natural", "pgd-at", "trades"]
-# the paper's recipe where rsp's defaults differ (--init, --decay-scope: rsp.train options that say so)
-PAPER_TRAIN_FLAGS = ["--init", "reference", "--decay-scope", "all"]
+# the paper's recipe where rsp's defaults differ (--sparse-init, --decay-scope: rsp.train options that say so)
+PAPER_TRAIN_FLAGS = ["--sparse-init", "reference", "--decay-scope", "all"]
 
 # The poster's table, CIFAR-10, VGG-16: clean / robust accuracy in %, robust = PGD-50 x 10 (Foolbox).
 POSTER_DENSE = {"natural": (93.2, 0.0), "pgd-at": (78.4, 44.9), "mixed-at": (84.0, 41.1), "trades": (80.0, 46.1),

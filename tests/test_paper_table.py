@@ -59,5 +59,5 @@ def test_dry_run_rows_use_the_reference_preset_and_paper_init(tmp_path, capsys):
     cmds = [line for line in capsys.readouterr().err.splitlines() if line.startswith("$ ")]
     assert len(cmds) == 9  # 3 methods x (train, export, verify)
     assert all("--preset reference" in c for c in cmds if " verify " in c)
-    assert all("--init reference" in c and "--decay-scope all" in c for c in cmds if " train " in c)
+    assert all("--sparse-init reference" in c and "--decay-scope all" in c for c in cmds if " train " in c)
     assert not (tmp_path / "r").exists()
