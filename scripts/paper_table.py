@@ -10,7 +10,7 @@ objective and sparsity, on rsp's runs, with the poster's numbers in the adjacent
     python scripts/paper_table.py ... --dry-run     # print the commands;  --report: the table of what finished
 
 Each row (objective x method x sparsity x seed) is `rsp train` (the paper's initialisation and weight decay:
---init reference --decay-scope all), `rsp export --format onnx`, and `rsp verify --preset reference` (the
+--sparse-init reference --decay-scope all), `rsp export --format onnx`, and `rsp verify --preset reference` (the
 reference's evaluation: PGD-50 x 10, random start, step 2.5 eps / 50, every test image, eps 8/255) on the
 ONNX artifact. Rows resume and run --jobs at a time (scripts/study.py). Model selection is on the validation
 split cut from the training data (the reference selects on test accuracy). The last line is one JSON object.
