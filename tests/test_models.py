@@ -152,6 +152,13 @@ def test_vgg16_width_scales_convs_and_the_hidden_head():
     assert explicit(batch(size=64)).shape == (2, 10)  # larger inputs are pooled to 2x2 before the head
 
 
+def test_a_run_of_the_earlier_vgg16_is_refused_with_the_name_to_use():
+    old = create_model("vgg16-1fc", width=0.125).rsp_config
+    del old["hidden"], old["pool_size"]  # what a manifest written before the paper's network holds
+    with pytest.raises(ModelArgumentError, match="vgg16-1fc"):
+        create_model("vgg16", **old)
+
+
 def test_vgg16_1fc_is_the_single_linear_variant():
     with torch.device("meta"):
         model = create_model("vgg16-1fc")

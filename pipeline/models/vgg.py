@@ -117,6 +117,11 @@ def vgg16(*, num_classes: int = 10, in_channels: int = 3, mean: Sequence[float] 
           std: Sequence[float] | None = None, cfg: Sequence[int | str] | None = None,
           hidden: Sequence[int] | None = None, pool_size: int = PAPER_POOL_SIZE, width: float = 1.0) -> VGG:
     """The paper's VGG-16 (four pools, 2x2 map, head 2048-256-256-C); width scales convs and hidden units."""
+    if cfg is not None and hidden is None and list(cfg)[-1:] == [POOL]:
+        # what a run made before vgg16 was the paper's network stores: rebuilding it here would silently
+        # give another head (and then a state_dict that does not fit)
+        raise ValueError("a cfg ending in a max pool with no hidden widths is the earlier single-linear VGG-16: "
+                         "build it as vgg16-1fc")
     return _vgg("vgg16", cfg, hidden, pool_size, width, PAPER_HIDDEN, num_classes=num_classes,
                 in_channels=in_channels, mean=mean, std=std)
 
