@@ -413,11 +413,25 @@ def export(
                + (f"; parity max |diff| {par}" if par else "") + f"; manifest {out}/manifest.json")
 
 
+def _preset_help() -> str:
+    from .verify import PRESETS
+
+    return ("Evaluation preset; robust = worst case per example over its attacks: "
+            + "; ".join(f"{name}: {p.help}" for name, p in PRESETS.items()) + " (default: default).")
+
+
+def _attack_alias(name: str) -> list[str]:
+    from .verify import ATTACK_ALIASES
+
+    return ATTACK_ALIASES[name]
+
+
 @app.command(
     epilog="Examples:\n\n"
     "  rsp verify out/orin --data-dir ~/data --min-robust-acc 0.45 --max-latency-ms 5    # a CI gate on the device\n\n"
     "  rsp verify out/x86 --backend onnx --backend tvm --attacks pgd --n-examples 500\n\n"
     "  rsp verify runs/v99-s --backend torch --eps 4/255 --steps 100 --restarts 20\n\n"
+    "  rsp verify out/x86 --preset autoattack --n-examples 1000    # standard AutoAttack, worst case per example\n\n"
     "  rsp verify out/orin --rpc 192.168.1.20:9090 --max-latency-ms 5    # the TVM library on a Jetson's RPC server",
 )
 def verify(
@@ -426,11 +440,13 @@ def verify(
     backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="torch | onnx | tvm | tvm-rpc | tensorrt; repeat for several (default: every artifact in the bundle that runs here; tvm-rpc first with --rpc)."),
     dataset: Optional[str] = typer.Option(None, help="Evaluation data set (default: the bundle's)."),
     data_dir: Optional[str] = typer.Option(None, help="Data folder (as in rsp train) (default: $RSP_DATA_DIR, else the folder the run was trained on while it still holds that data; not needed for digits)."),
-    attacks: Optional[list[str]] = typer.Option(None, "--attacks", help="pgd | apgd-ce | apgd-dlr | apgd-t (targeted DLR) | square (black-box, queries the artifact) | autoattack (apgd-ce, apgd-t, square) | all; repeatable, robust = worst case over them (default: pgd)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=_preset_help()),
+    attacks: Optional[list[str]] = typer.Option(None, "--attacks", help="Instead of a preset: pgd | apgd-ce | apgd-dlr | apgd-t (targeted DLR) | fab-t (targeted FAB) | square (black-box, queries the artifact) | autoattack (" + ", ".join(_attack_alias("autoattack")) + ") | all; repeatable, each on every image, robust = worst case per example over them."),
     eps: Optional[str] = typer.Option(None, help="Linf radius; fractions allowed (default: the bundle's, 8/255)."),
-    steps: int = typer.Option(50, help="Attack steps."),
-    restarts: int = typer.Option(10, help="Random restarts; an example is robust only if it survives all."),
-    n_examples: int = typer.Option(1000, "--n-examples", help="The first N test images in file order (0: all)."),
+    steps: Optional[int] = typer.Option(None, help="PGD steps (default: 50)."),
+    restarts: Optional[int] = typer.Option(None, help="PGD random restarts; an example is robust only if it survives all (default: 10)."),
+    step_size: Optional[str] = typer.Option(None, "--step-size", help="PGD step; fractions allowed (default: max(eps/4, 2.5 eps/steps); preset reference: 2.5 eps/steps)."),
+    n_examples: Optional[int] = typer.Option(None, "--n-examples", help="The first N test images in file order (0: all) (default: 1000; preset reference: all)."),
     seed: int = typer.Option(0, help="Seed of the attacks (recorded)."),
     sanity: bool = typer.Option(True, "--sanity/--no-sanity", help="Sanity checks of the evaluation; a failure marks it unreliable and fails the run."),
     latency_runs: int = typer.Option(100, "--latency-runs", help="Timed runs per batch size (after warm-up)."),
@@ -471,8 +487,9 @@ def verify(
         gates = {"min_clean_acc": min_clean_acc, "min_robust_acc": min_robust_acc, "max_latency_ms": max_latency_ms,
                  "max_parity_error": max_parity_error, "min_speedup": min_speedup}
         opts = VerifyOptions(output=output or str(pathlib.Path(bundle) / "verify"), backends=backend or None,
-                             dataset=dataset, data_dir=data_dir, attacks=attacks or ["pgd"],
+                             dataset=dataset, data_dir=data_dir, attacks=attacks or None, preset=preset,
                              eps=parse_eps(eps) if eps is not None else None, steps=steps, restarts=restarts,
+                             step_size=parse_eps(step_size) if step_size is not None else None,
                              n_examples=n_examples, seed=seed, sanity=sanity, latency_runs=latency_runs,
                              device=device, threads=threads, gates={k: v for k, v in gates.items() if v is not None},
                              rpc=rpc, rpc_key=rpc_key, expect_sha256=expect_sha256)
@@ -485,7 +502,7 @@ def verify(
         _fail(_os_error_text(exc), code=1)
     b1 = result["latency"].get(f"{next(iter(result['backends']))}/batch1", {})
     typer.echo(f"{bundle}: clean {result['clean_acc']:.4f}, robust {result['robust_acc']:.4f} "
-               f"(eps {result['eps'] * 255:.3g}/255, {result['n_examples']} images)"
+               f"({_headline_text(result)}, eps {result['eps'] * 255:.3g}/255, {result['n_examples']} images)"
                + (f", p50 {b1['p50_ms']:.3f} ms at batch 1" if b1 else "")
                + _speed_text(result)
                + (", UNRELIABLE" if result["unreliable"] else "")
@@ -523,10 +540,11 @@ def pipeline(
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Export target or family alias (rsp export --list-targets) (default: this machine's, e.g. x86-cpu).", rich_help_panel="export"),
     format: Optional[list[str]] = typer.Option(None, "--format", "-f", help="onnx | tvm | tensorrt (default: the target's).", rich_help_panel="export"),
     tune_trials: int = typer.Option(0, "--tune-trials", help="MetaSchedule trials for a CPU TVM library.", rich_help_panel="export"),
-    attacks: Optional[list[str]] = typer.Option(None, "--attacks", help="Verify attacks (default: pgd).", rich_help_panel="verify"),
-    steps: int = typer.Option(50, help="Verify attack steps.", rich_help_panel="verify"),
-    restarts: int = typer.Option(10, help="Verify restarts.", rich_help_panel="verify"),
-    n_examples: int = typer.Option(1000, "--n-examples", help="Verify on the first N test images.", rich_help_panel="verify"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Verify's evaluation preset, as in rsp verify (default: default).", rich_help_panel="verify"),
+    attacks: Optional[list[str]] = typer.Option(None, "--attacks", help="Verify attacks instead of a preset, as in rsp verify.", rich_help_panel="verify"),
+    steps: Optional[int] = typer.Option(None, help="Verify PGD steps (default: 50).", rich_help_panel="verify"),
+    restarts: Optional[int] = typer.Option(None, help="Verify PGD restarts (default: 10).", rich_help_panel="verify"),
+    n_examples: Optional[int] = typer.Option(None, "--n-examples", help="Verify on the first N test images (default: 1000).", rich_help_panel="verify"),
     min_clean_acc: Optional[float] = typer.Option(None, "--min-clean-acc", rich_help_panel="verify"),
     min_robust_acc: Optional[float] = typer.Option(None, "--min-robust-acc", rich_help_panel="verify"),
     max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", rich_help_panel="verify"),
@@ -572,7 +590,7 @@ def pipeline(
                                data_dir=cfg.data_dir)
         gates = {"min_clean_acc": min_clean_acc, "min_robust_acc": min_robust_acc, "max_latency_ms": max_latency_ms,
                  "max_parity_error": max_parity_error, "min_speedup": min_speedup}
-        v_opts = VerifyOptions(output="", data_dir=cfg.data_dir, attacks=attacks or ["pgd"], steps=steps,
+        v_opts = VerifyOptions(output="", data_dir=cfg.data_dir, attacks=attacks or None, preset=preset, steps=steps,
                                restarts=restarts, n_examples=n_examples, seed=cfg.seed, device=dev,
                                gates={g: v for g, v in gates.items() if v is not None})
         result = workflow.run(output, cfg, s_opts, e_opts, v_opts, log=lambda m: typer.echo(m, err=True))
@@ -585,12 +603,17 @@ def pipeline(
     except KeyboardInterrupt:
         _fail("interrupted; run the same command again to resume", code=130)
     r = result["verify"]
-    typer.echo(f"{output}: clean {r['clean_acc']:.4f}, robust {r['robust_acc']:.4f} (PGD-{steps}x{restarts}, "
+    typer.echo(f"{output}: clean {r['clean_acc']:.4f}, robust {r['robust_acc']:.4f} ({_headline_text(r)}, "
                f"eps {r['eps'] * 255:.3g}/255) on {next(iter(r['backends']))}" + _speed_text(r)
                + (", UNRELIABLE" if r["unreliable"] else "") + ("; gates passed" if r["passed"] else "; FAILED")
                + f"; report {result['stages']['verify']}/report.md")
     if not r["passed"]:
         raise typer.Exit(1)
+
+
+def _headline_text(result: dict) -> str:
+    """"worst case of pgd, apgd-ce, apgd-t (preset default)": what the headline robust accuracy is."""
+    return f"worst case of {', '.join(result['attacks'])} (preset {result.get('preset')})"
 
 
 def _speed_text(result: dict) -> str:

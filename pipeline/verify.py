@@ -31,6 +31,7 @@ import torch
 from . import __version__
 from .artifacts import (MANIFEST, ArtifactError, atomic_write_text, build_model, check_files, load_model, lock_folder,
                         read_manifest, require_complete, write_json)
+from .attacks import BLACK_BOX, WHITE_BOX, default_step_size
 from .latency import compare
 from .progress import StepProgress
 from .runtimes import (ONNX_FILE, TRT_FILE, TVM_FILE, Runtime, RuntimeUnavailable, close_runtimes, onnx_runtime,
@@ -54,11 +55,13 @@ class VerifyOptions:
     backends: list[str] | None = None  # None: every artifact in the bundle that runs here (else the twin)
     dataset: str | None = None
     data_dir: str | None = None
-    attacks: list[str] = field(default_factory=lambda: ["pgd"])
+    attacks: list[str] | None = None  # None: the preset's (PRESETS); a list: those attacks, each on every image
+    preset: str | None = None  # None: 'default' unless attacks are named
     eps: float | None = None
-    steps: int = 50
-    restarts: int = 10
-    n_examples: int = 1000
+    steps: int | None = None  # PGD; None: the preset's (50)
+    restarts: int | None = None  # PGD; None: the preset's (10)
+    step_size: float | None = None  # PGD; None: the preset's rule
+    n_examples: int | None = None  # None: the preset's (1000; reference: all); 0: all
     seed: int = 0
     sanity: bool = True
     latency_batches: tuple[int, ...] = (1, 32)
@@ -206,7 +209,8 @@ def _eval_data(manifest: dict, opts: VerifyOptions):
     ds = manifest.get("dataset") or {}
     name = opts.dataset or ds.get("dataset") or "digits"
     splits = load_run_dataset(ds, opts.data_dir, name=name)  # --data-dir, RSP_DATA_DIR or where the run was trained
-    n = min(opts.n_examples, len(splits.test_y)) if opts.n_examples > 0 else len(splits.test_y)
+    n_examples = resolve_evaluation(opts)["n_examples"]
+    n = min(n_examples, len(splits.test_y)) if n_examples > 0 else len(splits.test_y)
     # the first N test images in file order: anyone can reproduce the subset
     return to_float(splits.test_x[:n]), splits.test_y[:n], name, splits.info.num_classes
 
@@ -223,7 +227,80 @@ def _parity(twin: Runtime, runtimes: dict[str, Runtime], x: torch.Tensor) -> dic
     return out
 
 
-ATTACK_ALIASES = {"autoattack": ["apgd-ce", "apgd-t", "square"], "all": ["pgd", "apgd-ce", "apgd-t", "square"]}
+ATTACK_ALIASES = {"autoattack": ["apgd-ce", "apgd-t", "fab-t", "square"],
+                  "all": ["pgd", "apgd-ce", "apgd-t", "fab-t", "square"]}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named evaluation: which attacks, with which budgets, on how many images."""
+
+    help: str
+    attacks: tuple[str, ...]
+    steps: int = 50  # PGD
+    restarts: int = 10  # PGD
+    step_rule: str = "default"  # PGD step: 'default' (attacks.default_step_size) or 'reference' (2.5 eps / steps)
+    n_examples: int = 1000  # 0: every test image
+    cumulative: bool = True  # each attack runs on the examples the earlier ones left robust (AutoAttack's order)
+    tunable: bool = True  # --steps, --restarts, --step-size may change the PGD part
+
+
+PRESETS = {
+    "default": Preset("PGD-50 x 10 (step max(eps/4, 2.5 eps/50)), then APGD-CE (100 steps) and APGD-T (9 targets x "
+                      "100 steps) on the examples PGD left robust; first 1000 test images",
+                      ("pgd", "apgd-ce", "apgd-t")),
+    "reference": Preset("the reference's evaluation (run_foolbox_eval.py): PGD-50 x 10 restarts, random start, step "
+                        "2.5 eps / 50, every test image", ("pgd",), step_rule="reference", n_examples=0, tunable=False),
+    "autoattack": Preset("standard AutoAttack (Croce & Hein 2020): APGD-CE (100 steps, 1 run), APGD-T (9 targets x 100 "
+                         "steps), FAB-T (9 targets x 100 steps), Square (5000 queries), each on the examples the "
+                         "earlier ones left robust; first 1000 test images", ("apgd-ce", "apgd-t", "fab-t", "square"),
+                         tunable=False),
+}
+# the budgets of the attacks other than PGD, as AutoAttack's standard version sets them (every preset uses them)
+AUTOATTACK_BUDGETS = {"apgd_steps": 100, "apgd_restarts": 1, "n_target_classes": 9, "fab_steps": 100,
+                      "fab_restarts": 1, "square_queries": 5000}
+
+
+def resolve_evaluation(opts: VerifyOptions) -> dict:
+    """The evaluation opts ask for: preset name, attacks, PGD steps/restarts/step rule, images, mode.
+    Raises VerifyError on a conflict (a fixed preset with PGD overrides, --preset with --attacks)."""
+    if opts.preset is not None and opts.preset not in PRESETS:
+        raise VerifyError(f"unknown preset {opts.preset!r}; choose from {', '.join(PRESETS)}")
+    if opts.preset is not None and opts.attacks:
+        raise VerifyError("--preset and --attacks both given: a preset names its attacks; pass one of them")
+    if opts.preset is None and opts.attacks:
+        name, preset = "custom", Preset("the attacks named, each on every image", tuple(expand_attacks(opts.attacks)),
+                                        cumulative=False)
+    else:
+        name = opts.preset or "default"
+        preset = PRESETS[name]
+    given = [f for f, v in (("--steps", opts.steps), ("--restarts", opts.restarts), ("--step-size", opts.step_size))
+             if v is not None]
+    if given and not preset.tunable:
+        raise VerifyError(f"--preset {name} fixes its attacks' budgets; drop {', '.join(given)}")
+    steps = preset.steps if opts.steps is None else opts.steps
+    restarts = preset.restarts if opts.restarts is None else opts.restarts
+    n_examples = preset.n_examples if opts.n_examples is None else opts.n_examples
+    if n_examples < 0 or steps < 1 or restarts < 1:
+        raise VerifyError("--n-examples must be >= 0, --steps and --restarts >= 1")
+    if opts.step_size is not None and not 0 < opts.step_size <= 1:
+        raise VerifyError(f"--step-size must be in (0, 1], got {opts.step_size}")
+    known = WHITE_BOX + BLACK_BOX
+    bad = [a for a in preset.attacks if a not in known]
+    if bad or not preset.attacks:
+        raise VerifyError(f"unknown attack(s) {', '.join(bad) or '(none)'}; choose from {', '.join(known)}, "
+                          f"or {', '.join(ATTACK_ALIASES)}")
+    return {"preset": name, "help": preset.help, "attacks": list(preset.attacks), "steps": steps,
+            "restarts": restarts, "step_size": opts.step_size, "step_rule": preset.step_rule,
+            "n_examples": n_examples, "cumulative": preset.cumulative}
+
+
+def pgd_step_size(plan: dict, eps: float) -> float:
+    if plan["step_size"] is not None:
+        return plan["step_size"]
+    if plan["step_rule"] == "reference":
+        return 2.5 * eps / plan["steps"]
+    return default_step_size(eps, plan["steps"])
 
 
 def expand_attacks(names: list[str]) -> list[str]:
@@ -235,7 +312,7 @@ def expand_attacks(names: list[str]) -> list[str]:
     return out
 
 
-def _robustness(model, runtimes: dict[str, Runtime], judge, x, y, eps, opts: VerifyOptions, log) -> dict:
+def _robustness(model, runtimes: dict[str, Runtime], judge, x, y, eps, opts: VerifyOptions, plan: dict, log) -> dict:
     """attacks.ensemble_eval on the twin, judged by the primary runtime (Square queries it); the adversarial
     examples of every attack are then judged by each other runtime too. Worst case per example."""
     from .attacks import ensemble_eval, latent_vulnerability
@@ -244,8 +321,9 @@ def _robustness(model, runtimes: dict[str, Runtime], judge, x, y, eps, opts: Ver
     x, y = x.to(dev), y.to(dev)
     primary_name = next(iter(runtimes))
     try:
-        ens = ensemble_eval(model, x, y, attacks=opts.attacks, eps=eps, steps=opts.steps, restarts=opts.restarts,
-                            seed=opts.seed, predict=judge)
+        ens = ensemble_eval(model, x, y, attacks=plan["attacks"], eps=eps, steps=plan["steps"],
+                            restarts=plan["restarts"], step_size=pgd_step_size(plan, eps), seed=opts.seed,
+                            predict=judge, cumulative=plan["cumulative"], **AUTOATTACK_BUDGETS)
     except ValueError as exc:
         raise VerifyError(str(exc)) from None
     backends = {primary_name: {"clean_acc": ens["clean_acc"], "robust_acc": ens["robust_acc"],
@@ -265,7 +343,8 @@ def _robustness(model, runtimes: dict[str, Runtime], judge, x, y, eps, opts: Ver
         log(f"{name}: clean {b['clean_acc']:.4f}, robust {b['robust_acc']:.4f} ("
             + ", ".join(f"{a} {v:.4f}" for a, v in b["per_attack"].items()) + ")")
     attacks = {a: {"description": json.dumps(v["config"], default=str) if v.get("config") else a,
-                   "time_s": round(v["seconds"], 2), "model_robust_acc": v["model_robust_acc"], "seed": v["seed"]}
+                   "config": v.get("config") or {}, "time_s": round(v["seconds"], 2),
+                   "model_robust_acc": v["model_robust_acc"], "seed": v["seed"]}
                for a, v in ens["per_attack"].items()}
     latent = latent_vulnerability(model, x, ens["x_adv"])
     return {"backends": backends, "attacks": attacks, "ensemble": ens, "latent_vulnerability": latent}
@@ -472,17 +551,10 @@ def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
     bad = check_files(bundle, manifest)
     if bad:
         raise VerifyError(f"{bundle}: {bad[0]}")
-    if opts.n_examples < 0 or opts.steps < 1 or opts.restarts < 1:
-        raise VerifyError("--n-examples must be >= 0, --steps and --restarts >= 1")
     for g, v in opts.gates.items():
         if g not in GATES:
             raise VerifyError(f"unknown gate {g!r}")
-    opts.attacks = expand_attacks(opts.attacks)
-    known = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square")
-    bad_attacks = [a for a in opts.attacks if a not in known]
-    if bad_attacks or not opts.attacks:
-        raise VerifyError(f"unknown attack(s) {', '.join(bad_attacks) or '(none)'}; choose from {', '.join(known)}, "
-                          f"or {', '.join(ATTACK_ALIASES)}")
+    resolve_evaluation(opts)
     gates = {**(manifest.get("gates") or {}), **{k: v for k, v in opts.gates.items() if v is not None}}
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -537,8 +609,9 @@ def _verify(bundle: Path, output: Path, manifest: dict, model, chw, runtimes: di
         # the primary runtime judges every attack (and Square queries it); the twin only when no artifact runs here
         primary_name, primary = next(iter(runtimes.items()))
         judge = None if primary_name == "torch" else (lambda xb: primary.predict(xb).to(opts.device))
-        progress.step(f"attacks {', '.join(opts.attacks)} ({opts.steps} steps x {opts.restarts} restarts, {len(y)} images)")
-        robust = _robustness(model, runtimes, judge, x, y, eps, opts, log)
+        plan = resolve_evaluation(opts)
+        progress.step(f"attacks ({plan['preset']}: {', '.join(plan['attacks'])}, {len(y)} images)")
+        robust = _robustness(model, runtimes, judge, x, y, eps, opts, plan, log)
         progress.advance()
         xd, yd = x.to(opts.device), y.to(opts.device)
         sanity = {"checks": [], "unreliable": None, "note": "not run"}
@@ -575,6 +648,9 @@ def _verify(bundle: Path, output: Path, manifest: dict, model, chw, runtimes: di
         "clean_acc": summary["clean_acc"], "robust_acc": summary["robust_acc"],
         "threat_model": "Linf", "eps": eps, "n_examples": len(y), "dataset": dataset, "seed": opts.seed,
         "evaluation_images": "the first n_examples test images in file order",
+        "preset": plan["preset"], "evaluation": {"preset": plan["preset"], "description": plan["help"],
+                                                 "mode": robust["ensemble"]["mode"],
+                                                 "headline": "worst case per example over " + ", ".join(plan["attacks"])},
         "attacks": robust["attacks"], "backends": robust["backends"], "eps_sweep": sweep,
         "latent_vulnerability": _plain(robust["latent_vulnerability"]),
         "unreliable": bool(sanity.get("unreliable")), "sanity": _plain(sanity),
@@ -593,6 +669,10 @@ def _verify(bundle: Path, output: Path, manifest: dict, model, chw, runtimes: di
     write_json(output / "verify.json", result)
     _report(output, result, num_classes, log)
     return result
+
+
+def _param(key: str, value) -> str:
+    return f"{value:.6g} ({value * 255:.3g}/255)" if key in ("eps", "step_size") and isinstance(value, float) else str(value)
 
 
 def _report(output: Path, r: dict, num_classes: int, log) -> None:
@@ -622,7 +702,14 @@ def _report(output: Path, r: dict, num_classes: int, log) -> None:
     for name, b in r["backends"].items():
         lines.append(f"| {name} | {b['clean_acc']:.4f} | {b['robust_acc']:.4f} | "
                      + " | ".join(f"{b['per_attack'][a]:.4f}" for a in r["attacks"]) + " |")
-    lines += ["", "Attacks: " + "; ".join(f"{a}: {v['description']}" for a, v in r["attacks"].items()), ""]
+    ev = r.get("evaluation") or {}
+    lines += ["", f"Evaluation preset **{ev.get('preset')}** ({ev.get('description')}); robust = {ev.get('headline')}"
+              + ("; each attack ran on the examples the earlier ones left robust, so its column is a running minimum"
+                 if ev.get("mode") == "cumulative" else "; each attack ran on every image") + ".", "",
+              "| attack | parameters |", "|---|---|"]
+    lines += [f"| {a} | " + ", ".join(f"{k} {_param(k, val)}" for k, val in v.get("config", {}).items()) + " |"
+              for a, v in r["attacks"].items()]
+    lines.append("")
     if r["parity"]:
         lines += ["## Parity (clean logits vs the PyTorch twin)", "", "| artifact | max abs diff | prediction agreement |",
                   "|---|---|---|"]

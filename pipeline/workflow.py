@@ -53,10 +53,9 @@ def check_options(structure_opts, export_opts, verify_opts) -> None:
 
     The same checks the stages make on their own options (each stage checks again when it runs)."""
     from . import structure as structure_stage
-    from .attacks import BLACK_BOX, WHITE_BOX
     from .export import MIN_OPSET, ExportError, _formats, check_tools
     from .targets import get_target
-    from .verify import ATTACK_ALIASES, GATES, VerifyError, expand_attacks
+    from .verify import GATES, VerifyError, resolve_evaluation
 
     s = structure_opts
     if s.k < 0:
@@ -77,16 +76,10 @@ def check_options(structure_opts, export_opts, verify_opts) -> None:
     check_tools(formats, e.tune_trials)
 
     v = verify_opts
-    if v.n_examples < 0 or v.steps < 1 or v.restarts < 1:
-        raise VerifyError("--n-examples must be >= 0, --steps and --restarts >= 1")
     unknown_gates = [g for g in v.gates if g not in GATES]
     if unknown_gates:
         raise VerifyError(f"unknown gate {unknown_gates[0]!r}")
-    known = WHITE_BOX + BLACK_BOX
-    bad_attacks = [a for a in expand_attacks(v.attacks) if a not in known]
-    if bad_attacks or not v.attacks:
-        raise VerifyError(f"unknown attack(s) {', '.join(bad_attacks) or '(none)'}; choose from {', '.join(known)}, "
-                          f"or {', '.join(ATTACK_ALIASES)}")
+    resolve_evaluation(v)  # preset, attacks, budgets
 
 
 def _complete(folder: Path) -> bool:

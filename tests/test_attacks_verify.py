@@ -109,14 +109,14 @@ def test_apgd_is_at_least_as_strong_as_pgd50(trained):
 # --- the attacks' contracts ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attack", ["pgd", "apgd-ce", "apgd-t", "square"])
+@pytest.mark.parametrize("attack", ["pgd", "apgd-ce", "apgd-t", "fab-t", "square"])
 def test_attacks_stay_legal_and_flags_match_their_examples(trained, attack):
     model, x, y = trained
     x, y = x[:64].clone(), y[:64]
     x[:4] = 0.0
     x[4:8] = 1.0
     r = ensemble_eval(model, x, y, [attack], eps=EPS, steps=10, restarts=2, apgd_steps=20, n_target_classes=3,
-                      square_queries=200, seed=3)
+                      square_queries=200, fab_steps=20, seed=3)
     adv = r["x_adv_by_attack"][attack]
     assert (adv - x).abs().max() <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     with torch.no_grad():

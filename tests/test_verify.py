@@ -5,7 +5,7 @@ import json
 import pytest
 
 from rsp.latency import compare, percentile
-from rsp.verify import evaluate_gates, expand_attacks
+from rsp.verify import VerifyError, VerifyOptions, evaluate_gates, expand_attacks, pgd_step_size, resolve_evaluation
 from helpers import rsp_cli
 
 
@@ -69,6 +69,10 @@ def test_bad_input_exits_2_in_one_line(onnx_bundle, tmp_path):
         (["verify", onnx_bundle, "--backend", "tensorflow"], "unknown backend"),
         (["verify", onnx_bundle, "--eps", "9"], "outside [0, 1]"),
         (["verify", onnx_bundle, "--attacks", "fgsm", "--no-sanity", "--n-examples", "8"], "unknown attack"),
+        (["verify", onnx_bundle, "--preset", "reference", "--steps", "10"], "fixes its attacks' budgets"),
+        (["verify", onnx_bundle, "--preset", "autoattack", "--attacks", "pgd"], "--preset and --attacks"),
+        (["verify", onnx_bundle, "--preset", "strong"], "unknown preset"),
+        (["verify", onnx_bundle, "--step-size", "0"], "--step-size must be in (0, 1]"),
     ]
     for args, match in cases:
         r = rsp_cli(*args, "--output", tmp_path / "o")
@@ -90,7 +94,7 @@ def test_gates_and_helpers():
     assert evaluate_gates({**summary, "speedup_vs_fastest_dense": 0.8}, {"min_speedup": 1.0})[0]["passed"] is False
     assert evaluate_gates(summary, {"min_speedup": 1.0})[0]["passed"] is False  # not measured: the gate fails
     assert evaluate_gates(summary, {}) == []
-    assert expand_attacks(["pgd", "autoattack"]) == ["pgd", "apgd-ce", "apgd-t", "square"]
+    assert expand_attacks(["pgd", "autoattack"]) == ["pgd", "apgd-ce", "apgd-t", "fab-t", "square"]
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and percentile([5.0], 99) == 5.0
     res = compare({"a": lambda: 1.0, "b": lambda: 2.0}, batch=4, warmup=1, runs=10)
     assert res["a"]["p50_ms"] == 1000.0 and res["b"]["throughput_ips"] == pytest.approx(2.0)
@@ -113,3 +117,39 @@ def test_pipeline_runs_all_stages_and_resumes_where_it_stopped(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "train: " in r.stderr and "is complete, kept" in r.stderr and "[3/4] export ->" in r.stderr
     assert (out / "train" / "model.safetensors").read_bytes() == train_model
+
+
+def test_presets_name_their_attacks_and_budgets():
+    eps = 8 / 255
+    default = resolve_evaluation(VerifyOptions(output=""))
+    # the default headline is not PGD alone: APGD-CE and APGD-T follow on what PGD left robust
+    assert default["preset"] == "default" and default["attacks"] == ["pgd", "apgd-ce", "apgd-t"]
+    assert default["cumulative"] and default["n_examples"] == 1000
+    assert pgd_step_size(default, eps) == pytest.approx(eps / 4)
+    ref = resolve_evaluation(VerifyOptions(output="", preset="reference"))
+    assert ref["attacks"] == ["pgd"] and (ref["steps"], ref["restarts"], ref["n_examples"]) == (50, 10, 0)
+    assert pgd_step_size(ref, eps) == pytest.approx(2.5 * eps / 50)
+    assert resolve_evaluation(VerifyOptions(output="", preset="reference", n_examples=200))["n_examples"] == 200
+    aa = resolve_evaluation(VerifyOptions(output="", preset="autoattack"))
+    assert aa["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"] and aa["cumulative"]
+    custom = resolve_evaluation(VerifyOptions(output="", attacks=["pgd"], steps=7, step_size=0.01))
+    assert custom["preset"] == "custom" and not custom["cumulative"] and pgd_step_size(custom, eps) == 0.01
+    with pytest.raises(VerifyError, match="fixes"):
+        resolve_evaluation(VerifyOptions(output="", preset="autoattack", restarts=3))
+
+
+def test_verify_records_the_preset_and_every_attack_parameter(onnx_bundle, tmp_path):
+    args = ["--backend", "onnx", "--n-examples", "32", "--latency-runs", "2", "--threads", "1", "--no-sanity"]
+    r = rsp_cli("verify", onnx_bundle, *args, "--steps", "3", "--restarts", "1", "--output", tmp_path / "v")
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "v" / "verify.json").read_text())
+    assert out["preset"] == "default" and list(out["attacks"]) == ["pgd", "apgd-ce", "apgd-t"]
+    assert out["evaluation"]["mode"] == "cumulative"
+    pgd = out["attacks"]["pgd"]["config"]
+    assert (pgd["steps"], pgd["restarts"]) == (3, 1) and pgd["step_size"] == pytest.approx(max(2 / 255, 2.5 * pgd["eps"] / 3))
+    assert out["attacks"]["apgd-t"]["config"]["n_target_classes"] == 9 and out["attacks"]["apgd-ce"]["config"]["steps"] == 100
+    per = out["backends"]["onnx"]["per_attack"]
+    assert out["robust_acc"] == pytest.approx(min(per.values()))  # cumulative: the last column is the worst case
+    assert "worst case of pgd, apgd-ce, apgd-t (preset default)" in r.stdout
+    report = (tmp_path / "v" / "report.md").read_text()
+    assert "Evaluation preset **default**" in report and "| apgd-t | eps " in report
