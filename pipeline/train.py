@@ -796,7 +796,7 @@ class Trainer:
             out.update({"rewire_every": cfg.rewire_every, "regrow": cfg.regrow, "sigma": cfg.sigma, "alpha": cfg.alpha,
                         "temperature": cfg.temperature, "optimizer": "SGDW momentum 0.9, decoupled decay"})
         out["weight_decay_scope"] = DECAY_SCOPE_RULES[cfg.decay_scope]
-        if len(self.phases) > 1 or cfg.method_options or cfg.method not in ("bcs", "fixed", "dense"):
+        if len(self.phases) > 1 or cfg.method_options or cfg.method not in ("bcs", "fixed", "random", "dense"):
             out["phases"] = [{"name": p.name, "fraction": p.fraction, "steps": n,
                               "lr": cfg.lr if p.lr is None else p.lr, "schedule": p.schedule, "at_budget": p.at_budget}
                              for p, n in zip(self.phases, self.phase_steps)]

@@ -239,3 +239,23 @@ def test_rewiring_step_never_synchronises_with_the_host():
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert int(sparse.active_count()) == sparse.budget
+
+
+def test_paper_recipes_use_the_reference_init_and_decay_and_the_manifest_records_them(tmp_path):
+    from rsp.config import read_recipe, recipe_names, resolve
+
+    for name in recipe_names():
+        if "vgg16" in name:
+            cfg = resolve(read_recipe(name))
+            assert (cfg.sparse_init, cfg.decay_scope) == ("reference", "all"), name
+    out = tmp_path / "run"
+    r = rsp_cli("train", "--sparse-init", "reference", "--decay-scope", "all", "--method", "fixed", "--epochs", "1",
+                "--max-steps", "2", "--attack-steps", "1", "--eval-attack-steps", "1", "--test-attack-steps", "1",
+                "--threads", "1", "--output", out)
+    assert r.returncode == 0, r.stderr
+    mc = read_manifest(out)["method_config"]
+    assert mc["sparse_init"] == "reference" and mc["weight_decay_scope"].startswith("all")
+    assert mc["initial_density_profile"] == "first/last>=0.6"  # small-cnn: no reference profile
+    for flag, value in (("--sparse-init", "nope"), ("--decay-scope", "bn")):
+        r = rsp_cli("train", flag, value, "--output", tmp_path / "bad")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
