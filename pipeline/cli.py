@@ -171,7 +171,7 @@ def train(
                                          "--epochs is a method's whole budget, split over its phases (see the manifest) (default: bcs).", rich_help_panel="Model"),
     method_option: Optional[list[str]] = typer.Option(None, "--method-option", help="KEY=VALUE (YAML value) for the method's recipe, e.g. rounds=3; repeatable.", rich_help_panel="Model"),
     rewire_every: Optional[int] = typer.Option(None, help="BCS: rebirth dead connections every N steps (default: 1).", rich_help_panel="Model"),
-    regrow: Optional[str] = typer.Option(None, help="BCS rebirth rule: random | l2 (nearest dormant to random active seeds) | l2-weighted (seeds: largest |theta|) (default: random).", rich_help_panel="Model"),
+    regrow: Optional[str] = typer.Option(None, help="BCS rebirth rule: random (uniform over dormant positions) | layer-size (the paper's code: layer in proportion to its size, then uniform in it) | l2 (nearest dormant to random active seeds) | l2-weighted (seeds: largest |theta|) (default: random).", rich_help_panel="Model"),
     sparse_init: Optional[str] = typer.Option(None, help="BCS/fixed start: budget (exactly the budget from step one, |He| values) | reference (the paper's code: under the budget with the layer profile, the first step fills the rest at 1e-12, layers drawn in proportion to size) (default: budget; the paper recipes: reference).", rich_help_panel="Model"),
     sigma: Optional[float] = typer.Option(None, help="BCS: noise std is lr * sigma (default: 1e-6).", rich_help_panel="Model"),
     alpha: Optional[float] = typer.Option(None, help="BCS: L1 prior strength (default: 0).", rich_help_panel="Model"),

@@ -42,7 +42,7 @@ class TrainConfig:
     method_options: dict = field(default_factory=dict)  # the method's recipe knobs (phase split, rho, ...)
     sparsity: float = 0.9
     rewire_every: int = 1
-    regrow: str = "random"  # BCS rebirth rule: random | l2 | l2-weighted (structured regrowth)
+    regrow: str = "random"  # BCS rebirth rule: random | layer-size (the reference's) | l2 | l2-weighted (structured)
     # BCS / fixed start: budget (rsp: exactly K from step one, |He| values) | reference (the paper's code:
     # under K with the layer profile, the first step fills the rest at 1e-12, layers in proportion to size)
     sparse_init: str = "budget"

@@ -441,6 +441,7 @@ class BayesianRewiring(SparseMethod):
     proportion to its *size*, then a dormant position in it. The two agree up to the factor (1 - layer
     density): the same at the paper's 0.5 p layers, while the reference rebirths relatively more into
     its small 0.6-density layers (first convs, output layer; ~0.01 % of VGG-16's weights).
+    regrow="layer-size" applies the reference's rule at every rewiring (a host-side step per rewiring).
 
     Initialisation (`init`): "budget" (rsp) starts exactly at K, the profile's per-layer counts
     (round(d * size)) plus the rest uniformly, active theta = |He normal|. "reference" (the paper's code)
@@ -579,7 +580,8 @@ class BayesianRewiring(SparseMethod):
         buf.masked_fill_(dead, 0.0)  # momentum of a dead connection is reset
         self.theta_buf.index_copy_(0, slots, theta)
         self.steps += 1
-        if self.init == "reference" and self.steps == 1:
+        if (self.init == "reference" and self.steps == 1) or (
+                self.regrow == "layer-size" and self.steps % self.rewire_every == 0):
             self._fill_by_layer_size(dead)
         elif self.steps % self.rewire_every == 0:
             if self.regrow == "random":
@@ -708,7 +710,9 @@ class BayesianRewiring(SparseMethod):
         self.steps = int(state["bcs.steps"][0])
 
 
-REGROW = ("random", "l2", "l2-weighted")
+# random: uniform over dormant positions (rsp, no host sync); layer-size: the reference's rule, each rebirth's
+# layer in proportion to layer size, then uniform in it (host-side, once per rewiring); l2, l2-weighted: structured
+REGROW = ("random", "layer-size", "l2", "l2-weighted")
 
 
 def _index_shape(shape: torch.Size) -> tuple[int, int, int, int]:
