@@ -290,3 +290,12 @@ def test_decay_scope_all_decays_batchnorm_and_biases_and_weights_only_does_not()
     assert {id(p) for p in model.parameters() if p.requires_grad} == decayed
     model, bn, decayed = run("weights")
     assert id(bn.weight) not in decayed and id(bn.bias) not in decayed
+
+
+def test_models_without_a_reference_profile_keep_first_and_last_at_least_0_6():
+    from rsp.models.profiles import profile_name
+
+    assert initial_densities("small-cnn", ["a", "b", "c", "d"], 0.01) == [0.6, None, None, 0.6]
+    assert initial_densities("small-cnn", ["a", "b"], 0.7) == [0.7, 0.7]
+    assert profile_name("small-cnn") == "first/last>=0.6" and profile_name("wrn-34-10") == "wrn-reference"
+    assert initial_densities("vgg16-1fc", [str(i) for i in range(14)], 0.1) == [0.6, 0.6, 0.2, 0.2] + [0.05] * 9 + [0.6]

@@ -9,6 +9,7 @@ The reference profiles are those of the paper's code (IGITUGraz/SparseAdversaria
 global density 1 - sparsity:
 
     vgg16        conv1-2 0.6, conv3-4 0.2, conv5-13 and the two hidden linears 0.5 p, output linear 0.6
+                 (vgg16-1fc, rsp's single-linear variant: the same rule over its 14 layers)
     resnet*      conv1 0.6, stage 1 (layer1.*) 0.2, stages 2-4 0.5 p, fc 0.6 (shortcut convs: their stage's)
     wrn*         conv1 0.6, group 1 (layer1.*) 0.1, groups 2-3 0.5 p, fc 0.6 (shortcut convs: their group's)
 
@@ -49,6 +50,8 @@ def _staged(first_stage: float) -> Profile:
 
 PROFILES: dict[str, tuple[str, Profile]] = {
     "vgg16": ("vgg16-reference", _vgg16),
+    # not in the reference: rsp's 5-pool, single-linear variant keeps the rule it had (14 layers, 9 at 0.5 p)
+    "vgg16-1fc": ("vgg16-reference rule on the 14-layer variant", _vgg16),
     **{name: ("resnet-reference", _staged(0.2)) for name in ("resnet18", "resnet34", "resnet50")},
     **{name: ("wrn-reference", _staged(0.1)) for name in ("wrn", "wrn-28-4", "wrn-28-10", "wrn-34-10")},
 }
