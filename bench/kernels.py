@@ -49,9 +49,10 @@ from rsp.kernels.build import CudaLayer, KernelBuildError, local_arch  # noqa: E
 VGG16_LAYERS = [
     ("conv1_1", 64, 3, 32, 1), ("conv1_2", 64, 64, 32, 1), ("conv2_1", 128, 64, 16, 1), ("conv2_2", 128, 128, 16, 1),
     ("conv3_1", 256, 128, 8, 1), ("conv3_2", 256, 256, 8, 2), ("conv4_1", 512, 256, 4, 1), ("conv4_2", 512, 512, 4, 2),
-    ("conv5_x", 512, 512, 2, 3), ("fc", 10, 512, None, 1),
+    ("conv5_x", 512, 512, 2, 3),
+    ("fc1", 256, 2048, None, 1), ("fc2", 256, 256, None, 1), ("fc3", 10, 256, None, 1),  # the paper's head
 ]
-QUICK_LAYERS = ["conv3_2", "conv5_x", "fc"]
+QUICK_LAYERS = ["conv3_2", "conv5_x", "fc1"]
 GOAL_SPEEDUP = 5.0
 
 

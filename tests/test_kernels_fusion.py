@@ -20,7 +20,8 @@ FAMILIES = {
     "resnet18": {"width": 4},
     "wrn": {"depth": 10, "widen_factor": 1},
 }
-STANDS_IN = {"wrn-28-4": "wrn", "wrn-34-10": "wrn"}
+STANDS_IN = {"wrn-28-4": "wrn", "wrn-34-10": "wrn", "resnet34": "resnet18",
+             "vgg16-1fc": "vgg16"}  # the same module code at other sizes
 
 
 def _model(name: str, seed: int = 0) -> torch.nn.Module:
