@@ -34,7 +34,7 @@ class TrainConfig:
     data_dir: str | None = None
     val_fraction: float = 0.1
     split_seed: int = 0
-    extra_data: str | None = None  # RST: pseudo-labelled images (.npz/.safetensors: images, labels)
+    extra_data: str | None = None  # RST: pseudo-labelled images (rsp pseudo-label folder, .npz/.safetensors, the ti_500K pickle)
     # model and sparsity
     model: str | None = None  # None: the data set's default (small-cnn for digits, vgg16 for CIFAR)
     model_kwargs: dict = field(default_factory=dict)
@@ -311,7 +311,7 @@ def validate(cfg: TrainConfig) -> None:
     if not isinstance(cfg.sparsity, (int, float)) or not 0.0 <= cfg.sparsity < 1.0:
         bad(f"--sparsity must be in [0, 1), got {cfg.sparsity}")
     if cfg.objective == "rst" and not cfg.extra_data:
-        bad("--objective rst needs --extra-data FILE (pseudo-labelled images: images, labels)")
+        bad("--objective rst needs --extra-data (pseudo-labelled images: an rsp pseudo-label folder, .npz/.safetensors with images and labels, or the ti_500K pickle)")
     for key in ("epochs", "batch_size", "rewire_every"):
         if int(getattr(cfg, key)) < 1:
             bad(f"--{key.replace('_', '-')} must be >= 1")

@@ -215,9 +215,9 @@ def test_vgg16_on_real_cifar_at_99_percent_is_exactly_one_percent_dense(cifar_di
 
     w = load_file(str(out / "model.safetensors"))
     convs = [k for k, v in w.items() if k.endswith(".weight") and v.ndim in (2, 4)]
-    assert len(convs) == 14
     nnz = sum(int((w[k] != 0).sum()) for k in convs)
     total = sum(w[k].size for k in convs)
+    assert len(convs) == 16 and total == 15_302_848  # the paper's VGG-16
     assert nnz == round(0.01 * total)
 
 
