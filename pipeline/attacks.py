@@ -583,7 +583,8 @@ def apgd_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
         predict = model_predict(model)
         clean_logits = _chunked_logits(predict, x, batch_size)
         n_classes = clean_logits.shape[1] if len(clean_logits) else 0
-        if loss != "ce" and n_classes < (4 if loss == "dlr-t" else 3):
+        # no examples left (a cumulative ensemble after earlier attacks broke them all): nothing to attack
+        if len(x) and loss != "ce" and n_classes < (4 if loss == "dlr-t" else 3):
             raise ValueError(f"{name} needs at least {4 if loss == 'dlr-t' else 3} classes, the model has {n_classes}")
         clean = clean_logits.argmax(1) == y
         tracker = _Tracker.start(x, clean_logits, y, clean, attack)
@@ -796,7 +797,7 @@ def fab_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
         predict = model_predict(model)
         clean_logits = _chunked_logits(predict, x, batch_size)
         n_classes = clean_logits.shape[1] if len(clean_logits) else 0
-        if n_classes < 2:
+        if len(x) and n_classes < 2:  # no examples left: nothing to attack
             raise ValueError(f"fab-t needs at least 2 classes, the model has {n_classes}")
         clean = clean_logits.argmax(1) == y
         tracker = _Tracker.start(x, clean_logits, y, clean, attack)

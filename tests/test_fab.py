@@ -89,3 +89,17 @@ def test_fab_t_many_classes_within_the_ensemble():
     assert robust[r_best > eps].all()
     assert (~robust[r_best < 0.99 * eps]).all()
     assert ens["per_attack"]["fab-t"]["config"]["n_target_classes"] == 9
+
+
+def test_cumulative_ensemble_skips_attacks_left_without_examples():
+    """PGD at a huge eps breaks every image: the later attacks get an empty batch and must not fail on it."""
+    from rsp.attacks import ensemble_eval
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10)).eval()
+    x = torch.rand(6, 3, 2, 2)
+    y = model(x).argmax(1)
+    res = ensemble_eval(model, x, y, attacks=["pgd", "apgd-ce", "apgd-t", "fab-t"], eps=1.0, steps=5, restarts=1,
+                        apgd_steps=5, cumulative=True)
+    assert res["clean_acc"] == 1.0 and res["robust_acc"] == 0.0
+    assert set(res["per_attack"]) == {"pgd", "apgd-ce", "apgd-t", "fab-t"}
