@@ -5,8 +5,8 @@
     python scripts/methods_table.py ... --dry-run                                        # print the commands
 
 For each method and sparsity: `rsp train` (same data, model, objective, --epochs budget and seed), `rsp export
---format onnx` for this host, `rsp verify` (PGD-50 x 10 at eps 8/255, worst case per example, sanity checks)
-on the ONNX artifact. A finished step is skipped when the script runs again, so an interrupted table resumes
+--format onnx` for this host, `rsp verify` (its default preset: PGD-50 x 10, then APGD-CE and APGD-T on
+PGD's survivors, eps 8/255, worst case per example, sanity checks) on the ONNX artifact. A finished step is skipped when the script runs again, so an interrupted table resumes
 (train itself resumes with --resume). Prints the Markdown table, one row per run with the command that
 produced it, and writes it to ROOT/methods.md; the last line is one JSON object with all figures.
 """
@@ -94,9 +94,10 @@ def _markdown(rows, args) -> str:
     n_seen = ", ".join(sorted({str(r["n_examples"]) for r in rows if r.get("n_examples")})) or args.n_examples
     head = (f"{args.model}{kw} on {args.dataset} ({args.data_dir}), {args.objective}{extra}, --epochs {args.epochs} for every "
             f"method (its whole budget), seed {args.seed}; model selection on the validation split; clean and "
-            f"PGD-50 x 10 robust accuracy (eps 8/255, worst case per example) of the ONNX artifact from rsp verify "
+            f"robust accuracy (PGD-50 x 10, then APGD-CE and APGD-T on its survivors: rsp verify's default preset; "
+            f"eps 8/255, worst case per example) of the ONNX artifact from rsp verify "
             f"on the first {n_seen} test images.\n\n")
-    lines = ["| method | target | sparsity | clean | robust (PGD-50x10) | sanity | selected epoch: val clean / robust "
+    lines = ["| method | target | sparsity | clean | robust (PGD-50x10 + APGD) | sanity | selected epoch: val clean / robust "
              "| phases (steps) | train s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
