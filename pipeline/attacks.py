@@ -563,6 +563,24 @@ def _apgd_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ex: torch.Ten
     return work
 
 
+def _clean_start(predict: Predict, x: torch.Tensor, y: torch.Tensor, batch_size: int, attack, name: str,
+                 min_classes: int):
+    """What every white-box attack starts from: the clean logits, the class count, which examples are clean,
+    and the tracker. A model with fewer than `min_classes` classes is refused, unless there is no example left
+    to attack (a cumulative ensemble whose earlier attacks broke them all)."""
+    clean_logits = _chunked_logits(predict, x, batch_size)
+    n_classes = clean_logits.shape[1] if len(clean_logits) else 0
+    if len(x) and n_classes < min_classes:
+        raise ValueError(f"{name} needs at least {min_classes} classes, the model has {n_classes}")
+    clean = clean_logits.argmax(1) == y
+    return clean_logits, n_classes, clean, _Tracker.start(x, clean_logits, y, clean, attack)
+
+
+def _wrong_classes_ranked(clean_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per example, the wrong classes from most to least likely on the clean input (the targets of APGD-T, FAB-T)."""
+    return clean_logits.scatter(1, y[:, None], float("-inf")).argsort(dim=1, descending=True)
+
+
 def apgd_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100, restarts: int = 1,
               loss: str = "ce", n_target_classes: int = 9, generator: torch.Generator | None = None,
               batch_size: int = 512, bf16: bool = False, rho: float = 0.75,
@@ -581,16 +599,10 @@ def apgd_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     work = 0
     with attack_mode(model):
         predict = model_predict(model)
-        clean_logits = _chunked_logits(predict, x, batch_size)
-        n_classes = clean_logits.shape[1] if len(clean_logits) else 0
-        # no examples left (a cumulative ensemble after earlier attacks broke them all): nothing to attack
-        if len(x) and loss != "ce" and n_classes < (4 if loss == "dlr-t" else 3):
-            raise ValueError(f"{name} needs at least {4 if loss == 'dlr-t' else 3} classes, the model has {n_classes}")
-        clean = clean_logits.argmax(1) == y
-        tracker = _Tracker.start(x, clean_logits, y, clean, attack)
+        clean_logits, n_classes, clean, tracker = _clean_start(predict, x, y, batch_size, attack, name,
+                                                               {"ce": 0, "dlr": 3, "dlr-t": 4}[loss])
         if loss == "dlr-t":
-            others = clean_logits.scatter(1, y[:, None], float("-inf"))
-            ranked = others.argsort(dim=1, descending=True)
+            ranked = _wrong_classes_ranked(clean_logits, y)
             n_t = min(n_target_classes, n_classes - 1)
             targets = [ranked[:, r] for r in range(n_t)]  # the clean input's most likely wrong classes, in order
         else:
@@ -795,13 +807,8 @@ def fab_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
     work = 0
     with attack_mode(model):
         predict = model_predict(model)
-        clean_logits = _chunked_logits(predict, x, batch_size)
-        n_classes = clean_logits.shape[1] if len(clean_logits) else 0
-        if len(x) and n_classes < 2:  # no examples left: nothing to attack
-            raise ValueError(f"fab-t needs at least 2 classes, the model has {n_classes}")
-        clean = clean_logits.argmax(1) == y
-        tracker = _Tracker.start(x, clean_logits, y, clean, attack)
-        ranked = clean_logits.scatter(1, y[:, None], float("-inf")).argsort(dim=1, descending=True)
+        clean_logits, n_classes, clean, tracker = _clean_start(predict, x, y, batch_size, attack, "fab-t", 2)
+        ranked = _wrong_classes_ranked(clean_logits, y)
         for r in range(min(n_target_classes, n_classes - 1)):
             for restart in range(max(1, restarts)):
                 todo = torch.nonzero(~tracker.broken).squeeze(1)

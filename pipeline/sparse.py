@@ -591,9 +591,10 @@ class BayesianRewiring(SparseMethod):
 
     @torch.no_grad()
     def _fill_by_layer_size(self, dead: torch.Tensor) -> None:
-        """The reference's sample_connectivity() at the first step: every dead or free slot is reborn at
-        theta = 1e-12, its layer drawn in proportion to layer size, its position uniform among the layer's
-        dormant ones. Once per run, so host-side per-layer bookkeeping is fine."""
+        """The reference's sample_connectivity(): every dead or free slot is reborn at theta = 1e-12, its layer
+        drawn in proportion to layer size, its position uniform among the layer's dormant ones. Host-side
+        bookkeeping, O(N) per call: once per run for init="reference", every rewiring for regrow="layer-size"
+        (the price of the reference's rule; the default rule stays on the device in O(K + M))."""
         n, theta_ext = self.total, self.theta_buf
         cpu_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.generator,
                                                                   device=self.generator.device)))
