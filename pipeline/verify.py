@@ -347,6 +347,8 @@ def _robustness(model, runtimes: dict[str, Runtime], judge, x, y, eps, opts: Ver
                    "model_robust_acc": v["model_robust_acc"], "seed": v["seed"]}
                for a, v in ens["per_attack"].items()}
     latent = latent_vulnerability(model, x, ens["x_adv"])
+    log(f"latent vulnerability (ANP-VS, mean |z(x) - z(x_adv)| over {len(latent['layers'])} {latent['sites']} sites, "
+        f"at the headline's adversarial examples): {latent['vulnerability']:.4g}")
     return {"backends": backends, "attacks": attacks, "ensemble": ens, "latent_vulnerability": latent}
 
 
@@ -709,6 +711,15 @@ def _report(output: Path, r: dict, num_classes: int, log) -> None:
               "| attack | parameters |", "|---|---|"]
     lines += [f"| {a} | " + ", ".join(f"{k} {_param(k, val)}" for k, val in v.get("config", {}).items()) + " |"
               for a, v in r["attacks"].items()]
+    lv = r.get("latent_vulnerability") or {}
+    if lv.get("layers"):
+        lines += ["## Latent vulnerability (ANP-VS)", "",
+                  f"**{lv['vulnerability']:.4g}**: mean over {len(lv['layers'])} feature sites ({lv.get('sites')}) of "
+                  "mean |z(x) - z(x_adv)| (Madaan et al. 2020), the twin in eval mode, x_adv the headline's adversarial "
+                  "examples (per example the lowest-margin attack's point; a misclassified clean image is not attacked "
+                  "and adds 0). Lower: features that move less "
+                  "under attack.", "", "| site | vulnerability |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in lv["layers"].items()]
     lines.append("")
     if r["parity"]:
         lines += ["## Parity (clean logits vs the PyTorch twin)", "", "| artifact | max abs diff | prediction agreement |",

@@ -88,6 +88,11 @@ def _sanity(row) -> str:
     return "not run" if row.get("sanity_run") is False else ("unreliable" if row["unreliable"] else "pass")
 
 
+def _vulnerability(row) -> str:
+    v = row.get("latent_vulnerability")
+    return "-" if v is None else f"{v:.4g}"
+
+
 def _markdown(rows, args) -> str:
     extra = f" ({args.train_flags})" if args.train_flags else ""
     kw = f" {args.model_kwargs}" if args.model_kwargs else ""
@@ -96,19 +101,20 @@ def _markdown(rows, args) -> str:
             f"method (its whole budget), seed {args.seed}; model selection on the validation split; clean and "
             f"robust accuracy (PGD-50 x 10, then APGD-CE and APGD-T on its survivors: rsp verify's default preset; "
             f"eps 8/255, worst case per example) of the ONNX artifact from rsp verify "
-            f"on the first {n_seen} test images.\n\n")
-    lines = ["| method | target | sparsity | clean | robust (PGD-50x10 + APGD) | sanity | selected epoch: val clean / robust "
-             "| phases (steps) | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+            f"on the first {n_seen} test images; latent vulnerability: ANP-VS's mean |z(x) - z(x_adv)| over the "
+            f"ReLU features at those adversarial examples (lower: features that move less).\n\n")
+    lines = ["| method | target | sparsity | clean | robust (PGD-50x10 + APGD) | latent vulnerability | sanity "
+             "| selected epoch: val clean / robust | phases (steps) | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "robust_acc" in r:
             units = f" (units {r['unit_sparsity']:.3f})" if r.get("unit_sparsity") is not None else ""
             lines.append(f"| {r['method']} | {r['target_sparsity']:g} | {r['sparsity']:.4f}{units} | {r['clean_acc']:.4f} | "
-                         f"{r['robust_acc']:.4f} | {_sanity(r)} | {r['selected_epoch']}: {r['val_clean_acc']:.3f} / "
+                         f"{r['robust_acc']:.4f} | {_vulnerability(r)} | {_sanity(r)} | {r['selected_epoch']}: {r['val_clean_acc']:.3f} / "
                          f"{r['val_robust_acc']:.3f}{' (collapsed)' if r.get('selected_collapsed') else ''} | "
                          f"{r['phases'] or 'train'} | {r['train_time_s']:.0f} |")
         else:
-            lines.append(f"| {r['method']} | {r['target_sparsity']:g} | | | | {r.get('error', 'not run')} | | | |")
+            lines.append(f"| {r['method']} | {r['target_sparsity']:g} | | | | | {r.get('error', 'not run')} | | | |")
     cmds = ["", "Commands, per row:", ""]
     for r in rows:
         cmds.append(f"- {r['method']} @ {r['target_sparsity']:g}: `" + "` && `".join(r["commands"]) + "`")

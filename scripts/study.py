@@ -88,6 +88,7 @@ def results(row: Row) -> dict | None:
     return {"sparsity": m["sparsity"], "clean_acc": v["clean_acc"], "robust_acc": v["robust_acc"],
             "unreliable": v.get("unreliable"), "n_examples": v.get("n_examples"),
             "sanity_run": bool(v.get("sanity", {}).get("checks")), "preset": v.get("preset"),
+            "latent_vulnerability": (v.get("latent_vulnerability") or {}).get("vulnerability"),  # ANP-VS measure
             "train_time_s": m["training"]["time_s"], "val_robust_acc": metrics.get("val_robust_acc"),
             "val_clean_acc": metrics.get("val_clean_acc"), "selected_epoch": metrics.get("epoch"),
             "selected_collapsed": metrics.get("selected_collapsed"),

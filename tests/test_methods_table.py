@@ -14,7 +14,7 @@ def _script():
     return mod
 
 
-def _fake_row(root: Path, name: str, *, clean, robust, epoch, collapsed=False, method_config=None):
+def _fake_row(root: Path, name: str, *, clean, robust, epoch, collapsed=False, method_config=None, vulnerability=None):
     run = root / name
     (run / "train").mkdir(parents=True)
     (run / "verify").mkdir()
@@ -25,18 +25,20 @@ def _fake_row(root: Path, name: str, *, clean, robust, epoch, collapsed=False, m
                           **(method_config or {})}}))
     (run / "verify" / "verify.json").write_text(json.dumps({
         "clean_acc": clean, "robust_acc": robust, "unreliable": False, "n_examples": 517,
-        "sanity": {"checks": [{"name": "eps_zero", "passed": True}]}}))
+        "sanity": {"checks": [{"name": "eps_zero", "passed": True}]},
+        **({"latent_vulnerability": {"vulnerability": vulnerability}} if vulnerability is not None else {})}))
 
 
 def test_report_renders_what_the_folders_record(tmp_path, capsys):
-    _fake_row(tmp_path, "bcs-0.9", clean=0.30, robust=0.18, epoch=4)
+    _fake_row(tmp_path, "bcs-0.9", clean=0.30, robust=0.18, epoch=4, vulnerability=0.0123)
     _fake_row(tmp_path, "anp-vs-0.9", clean=0.11, robust=0.10, epoch=3, collapsed=True,
               method_config={"unit_sparsity": 0.25})
     args = ["--data-dir", "d", "--root", str(tmp_path), "--sparsity", "0.9", "--report"]
     assert _script().main(args + ["--method", "bcs", "--method", "anp-vs", "--method", "lth"]) == 0
     out = capsys.readouterr().out
     rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
-    assert "| 0.3000 | 0.1800 | pass | 4: 0.300 / 0.100 | pretrain 5, finetune 5 | 12 |" in rows["bcs"]
+    assert "| 0.3000 | 0.1800 | 0.0123 | pass | 4: 0.300 / 0.100 | pretrain 5, finetune 5 | 12 |" in rows["bcs"]
+    assert "| 0.1100 | 0.1000 | - |" in rows["anp-vs"]  # a verify.json without the measure: a dash, not a number
     assert "0.9000 (units 0.250)" in rows["anp-vs"] and "(collapsed)" in rows["anp-vs"]
     assert "not finished yet" in rows["lth"]
     data = json.loads(out.strip().splitlines()[-1])

@@ -45,7 +45,13 @@ def test_verify_scores_the_artifact_writes_the_report_and_passes_gates(onnx_bund
     assert b1["fastest_dense"]["runtime"] == fastest == out["speed"]["fastest_dense_runtime"]
     assert out["speed"]["speedup_vs_fastest_dense"] == pytest.approx(pool[fastest]["p50_ms"] / b1["p50_ms"])
     assert f"vs {fastest} (the fastest dense runtime here" in r.stdout
-    assert "## Speed against what a user would otherwise run" in (tmp_path / "v" / "report.md").read_text()
+    report = (tmp_path / "v" / "report.md").read_text()
+    assert "## Speed against what a user would otherwise run" in report
+    # ANP-VS's latent vulnerability: in verify.json, report.md (overall and per site) and on the terminal
+    lv = out["latent_vulnerability"]
+    assert lv["vulnerability"] > 0 and lv["vulnerability"] == pytest.approx(sum(lv["layers"].values()) / len(lv["layers"]))
+    assert "## Latent vulnerability (ANP-VS)" in report and f"**{lv['vulnerability']:.4g}**" in report
+    assert f"): {lv['vulnerability']:.4g}" in r.stderr  # the progress log
 
 
 def test_a_failing_gate_exits_1(onnx_bundle, tmp_path):
