@@ -251,6 +251,15 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", check: bo
     return model.to(device).eval()
 
 
+def load_complete_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[dict, torch.nn.Module]:
+    """A sealed stage folder's manifest and its plain registry model (model.safetensors checked against the
+    manifest's sha256): the one way a stage that only reads weights (rsp compare) opens a folder."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    require_complete(folder, manifest)
+    return manifest, load_model(folder, device=device)
+
+
 # --- one writer per folder ---------------------------------------------------------------------------
 
 

@@ -329,6 +329,45 @@ def structure(
 
 @app.command(
     epilog="Examples:\n\n"
+    "  rsp compare runs/dense runs/magnitude runs/hydra --output runs/compare\n\n"
+    "  rsp compare runs/v99 runs/v99-s --label trained --label structured --output runs/v99-vs-s",
+)
+def compare(
+    runs: Optional[list[str]] = typer.Argument(None, metavar="RUN", help="Train or structure folders (one or more; e.g. a dense run and its pruned versions)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="New (or empty) folder for report.md, compare.json and the PNGs."),
+    label: Optional[list[str]] = typer.Option(None, "--label", help="Name of each run in the report, in the order of RUNS (default: the folder names); repeat once per run."),
+    bins: int = typer.Option(60, "--bins", help="Bins of the weight histograms (degree histograms: one bin per degree up to this many)."),
+) -> None:
+    """Compare the weights and topology of runs: a dense model and its pruned versions, any methods.
+
+    Per run, per conv/linear layer and over all layers: density; mean, std, skewness, excess kurtosis and
+    mean |w| of the non-zero weights; their histograms (runs overlaid); in- and out-degree distributions of
+    units (non-zero weights and connected channels); zero filters and zero input channels; and the Jaccard
+    overlap of the non-zero masks between every pair of runs of the same architecture (skipped, with the
+    reason, for other pairs). Writes report.md, compare.json and PNGs into --output.
+    """
+    from .compare import CompareOptions, run as run_compare
+
+    if not runs:
+        _fail("missing RUN: give one or more train or structure folders to compare")
+    if not output:
+        _fail("--output is required: a new or empty folder for the report")
+    _check_output(output)
+    try:
+        result = run_compare(runs, output, CompareOptions(bins=bins, labels=label or None),
+                             log=lambda m: typer.echo(m, err=True))
+    except _bad_input_types() as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(_os_error_text(exc), code=1)
+    pairs = result["result"]["overlap"]["pairs"]
+    done = sum(p["computed"] for p in pairs)
+    typer.echo(f"{output}: {len(runs)} run(s) compared, mask overlap for {done} of {len(pairs)} pair(s); "
+               f"report {output}/report.md")
+
+
+@app.command(
+    epilog="Examples:\n\n"
     "  rsp export --list-targets\n\n"
     "  rsp export runs/v99-s --target jetson-orin-nano --data-dir ~/data --output out/orin   # ONNX + TVM (sm_87 fatbin) + TensorRT settings\n\n"
     "  rsp export runs/v99-s --target jetson --output out/jetson   # a family alias: the Jetson rsp runs on, else the family's default\n\n"

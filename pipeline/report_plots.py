@@ -96,3 +96,85 @@ def weight_matrix(path: Path, cells, shape: tuple[int, int], cell: tuple[int, in
     _save(fig, path)
     plt.close(fig)
     return True
+
+
+def _grid(plt, n: int, cols: int = 4, size: tuple[float, float] = (4.0, 2.8)):
+    cols = max(1, min(cols, n))
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.axis("off")
+    return fig, flat[:n]
+
+
+def histogram_grid(path: Path, panels: list[tuple[str, list[float], dict[str, list[float]]]], xlabel: str,
+                   ylabel: str, title: str) -> bool:
+    """One panel per (title, bin edges, {run: counts}): the runs' histograms overlaid as outlines, each
+    normalised to its own total (a share per bin), so a dense and a 99 % sparse run are comparable."""
+    plt = _pyplot()
+    if plt is None or not panels:
+        return False
+    fig, axes = _grid(plt, len(panels))
+    for ax, (name, edges, runs) in zip(axes, panels):
+        for label, counts in runs.items():
+            total = sum(counts)
+            if total:
+                ax.stairs([c / total for c in counts], edges, label=label, lw=1.2)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def pair_matrix(path: Path, labels: list[str], values: list[list[float | None]], title: str) -> bool:
+    """A symmetric runs x runs matrix (Jaccard), each cell annotated; None (not computed) is grey and 'n/a'."""
+    plt = _pyplot()
+    if plt is None or not labels:
+        return False
+    import numpy as np
+
+    data = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+    side = 1.2 + 0.9 * len(labels)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d0d0d0")
+    image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, "n/a" if v is None else f"{v:.3f}", ha="center", va="center", fontsize=8,
+                    color="black" if v is None or v > 0.6 else "white")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def layer_lines(path: Path, layers: list[str], series: dict[str, list[float | None]], ylabel: str, title: str,
+                ylim: tuple[float, float] | None = (0, 1)) -> bool:
+    """One line per series over the layers in model order (None: the series has no such layer)."""
+    plt = _pyplot()
+    if plt is None or not layers or not series:
+        return False
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.45 * len(layers) + 2), 3.6))
+    for label, values in series.items():
+        ax.plot(range(len(layers)), [float("nan") if v is None else v for v in values], marker="o", label=label)
+    ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)
+    plt.close(fig)
+    return True
