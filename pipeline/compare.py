@@ -345,6 +345,7 @@ def _plots(output: Path, runs: list[_Run], figures: dict, pairs: list, matrix: l
     if _pyplot() is None:
         return [], "matplotlib is not installed here: no PNGs (pip install matplotlib)"
     layer_order = list(dict.fromkeys(n for r in runs for n in r.weights))
+    colors = {r.label: f"C{i % 10}" for i, r in enumerate(runs)}  # one colour per run in every figure
     pictures = []
 
     panels = []
@@ -357,7 +358,7 @@ def _plots(output: Path, runs: list[_Run], figures: dict, pairs: list, matrix: l
         panels.append((name, edges.tolist(), {lab: np.histogram(v.numpy(), edges)[0].tolist()
                                               for lab, v in values.items()}))
     if histogram_grid(output / "weights_hist.png", panels, "weight (non-zeros only)", "share of the non-zeros",
-                      "Non-zero weights per layer (each run normalised to its own count)"):
+                      "Non-zero weights per layer (each run normalised to its own count)", colors):
         pictures.append("weights_hist.png")
 
     for direction in ("in", "out"):
@@ -365,9 +366,13 @@ def _plots(output: Path, runs: list[_Run], figures: dict, pairs: list, matrix: l
             panels = []
             for name in layer_order:
                 have = [r for r in runs if name in r.weights]
+                # a fully dense layer has every unit at the largest degree: drawn, it would squash a sparse
+                # run's distribution into the first bin, so it is left out (its figures are in the tables)
+                have = [r for r in have if figures[r.label]["layers"][name]["density"] < 1.0] or have
                 stats = {r.label: figures[r.label]["layers"][name][f"{direction}_degree"][kind] for r in have}
-                top = max(s["max_possible"] for s in stats.values())
-                edges = (np.arange(top + 2) - 0.5) if top + 1 <= opts.bins else np.linspace(0, top, opts.bins + 1)
+                top = max(s["max"] for s in stats.values())
+                width = max(1, -(-(top + 1) // opts.bins))  # whole degrees per bin
+                edges = np.arange(0, top + width + 1, width) - 0.5
                 hist = {}
                 for lab, s in stats.items():
                     degrees = np.repeat([d for d, _ in s["distribution"]], [c for _, c in s["distribution"]])
@@ -377,7 +382,8 @@ def _plots(output: Path, runs: list[_Run], figures: dict, pairs: list, matrix: l
             fname = f"{direction}_degree_{kind}.png"
             what = "non-zero weights" if kind == "weights" else "connected channels"
             if histogram_grid(output / fname, panels, f"{direction}-degree ({what})", "share of the units",
-                              f"{direction.capitalize()}-degree distributions ({what}) per layer"):
+                              f"{direction.capitalize()}-degree distributions ({what}) per layer; runs dense in a "
+                              "layer are not drawn there", colors):
                 pictures.append(fname)
 
     labels = [r.label for r in runs]
@@ -387,7 +393,8 @@ def _plots(output: Path, runs: list[_Run], figures: dict, pairs: list, matrix: l
                for r in runs}
     if layer_lines(output / "density.png", layer_order, density, "density (non-zero share)", "Density per layer"):
         pictures.append("density.png")
-    computed = [p for p in pairs if p["computed"]]
+    dense = {r.label for r in runs if figures[r.label]["overall"]["density"] == 1.0}
+    computed = [p for p in pairs if p["computed"] and not {p["a"], p["b"]} & dense]  # with a dense run: its density
     if computed:
         series = {f"{p['a']} / {p['b']}": [p["layers"].get(n, {}).get("jaccard") for n in layer_order] for p in computed}
         if layer_lines(output / "jaccard_layers.png", layer_order, series, "Jaccard", "Mask overlap per layer"):
@@ -490,7 +497,7 @@ def _markdown(result: dict, runs: list[_Run], pictures: list[str], plots_note: s
                 "out_degree_weights.png": "out-degree distributions (non-zero weights per input unit)",
                 "out_degree_channels.png": "out-degree distributions (connected output channels per input channel)",
                 "jaccard.png": "Jaccard matrix of the non-zero masks (all layers)",
-                "density.png": "density per layer", "jaccard_layers.png": "Jaccard per layer for each compared pair"}
+                "density.png": "density per layer", "jaccard_layers.png": "Jaccard per layer for each compared pair without a fully dense run"}
     lines += [f"- {captions.get(p, p)}: ![{p}]({p})" for p in pictures]
     lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in result["definitions"].items()]
     return "\n".join(lines) + "\n"

@@ -109,24 +109,34 @@ def _grid(plt, n: int, cols: int = 4, size: tuple[float, float] = (4.0, 2.8)):
 
 
 def histogram_grid(path: Path, panels: list[tuple[str, list[float], dict[str, list[float]]]], xlabel: str,
-                   ylabel: str, title: str) -> bool:
+                   ylabel: str, title: str, colors: dict[str, str] | None = None) -> bool:
     """One panel per (title, bin edges, {run: counts}): the runs' histograms overlaid as outlines, each
-    normalised to its own total (a share per bin), so a dense and a 99 % sparse run are comparable."""
+    normalised to its own total (a share per bin), so a dense and a 99 % sparse run are comparable.
+    colors: one colour per run in every panel (default: matplotlib's cycle in the order of first appearance)."""
     plt = _pyplot()
     if plt is None or not panels:
         return False
+    colors = dict(colors or {})
+    for _, _, runs in panels:
+        for label in runs:
+            colors.setdefault(label, f"C{len(colors) % 10}")
     fig, axes = _grid(plt, len(panels))
     for ax, (name, edges, runs) in zip(axes, panels):
         for label, counts in runs.items():
             total = sum(counts)
             if total:
-                ax.stairs([c / total for c in counts], edges, label=label, lw=1.2)
+                ax.stairs([c / total for c in counts], edges, label=label, lw=1.2, color=colors[label])
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles = {}
+    for ax in axes:  # a run left out of the first panel is still in the legend
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        axes[0].legend(list(handles.values()), list(handles), fontsize=7)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     _save(fig, path)
