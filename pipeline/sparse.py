@@ -18,6 +18,7 @@ parameters. The number of active connections equals the budget K after every rew
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Iterable, Iterator, Sequence
 
@@ -461,8 +462,10 @@ class BayesianRewiring(SparseMethod):
                  momentum: float = 0.9, weight_decay: float = 5e-4, sigma: float = 1e-6, alpha: float = 0.0,
                  temperature: float | None = None, rewire_every: int = 1, regrow: str = "random",
                  init: str = "budget"):
+        regrow = canonical_regrow(regrow)
         if regrow not in REGROW:
-            raise ValueError(f"unknown regrow rule {regrow!r}; choose one of {', '.join(REGROW)}")
+            raise ValueError(f"unknown regrow rule {regrow!r}; choose one of {', '.join(REGROW)} "
+                             f"(or the alias l2-weighted)")
         if init not in INITS:
             raise ValueError(f"unknown sparse init {init!r}; choose one of {', '.join(INITS)}")
         self.regrow, self.init = regrow, init
@@ -661,40 +664,61 @@ class BayesianRewiring(SparseMethod):
 
     @torch.no_grad()
     def _rebirth_near(self, dead: torch.Tensor) -> None:
-        """Structured regrowth (Seidel 2022/23): rebirths go next to existing connections.
+        """Structured regrowth (Seidel, TU Graz): each rebirth at the nearest dormant position to a live seed.
 
-        The dead count is spread over layers in proportion to their size (as in random rebirth); in each
-        layer, n seeds are drawn among its active connections (`l2`: at random; `l2-weighted`: the n of
-        largest |theta|) and each seed rebirths the nearest dormant position by Euclidean distance in the
-        layer's index space (out, in, kh, kw), ties broken at random, never two rebirths at one position.
-        Per-layer counts are read on the host once per step (a few layers, not weights).
+        The dead count is spread over layers in proportion to their size (as in random rebirth), capped at
+        each layer's dormant count (the overflow drawn again among layers with room, so the budget stays
+        exact). In each layer, c seeds are taken among its live connections — `l2`: c at random;
+        `l2-magnitude-seeded` (alias `l2-weighted`): the c of largest theta (= |w|), i.e. the magnitude
+        weights which seeds are chosen, never the distance — and each seed rebirths a dormant position of
+        minimum Euclidean distance in the layer's index space (out, in, kh, kw), exactly (`nearest_dormant`),
+        ties at random, never two rebirths at one position. A layer with no live connection takes uniform
+        seeds (a dormant seed is then its own nearest position). Per-layer counts are read on the host
+        once per step (a few layers, not weights).
         """
         theta_ext, slots, gen = self.theta_buf, self.slots, self.generator
         dead_idx = torch.nonzero(dead).squeeze(1)
         if dead_idx.numel() == 0:
             return
+        n_layers = len(self.layers)
+        live_pos = torch.sort(slots[~dead]).values  # each layer's live connections: one slice
+        edges = torch.cat([self._layer_starts, self._layer_starts.new_tensor([self.total])])
+        ends = torch.searchsorted(live_pos, edges)
+        room = self._layer_sizes.long() - (ends[1:] - ends[:-1])  # dormant positions per layer (live = theta > 0)
         layer_of_dead = torch.multinomial(self._layer_sizes, dead_idx.numel(), replacement=True, generator=gen)
-        counts = torch.bincount(layer_of_dead, minlength=len(self.layers)).tolist()
-        live_pos = slots[~dead]
-        live_layer = torch.searchsorted(self._layer_starts, live_pos, right=True) - 1
+        counts = torch.bincount(layer_of_dead, minlength=n_layers)
+        while True:  # a layer cannot rebirth more than it has dormant: the overflow goes elsewhere
+            over = (counts - room).clamp(min=0)
+            excess = int(over.sum())
+            if excess == 0:
+                break
+            counts -= over
+            weight = self._layer_sizes * (counts < room)
+            counts += torch.bincount(torch.multinomial(weight, excess, replacement=True, generator=gen),
+                                     minlength=n_layers)
+        counts, room, ends = counts.tolist(), room.tolist(), ends.tolist()
         born = []
         for li, c in enumerate(counts):
             if c == 0:
                 continue
             start, size = self._offsets[li]
-            live = live_pos[live_layer == li]
+            live = live_pos[ends[li] : ends[li + 1]]
             if live.numel() == 0:  # nothing to grow next to: uniform seeds in the layer
                 seeds = start + torch.randint(0, size, (c,), device=slots.device, generator=gen)
-            elif self.regrow == "l2-weighted":
-                order = torch.argsort(theta_ext[live], descending=True, stable=True)
-                seeds = live[order[torch.arange(c, device=slots.device) % live.numel()]]
+            elif self.regrow == "l2-magnitude-seeded":
+                if c <= live.numel():
+                    seeds = live[torch.topk(theta_ext[live], c, sorted=False).indices]
+                else:  # more rebirths than live connections: every one seeds, the strongest again
+                    order = torch.argsort(theta_ext[live], descending=True, stable=True)
+                    seeds = live[order[torch.arange(c, device=slots.device) % live.numel()]]
             else:
                 pick = torch.randperm(live.numel(), device=slots.device, generator=gen)[:c]
                 if c > live.numel():
                     pick = torch.cat([pick, torch.randint(0, live.numel(), (c - live.numel(),), device=slots.device,
                                                           generator=gen)])
                 seeds = live[pick]
-            born.append(nearest_dormant(theta_ext, start, size, self._index_shapes[li], seeds - start, gen))
+            born.append(nearest_dormant(theta_ext, start, size, self._index_shapes[li], seeds - start, gen,
+                                        n_dormant=room[li]))
         new = torch.cat(born)
         slots[dead_idx] = new  # theta there is already REBIRTH_THETA (set while searching)
         self.slots = slots
@@ -712,8 +736,16 @@ class BayesianRewiring(SparseMethod):
 
 
 # random: uniform over dormant positions (rsp, no host sync); layer-size: the reference's rule, each rebirth's
-# layer in proportion to layer size, then uniform in it (host-side, once per rewiring); l2, l2-weighted: structured
-REGROW = ("random", "layer-size", "l2", "l2-weighted")
+# layer in proportion to layer size, then uniform in it (host-side, once per rewiring); l2: nearest dormant
+# position to random live seeds; l2-magnitude-seeded: the same, seeds = the live connections of largest
+# |theta| (the magnitude weights the choice of seeds; distances are unweighted)
+REGROW = ("random", "layer-size", "l2", "l2-magnitude-seeded")
+REGROW_ALIASES = {"l2-weighted": "l2-magnitude-seeded"}  # the old name, still accepted
+
+
+def canonical_regrow(rule):
+    """A regrow rule's canonical name (aliases resolved); anything else is returned unchanged."""
+    return REGROW_ALIASES.get(rule, rule) if isinstance(rule, str) else rule
 
 
 def _index_shape(shape: torch.Size) -> tuple[int, int, int, int]:
@@ -721,82 +753,240 @@ def _index_shape(shape: torch.Size) -> tuple[int, int, int, int]:
     return tuple(shape) if len(shape) == 4 else (shape[0], shape[1], 1, 1)
 
 
-_OFFSET_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+# Exact nearest-dormant search (see nearest_dormant). Bounds on memory and work per pass:
+_PAIRS = 1 << 21  # (seed, candidate) pairs looked at in one pass: a few int64 tensors of this size
+_BAND_MAX = 1 << 16  # offsets per distance band (a band is split while larger, down to one squared length)
+_BAND_GROWTH = 1.3  # band [lo, hi) of squared lengths: hi ~ 1.3 lo
+_RANK_CAP = 32  # identical seeds served in one pass (the rest wait for the next)
+_BRUTE_MIN_BAND = 256  # from a band of more offsets on, compare it with the dormant count:
+_BRUTE_RATIO = 1.0  # dormant <= ratio * band size: search the dormant list instead
 
 
-def _shell_offsets(radius: int, device) -> torch.Tensor:
-    """Integer offsets with max |component| == radius (the cube shell), with their squared length: (m, 5)."""
-    key = (radius, str(device))
-    if key not in _OFFSET_CACHE:
-        r = torch.arange(-radius, radius + 1)
-        grid = torch.cartesian_prod(r, r, r, r)
-        grid = grid[grid.abs().amax(1) == radius]
-        d2 = (grid**2).sum(1)
-        _OFFSET_CACHE[key] = torch.cat([grid, d2[:, None]], 1).to(device)
-    return _OFFSET_CACHE[key]
+def _isqrt(x: torch.Tensor) -> torch.Tensor:
+    """floor(sqrt(x)) of a non-negative int64 tensor, exact."""
+    r = torch.sqrt(x.double()).long()
+    r = r - (r * r > x).long()
+    return r + ((r + 1) * (r + 1) <= x).long()
+
+
+def _band(bounds: tuple[int, int, int, int], lo: int, hi: int, count_only: bool = False):
+    """Integer offsets v with |v_i| <= bounds[i] and lo <= |v|^2 < hi, sorted by |v|^2 (CPU, int64).
+
+    Enumerated without touching the rest of the box: a grid over three axes, and along the widest axis
+    only the one or two runs of values that land in the band. count_only: just their number.
+    """
+    ax = max(range(4), key=lambda i: bounds[i])
+    others = [i for i in range(4) if i != ax]
+    rmax = math.isqrt(hi - 1)
+    grid = torch.cartesian_prod(*[torch.arange(-min(bounds[i], rmax), min(bounds[i], rmax) + 1) for i in others])
+    s = (grid**2).sum(1)
+    keep = s < hi
+    grid, s = grid[keep], s[keep]
+    bh = _isqrt(hi - 1 - s).clamp(max=bounds[ax])  # |b| <= bh: s + b^2 < hi
+    rest = lo - s
+    bl = torch.where(rest > 0, _isqrt((rest - 1).clamp(min=0)) + 1, torch.zeros_like(rest))  # |b| >= bl: s + b^2 >= lo
+    n = torch.where(bh < bl, 0, torch.where(bl == 0, 2 * bh + 1, 2 * (bh - bl + 1)))
+    if count_only:
+        return int(n.sum())
+    rows = torch.repeat_interleave(torch.arange(len(grid)), n)
+    k = torch.arange(len(rows)) - (torch.cumsum(n, 0) - n)[rows]
+    blr, bhr = bl[rows], bh[rows]
+    b = torch.where(blr == 0, k - bhr, (blr + k // 2) * (1 - 2 * (k % 2)))
+    out = torch.empty((len(rows), 4), dtype=torch.long)
+    out[:, others] = grid[rows]
+    out[:, ax] = b
+    d2 = s[rows] + b * b
+    order = torch.argsort(d2, stable=True)
+    return out[order], d2[order]
+
+
+@functools.lru_cache(maxsize=4096)
+def _band_edge(bounds: tuple[int, int, int, int], lo: int) -> tuple[int, int]:
+    """The band that starts at squared length lo: (hi, number of offsets), at most _BAND_MAX unless one
+    squared length alone has more."""
+    hi = max(lo + 1, int(lo * _BAND_GROWTH), 2)
+    m = _band(bounds, lo, hi, count_only=True)
+    while m > _BAND_MAX and hi > lo + 1:
+        hi = lo + max(1, (hi - lo) // 2)
+        m = _band(bounds, lo, hi, count_only=True)
+    return hi, m
+
+
+@functools.lru_cache(maxsize=256)
+def _band_cached(bounds, lo, hi, device):
+    offs, d2 = _band(bounds, lo, hi)
+    return offs.to(device), d2.to(device)
+
+
+def _ranks(pos: torch.Tensor) -> torch.Tensor:
+    """For sorted positions: 0 for the first of each run of equal values, 1 for the second, ..."""
+    idx = torch.arange(len(pos), device=pos.device)
+    new = torch.ones_like(pos, dtype=torch.bool)
+    new[1:] = pos[1:] != pos[:-1]
+    return idx - torch.cummax(torch.where(new, idx, 0), 0).values
+
+
+def _claim(target: torch.Tensor, ok: torch.Tensor, prio: torch.Tensor, span: int) -> torch.Tensor:
+    """Indices of the winners: among the `ok` entries wanting one target, the one of lowest prio (< span)."""
+    idx = torch.nonzero(ok).squeeze(1)
+    key = target[idx] * span + prio[idx]
+    key, order = torch.sort(key)
+    t = key // span
+    first = torch.ones_like(t, dtype=torch.bool)
+    first[1:] = t[1:] != t[:-1]
+    return idx[order[first]]
 
 
 def nearest_dormant(theta_ext: torch.Tensor, start: int, size: int, shape: tuple[int, int, int, int],
-                    seeds: torch.Tensor, generator: torch.Generator, radius: int = 2, rounds: int = 6) -> torch.Tensor:
-    """For each seed (a flat index inside one layer), the nearest dormant position of that layer.
+                    seeds: torch.Tensor, generator: torch.Generator, *, n_dormant: int | None = None,
+                    return_order: bool = False):
+    """For each seed (a flat index inside one layer), a dormant position (theta == 0) of that layer at
+    minimum Euclidean distance in the layer's index space (out, in, kh, kw), exact. Returns global flat
+    positions, one per seed, all distinct; each is set to REBIRTH_THETA when taken, so a later seed sees it
+    as live. With return_order, also a claim key per seed: each rebirth is nearest among the positions
+    dormant before the call minus those taken with a smaller key.
 
-    Searches outward (no N x N distances): first the 80 offsets of the cube of radius 1, then the shell of
-    radius 2, and so on, each sorted by Euclidean length with random tie-breaks. Every seed looks at a
-    whole cube shell at once and takes the first dormant position; a position wanted by several seeds goes
-    to one of them and the others look again. Chosen positions are set to the rebirth value at once, so no
-    position is taken twice. (A radius-1 hit at squared length <= 3 is exact; at 4 it ties with the
-    radius-2 axis offsets.) Seeds with nothing dormant within `radius` take a uniform dormant position of
-    the layer. Returns global flat positions.
+    Algorithm (no N x N distances, no loop over seeds or weights; torch ops on any device):
+    * Distance bands. Offsets are enumerated in bands of squared length [lo, hi) (hi ~ 1.3 lo, at most
+      _BAND_MAX offsets, clipped to the layer's extent), each sorted by squared length with a fresh random
+      order inside equal lengths. The pending seeds look at a whole band at once, in chunks of at most
+      _PAIRS (seed, offset) pairs, and each takes the first dormant position in that order. A hit in band
+      [lo, hi) is exact: every offset shorter than lo was seen occupied (or outside) in an earlier band,
+      and positions only ever go from dormant to taken, so none of them has become free since.
+    * Conflicts. Several seeds wanting one position: one wins (random priority), the others look at the
+      band again, seeing what is left; a seed whose band has nothing dormant moves on to the next band.
+      k identical seeds (a repeated seed) take the 1st, 2nd, ... k-th dormant position of their common
+      order in one pass, lower rank winning any conflict, which is the same as taking them one by one.
+    * Dense layers. When the next band has at least as many offsets as the layer has dormant positions,
+      the remaining seeds switch to an exact search over the list of dormant positions (randomly ordered,
+      chunks of at most _PAIRS (seed, position) distances), with the same conflict rule.
+    Ties are broken at random (the random order inside equal lengths); a seed that is itself dormant
+    (a layer without live connections) is its own nearest position.
     """
     device = seeds.device
     trash = theta_ext.numel() - 1
-    dims = torch.tensor(shape, device=device)
-    strides = torch.tensor([shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1], device=device)
-    coords = torch.stack([(seeds // strides[i]) % dims[i] for i in range(4)], 1)
-    result = torch.full((seeds.numel(),), -1, dtype=torch.long, device=device)
-    pending = torch.arange(seeds.numel(), device=device)
-    for r in range(1, radius + 1):
-        offs = _shell_offsets(r, device)
-        # random tie-break inside equal lengths: squared lengths are integers, a jitter < 1 keeps the order
-        jitter = torch.rand(len(offs), device=device, generator=generator)
-        offs = offs[torch.argsort(offs[:, 4].float() + jitter)][:, :4]
-        far = pending.new_empty(0)
-        for _ in range(rounds):
-            if pending.numel() == 0:
+    shape = tuple(int(s) for s in shape)
+    bounds = tuple(s - 1 for s in shape)
+    strides = (shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1)
+    strides_t = torch.tensor(strides, device=device)
+    n = seeds.numel()
+    result = torch.full((n,), -1, dtype=torch.long, device=device)
+    claim_key = torch.full((n,), -1, dtype=torch.long, device=device)
+    if n == 0:
+        return (result, claim_key) if return_order else result
+    pos, perm = torch.sort(seeds.long(), stable=True)  # equal seeds side by side (ranks); masks keep the order
+    coords = torch.stack([(pos // strides[i]) % shape[i] for i in range(4)], 1)
+    found = torch.full((n,), -1, dtype=torch.long, device=device)
+    key_sorted = torch.full((n,), -1, dtype=torch.long, device=device)
+    axes = [i for i in range(4) if bounds[i] > 0]
+    max_d2 = sum(b * b for b in bounds)
+    dormant = n_dormant
+    if dormant is not None and dormant < n:
+        raise RuntimeError(f"{n} rebirths but only {dormant} dormant positions in the layer")
+    passes = 0
+
+    def settle(chunk, target, ok, rank):
+        nonlocal passes, dormant
+        span = (_RANK_CAP + 1) * len(chunk)
+        prio = rank.clamp(max=_RANK_CAP) * len(chunk) + torch.randperm(len(chunk), device=device, generator=generator)
+        win = _claim(target, ok, prio, span)
+        theta_ext[target[win]] = REBIRTH_THETA
+        found[chunk[win]] = target[win]
+        key_sorted[chunk[win]] = passes * (_RANK_CAP + 1) + rank[win]
+        passes += 1
+        if dormant is not None:
+            dormant -= len(win)
+        won = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+        won[win] = True
+        return won
+
+    pending = torch.arange(n, device=device)
+    lo, brute = 0, False
+    while pending.numel():
+        if lo > max_d2:
+            raise RuntimeError("no dormant position left in the layer")
+        hi, m = _band_edge(bounds, lo)
+        if m == 0:
+            lo = hi
+            continue
+        if m > _BRUTE_MIN_BAND:
+            if dormant is None:
+                dormant = int((theta_ext[start : start + size] == 0).sum())
+            if dormant <= m * _BRUTE_RATIO:
+                brute = True
                 break
-            cand = coords[pending, None, :] + offs[None]  # (p, m, 4)
-            inside = ((cand >= 0) & (cand < dims)).all(2)
-            flat = torch.where(inside, start + (cand * strides).sum(2), trash)
-            free = inside & (theta_ext[flat] == 0)
-            has = free.any(1)
-            target = flat[torch.arange(len(pending), device=device), torch.argmax(free.to(torch.uint8), 1)]
-            # one winner per wanted position (a deterministic min over tags), as in random rebirth
-            tag = -torch.arange(1, len(pending) + 1, device=device, dtype=theta_ext.dtype)
-            theta_ext.scatter_reduce_(0, torch.where(has, target, trash), tag, reduce="amin")
-            win = has & (theta_ext[target] == tag)
-            theta_ext[torch.where(has, target, trash)] = 0.0
-            theta_ext[torch.where(win, target, trash)] = REBIRTH_THETA
-            theta_ext[trash] = 0.0
-            result[pending[win]] = target[win]
-            far = torch.cat([far, pending[~has]])
-            pending = pending[has & ~win]
-        pending = torch.cat([far, pending])
-    for j in pending.tolist():
-        result[j] = _uniform_dormant(theta_ext, start, size, generator)
-    return result
-
-
-def _uniform_dormant(theta_ext: torch.Tensor, start: int, size: int, generator: torch.Generator) -> int:
-    layer = theta_ext[start : start + size]
-    while True:
-        cand = torch.randint(0, size, (256,), device=theta_ext.device, generator=generator)
-        ok = torch.nonzero(layer[cand] == 0)
-        if ok.numel():
-            pos = start + int(cand[ok[0, 0]])
-            theta_ext[pos] = REBIRTH_THETA
-            return pos
-        if not bool((layer == 0).any()):
-            raise RuntimeError("layer has no dormant position left")
+        offs, d2 = _band_cached(bounds, lo, hi, device) if m <= 4096 else (t.to(device) for t in _band(bounds, lo, hi))
+        order = torch.argsort(d2.double() + torch.rand(m, device=device, dtype=torch.float64, generator=generator))
+        offs = offs[order]
+        delta = (offs * strides_t).sum(1)
+        moved = []
+        while pending.numel():
+            waiting = []
+            for chunk in pending.split(max(1, _PAIRS // m)):
+                c = coords[chunk]
+                inside = None
+                for i in axes:
+                    v = c[:, i, None] + offs[None, :, i]
+                    ok = (v >= 0) & (v <= bounds[i])
+                    inside = ok if inside is None else inside & ok
+                flat = (start + pos[chunk])[:, None] + delta[None]
+                if inside is not None:
+                    flat = torch.where(inside, flat, trash)
+                free = theta_ext[flat] == 0
+                if inside is not None:
+                    free &= inside
+                count = free.sum(1)
+                rank = _ranks(pos[chunk])
+                if int(rank.max()) == 0:
+                    j = torch.argmax(free.to(torch.uint8), 1)  # the first dormant one in the band's order
+                    ok = count > 0
+                else:  # the rank-th dormant one (0-based) for the rank-th copy of a seed
+                    cum = torch.cumsum(free, 1)
+                    j = torch.argmax((free & (cum == (rank + 1)[:, None])).to(torch.uint8), 1)
+                    ok = (count > rank) & (rank < _RANK_CAP)
+                target = flat.gather(1, j[:, None]).squeeze(1)
+                won = settle(chunk, target, ok, rank)
+                moved.append(chunk[count == 0])
+                waiting.append(chunk[(count > 0) & ~won])
+            pending = torch.cat(waiting)
+        pending = torch.sort(torch.cat(moved)).values  # back in seed order: equal seeds side by side
+        lo = hi
+    if brute:
+        dpos = torch.nonzero(theta_ext[start : start + size] == 0).squeeze(1)
+        dpos = dpos[torch.randperm(len(dpos), device=device, generator=generator)]  # random ties
+        while pending.numel():
+            if len(dpos) < 1:
+                raise RuntimeError("no dormant position left in the layer")
+            dco = torch.stack([(dpos // strides[i]) % shape[i] for i in range(4)], 1)
+            waiting = []
+            for chunk in pending.split(max(1, _PAIRS // len(dpos))):
+                free = theta_ext[start + dpos] == 0
+                c = coords[chunk]
+                d2 = torch.zeros((len(chunk), len(dpos)), dtype=torch.long, device=device)
+                for i in axes:
+                    d2 += (c[:, i, None] - dco[None, :, i]) ** 2
+                d2 = torch.where(free[None], d2, max_d2 + 1)
+                rank = _ranks(pos[chunk])
+                n_free = int(free.sum())
+                if n_free == 0:
+                    raise RuntimeError("no dormant position left in the layer")
+                top = int(rank.max()) + 1
+                if top == 1:
+                    j = torch.argmin(d2, 1)  # first minimum: random among ties (the list's order)
+                    ok = torch.ones(len(chunk), dtype=torch.bool, device=device)
+                else:
+                    k = min(top, n_free, _RANK_CAP)
+                    unique = d2 * len(dpos) + torch.arange(len(dpos), device=device)
+                    js = torch.topk(unique, k, dim=1, largest=False, sorted=True).indices
+                    j = js.gather(1, rank.clamp(max=k - 1)[:, None]).squeeze(1)
+                    ok = rank < k
+                won = settle(chunk, start + dpos[j], ok, rank)
+                waiting.append(chunk[~won])
+            pending = torch.cat(waiting)
+            dpos = dpos[theta_ext[start + dpos] == 0]
+    result[perm] = found
+    claim_key[perm] = key_sorted
+    return (result, claim_key) if return_order else result
 
 
 def make_sparse(method: str, model: nn.Module, sparsity: float, generator: torch.Generator, *,

@@ -160,7 +160,7 @@ def test_bad_sparsity_is_rejected():
         make_sparse("bcs", _uneven_net(), -0.1, torch.Generator())
 
 
-@pytest.mark.parametrize("regrow", ["layer-size", "l2", "l2-weighted"])
+@pytest.mark.parametrize("regrow", ["layer-size", "l2", "l2-magnitude-seeded"])
 @pytest.mark.parametrize("name", ["uneven", "resnet18-tiny"])
 def test_structured_regrowth_keeps_budget_and_never_doubles_a_position(regrow, name):
     torch.manual_seed(0)
