@@ -42,7 +42,9 @@ class TrainConfig:
     method_options: dict = field(default_factory=dict)  # the method's recipe knobs (phase split, rho, ...)
     sparsity: float = 0.9
     rewire_every: int = 1
-    regrow: str = "random"  # BCS rebirth rule: random | layer-size (the reference's) | l2 | l2-weighted (structured)
+    # BCS rebirth rule: random | layer-size (the reference's) | l2 | l2-magnitude-seeded (structured: nearest
+    # dormant position to random / to the largest-|theta| live seeds; the old name l2-weighted is an alias)
+    regrow: str = "random"
     # BCS / fixed start: budget (rsp: exactly K from step one, |He| values) | reference (the paper's code:
     # under K with the layer profile, the first step fills the rest at 1e-12, layers in proportion to size)
     sparse_init: str = "budget"
@@ -82,6 +84,11 @@ class TrainConfig:
     threads: int | None = None
 
     RUNTIME_KEYS = ("device", "bf16", "channels_last", "compile", "threads", "max_steps", "data_dir")
+
+    def __post_init__(self):
+        from .sparse import canonical_regrow
+
+        self.regrow = canonical_regrow(self.regrow)  # l2-weighted -> l2-magnitude-seeded, in config and manifest
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -283,7 +290,7 @@ def validate(cfg: TrainConfig) -> None:
     from .sparse import REGROW
 
     if cfg.regrow not in REGROW:
-        bad(f"unknown regrow rule {cfg.regrow!r}; choose one of {', '.join(REGROW)}")
+        bad(f"unknown regrow rule {cfg.regrow!r}; choose one of {', '.join(REGROW)} (or the alias l2-weighted)")
     from .sparse import INITS
 
     if cfg.sparse_init not in INITS:

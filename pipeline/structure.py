@@ -444,7 +444,7 @@ def prune_warnings(before: dict, after: dict, k: int, finetune: int) -> list[str
     if not found:
         return []
     advice = ("" if finetune else "win it back with --finetune N, ") + \
-        "use --k 0 (exact changes only), or train with --regrow l2-weighted so that vectors keep several non-zeros"
+        "use --k 0 (exact changes only), or train with --regrow l2-magnitude-seeded so that vectors keep several non-zeros"
     return [f"the prune step (k = {k}) cost {'; '.join(found)}: {advice}"]
 
 
