@@ -757,7 +757,7 @@ def _index_shape(shape: torch.Size) -> tuple[int, int, int, int]:
 _PAIRS = 1 << 21  # (seed, candidate) pairs looked at in one pass: a few int64 tensors of this size
 _BAND_MAX = 1 << 16  # offsets per distance band (a band is split while larger, down to one squared length)
 _BAND_GROWTH = 1.3  # band [lo, hi) of squared lengths: hi ~ 1.3 lo
-_RANK_CAP = 32  # identical seeds served in one pass (the rest wait for the next)
+_RANK_CAP = 1024  # copies of one seed served in one pass (the rest wait for the next)
 _BRUTE_MIN_BAND = 256  # from a band of more offsets on, compare it with the dormant count:
 _BRUTE_RATIO = 1.0  # dormant <= ratio * band size: search the dormant list instead
 
@@ -818,12 +818,14 @@ def _band_cached(bounds, lo, hi, device):
     return offs.to(device), d2.to(device)
 
 
-def _ranks(pos: torch.Tensor) -> torch.Tensor:
-    """For sorted positions: 0 for the first of each run of equal values, 1 for the second, ..."""
-    idx = torch.arange(len(pos), device=pos.device)
+def _runs(pos: torch.Tensor):
+    """Runs of equal values in sorted positions: (run of each entry, first entry of each run, rank of each
+    entry in its run: 0 for the first, 1 for the second, ...)."""
     new = torch.ones_like(pos, dtype=torch.bool)
     new[1:] = pos[1:] != pos[:-1]
-    return idx - torch.cummax(torch.where(new, idx, 0), 0).values
+    first = torch.nonzero(new).squeeze(1)
+    uid = torch.cumsum(new, 0) - 1
+    return uid, first, torch.arange(len(pos), device=pos.device) - first[uid]
 
 
 def _claim(target: torch.Tensor, ok: torch.Tensor, prio: torch.Tensor, span: int) -> torch.Tensor:
@@ -923,28 +925,31 @@ def nearest_dormant(theta_ext: torch.Tensor, start: int, size: int, shape: tuple
         while pending.numel():
             waiting = []
             for chunk in pending.split(max(1, _PAIRS // m)):
-                c = coords[chunk]
+                uid, first, rank = _runs(pos[chunk])  # equal seeds scan the band once
+                u = chunk[first]
+                c = coords[u]
                 inside = None
                 for i in axes:
                     v = c[:, i, None] + offs[None, :, i]
                     ok = (v >= 0) & (v <= bounds[i])
                     inside = ok if inside is None else inside & ok
-                flat = (start + pos[chunk])[:, None] + delta[None]
+                flat = (start + pos[u])[:, None] + delta[None]
                 if inside is not None:
                     flat = torch.where(inside, flat, trash)
                 free = theta_ext[flat] == 0
                 if inside is not None:
                     free &= inside
-                count = free.sum(1)
-                rank = _ranks(pos[chunk])
-                if int(rank.max()) == 0:
+                count = free.sum(1)[uid]
+                k = min(int(rank.max()) + 1, _RANK_CAP, max(1, _PAIRS // len(u)))
+                if k == 1:
                     j = torch.argmax(free.to(torch.uint8), 1)  # the first dormant one in the band's order
-                    ok = count > 0
-                else:  # the rank-th dormant one (0-based) for the rank-th copy of a seed
+                    target = flat.gather(1, j[:, None]).squeeze(1)[uid]
+                else:  # the copy of rank r takes the (r+1)-th dormant one
                     cum = torch.cumsum(free, 1)
-                    j = torch.argmax((free & (cum == (rank + 1)[:, None])).to(torch.uint8), 1)
-                    ok = (count > rank) & (rank < _RANK_CAP)
-                target = flat.gather(1, j[:, None]).squeeze(1)
+                    want = torch.arange(1, k + 1, device=device).expand(len(u), k).contiguous()
+                    j = torch.searchsorted(cum, want).clamp(max=m - 1)
+                    target = flat.gather(1, j)[uid, rank.clamp(max=k - 1)]
+                ok = (count > rank) & (rank < k)
                 won = settle(chunk, target, ok, rank)
                 moved.append(chunk[count == 0])
                 waiting.append(chunk[(count > 0) & ~won])
@@ -961,26 +966,23 @@ def nearest_dormant(theta_ext: torch.Tensor, start: int, size: int, shape: tuple
             waiting = []
             for chunk in pending.split(max(1, _PAIRS // len(dpos))):
                 free = theta_ext[start + dpos] == 0
-                c = coords[chunk]
-                d2 = torch.zeros((len(chunk), len(dpos)), dtype=torch.long, device=device)
-                for i in axes:
-                    d2 += (c[:, i, None] - dco[None, :, i]) ** 2
-                d2 = torch.where(free[None], d2, max_d2 + 1)
-                rank = _ranks(pos[chunk])
                 n_free = int(free.sum())
                 if n_free == 0:
                     raise RuntimeError("no dormant position left in the layer")
-                top = int(rank.max()) + 1
-                if top == 1:
-                    j = torch.argmin(d2, 1)  # first minimum: random among ties (the list's order)
-                    ok = torch.ones(len(chunk), dtype=torch.bool, device=device)
+                uid, first, rank = _runs(pos[chunk])
+                c = coords[chunk[first]]
+                d2 = torch.zeros((len(first), len(dpos)), dtype=torch.long, device=device)
+                for i in axes:
+                    d2 += (c[:, i, None] - dco[None, :, i]) ** 2
+                d2 = torch.where(free[None], d2, max_d2 + 1)
+                k = min(int(rank.max()) + 1, n_free, _RANK_CAP)
+                if k == 1:
+                    j = torch.argmin(d2, 1)[uid]  # first minimum: random among ties (the list's order)
                 else:
-                    k = min(top, n_free, _RANK_CAP)
                     unique = d2 * len(dpos) + torch.arange(len(dpos), device=device)
                     js = torch.topk(unique, k, dim=1, largest=False, sorted=True).indices
-                    j = js.gather(1, rank.clamp(max=k - 1)[:, None]).squeeze(1)
-                    ok = rank < k
-                won = settle(chunk, start + dpos[j], ok, rank)
+                    j = js[uid, rank.clamp(max=k - 1)]
+                won = settle(chunk, start + dpos[j], rank < k, rank)
                 waiting.append(chunk[~won])
             pending = torch.cat(waiting)
             dpos = dpos[theta_ext[start + dpos] == 0]
