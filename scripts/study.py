@@ -1,9 +1,10 @@
-"""What the study scripts share (methods_table.py, paper_table.py): rows of rsp commands run to completion,
+"""What the study scripts share (methods_table.py, paper_table.py, rewiring_table.py): rows of rsp commands run to completion,
 resumably and a few at a time, and read back from the folders they wrote.
 
-A row is a list of stages (train, export, verify). A stage whose folder is finished is skipped, so running a
-script again resumes an interrupted study; a half-done `rsp train` continues with --resume. Rows are
-independent and run `jobs` at a time; the stages of one row always run in order.
+A row is a list of stages: train, then export and verify where it has them, then any further stages (e.g. rsp
+structure), each a (folder, command) pair. A stage whose folder is finished is skipped, so running a script again
+resumes an interrupted study; a half-done `rsp train` continues with --resume. Rows are independent and run
+`jobs` at a time; the stages of one row always run in order.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ RSP = [sys.executable, "-m", "rsp.cli"]
 class Row:
     run: Path  # the row's folder: train/, export/, verify/ and log.txt below it
     train: list[str]
-    export: list[str]
-    verify: list[str]
+    export: list[str] | None = None  # None: the row has no such stage
+    verify: list[str] | None = None
     labels: dict = field(default_factory=dict)  # what the table groups by (method, objective, seed, ...)
+    # further stages after train/export/verify: (folder below run, rsp command); done when the folder's
+    # manifest.json says complete
+    stages: list[tuple[str, list[str]]] = field(default_factory=list)
 
     def commands(self) -> list[str]:
-        return ["rsp " + " ".join(shlex.quote(c) for c in cmd) for cmd in (self.train, self.export, self.verify)]
+        cmds = [c for c in (self.train, self.export, self.verify) if c is not None] + [c for _, c in self.stages]
+        return ["rsp " + " ".join(shlex.quote(c) for c in cmd) for cmd in cmds]
 
 
 def done(folder: Path, name: str = "manifest.json") -> bool:
@@ -61,11 +66,14 @@ def advance(row: Row, dry: bool) -> int:
     if not done(row.run / "train"):
         resume = ["--resume"] if (row.run / "train" / "train_state.safetensors").is_file() else []
         rc = run_command(RSP + row.train + resume, dry, log)
-    if rc == 0 and not done(row.run / "export"):
+    if rc == 0 and row.export is not None and not done(row.run / "export"):
         rc = run_command(RSP + row.export, dry, log)
-    if rc == 0 and not (row.run / "verify" / "verify.json").is_file():
+    if rc == 0 and row.verify is not None and not (row.run / "verify" / "verify.json").is_file():
         rc = run_command(RSP + row.verify, dry, log)
         rc = 0 if rc in (0, 1) else rc  # 1: a gate or sanity check failed; the figures still stand
+    for folder, cmd in row.stages:
+        if rc == 0 and not done(row.run / folder):
+            rc = run_command(RSP + cmd, dry, log)
     return rc
 
 
