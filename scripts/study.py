@@ -1,5 +1,5 @@
-"""What the study scripts share (methods_table.py, paper_table.py, rewiring_table.py): rows of rsp commands run to completion,
-resumably and a few at a time, and read back from the folders they wrote.
+"""What the study scripts share (methods_table.py, paper_table.py, rewiring_table.py): rows of rsp commands run
+to completion, resumably and a few at a time, and read back from the folders they wrote.
 
 A row is a list of stages: train, then export and verify where it has them, then any further stages (e.g. rsp
 structure), each a (folder, command) pair. A stage whose folder is finished is skipped, so running a script again
