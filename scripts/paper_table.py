@@ -3,7 +3,9 @@ objective and sparsity, on rsp's runs, with the poster's numbers in the adjacent
 
     # this CPU (docs/paper.md): the paper's VGG-16 at width 0.25 on the CIFAR-10 subset
     python scripts/paper_table.py --data-dir ../shared/data/cifar-10-subset --model-kwargs '{width: 0.25}' \\
-        --epochs 10 --seed 0 --seed 1 --root runs/paper
+        --epochs 3 --seed 0 --seed 1 --root runs/paper --jobs 2 \\
+        --train-flags '--batch-size 32 --attack-steps 3 --attack-step-size 3/255' \\
+        --verify-flags '--n-examples 200 --no-sanity --latency-runs 5'
     # the paper's scale (a GPU, full CIFAR-10): full width, 200 epochs, all six objectives
     python scripts/paper_table.py --data-dir ~/data --epochs 200 --device cuda --jobs 4 --all-objectives \\
         --seed 0 --seed 1 --root runs/paper-gpu

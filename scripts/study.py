@@ -64,7 +64,9 @@ def advance(row: Row, dry: bool) -> int:
         row.run.mkdir(parents=True, exist_ok=True)
     rc = 0
     if not done(row.run / "train"):
-        resume = ["--resume"] if (row.run / "train" / "train_state.safetensors").is_file() else []
+        # a started run (its manifest is there) resumes; rsp train starts over one killed before its first
+        # checkpoint, so a row interrupted that early does not stop at "already holds a run"
+        resume = ["--resume"] if (row.run / "train" / "manifest.json").is_file() else []
         rc = run_command(RSP + row.train + resume, dry, log)
     if rc == 0 and row.export is not None and not done(row.run / "export"):
         rc = run_command(RSP + row.export, dry, log)
