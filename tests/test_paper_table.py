@@ -61,3 +61,17 @@ def test_dry_run_rows_use_the_reference_preset_and_paper_init(tmp_path, capsys):
     assert all("--preset reference" in c for c in cmds if " verify " in c)
     assert all("--sparse-init reference" in c and "--decay-scope all" in c for c in cmds if " train " in c)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_row_killed_before_its_first_checkpoint_resumes(tmp_path, capsys):
+    import sys
+    sys.path.insert(0, str(SCRIPT.parent))
+    import study
+
+    row = study.Row(tmp_path / "r", ["train", "--output", str(tmp_path / "r" / "train")], None, None, {})
+    (tmp_path / "r" / "train").mkdir(parents=True)
+    assert study.advance(row, dry=True) == 0
+    assert "--resume" not in capsys.readouterr().err  # a new folder: a new run
+    (tmp_path / "r" / "train" / "manifest.json").write_text(json.dumps({"stage": "train", "status": "running"}))
+    assert study.advance(row, dry=True) == 0
+    assert capsys.readouterr().err.rstrip().endswith("--resume")  # no train_state yet: rsp train starts it over
