@@ -208,6 +208,12 @@ def markdown(records, args, objectives) -> str:
                          + (f"{dense[0]:.1f} / {dense[1]:.1f}" if dense else "–") + " |")
     missing = [r for r in records if "error" in r]
     notes = [""] + _sentences(ordering(records))
+    collapsed = [r for r in records if r.get("selected_collapsed")]
+    if collapsed:  # a one-class classifier scores the share of its class: no method comparison in that cell
+        notes += ["", f"{len(collapsed)} of {len(records)} runs are collapsed classifiers at selection (most "
+                  "validation images in one class; their train manifests say so): "
+                  + ", ".join(f"{r['objective']}-{r['method']}-{r['target_sparsity']:g}-s{r['seed']}" for r in collapsed)
+                  + "."]
     if missing:
         notes += ["", f"{len(missing)} of {len(records)} runs missing: "
                   + "; ".join(f"{r['objective']}-{r['method']}-{r['target_sparsity']:g}-s{r['seed']}: {r['error']}"

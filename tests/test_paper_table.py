@@ -14,12 +14,12 @@ def _script():
     return mod
 
 
-def _fake_run(root: Path, name: str, clean: float, robust: float):
+def _fake_run(root: Path, name: str, clean: float, robust: float, collapsed: bool = False):
     run = root / name
     (run / "train").mkdir(parents=True)
     (run / "verify").mkdir()
     (run / "train" / "manifest.json").write_text(json.dumps(
-        {"status": "complete", "sparsity": 0.99, "training": {"time_s": 3.0}, "metrics": {"epoch": 2},
+        {"status": "complete", "sparsity": 0.99, "training": {"time_s": 3.0}, "metrics": {"epoch": 2, "selected_collapsed": collapsed},
          "method_config": {}}))
     (run / "verify" / "verify.json").write_text(json.dumps(
         {"clean_acc": clean, "robust_acc": robust, "n_examples": 517, "preset": "reference"}))
@@ -29,7 +29,7 @@ def test_report_means_spread_poster_columns_and_ordering(tmp_path, capsys):
     robust = {"random": (0.10, 0.12), "fixed": (0.20, 0.22), "bcs": (0.25, 0.31)}
     for method, values in robust.items():
         for seed, r in enumerate(values):
-            _fake_run(tmp_path, f"pgd-at-{method}-0.99-s{seed}", 0.5, r)
+            _fake_run(tmp_path, f"pgd-at-{method}-0.99-s{seed}", 0.5, r, collapsed=(method, seed) == ("random", 1))
     args = ["--data-dir", "d", "--root", str(tmp_path), "--objective", "pgd-at", "--sparsity", "0.99", "--report"]
     assert _script().main(args) == 0
     out = capsys.readouterr().out
@@ -37,6 +37,7 @@ def test_report_means_spread_poster_columns_and_ordering(tmp_path, capsys):
     # rsp's mean ± sd over the two seeds next to the poster's random / fixed / ours (Standard AT, 99 %)
     assert "50.0 ± 0.0 / 11.0 ± 1.4 | 42.0 / 27.0" in row and "28.0 ± 4.2 | 69.8 / 42.1" in row
     assert "holds for 1 of 1 objectives (pgd-at)" in out
+    assert "1 of 6 runs are collapsed classifiers at selection" in out and "pgd-at-random-0.99-s1." in out
     summary = json.loads(out.strip().splitlines()[-1])["summary"]["0.99"]["pgd-at"]
     assert summary["holds"] and round(summary["bcs_minus_random"], 6) == 17.0
 
