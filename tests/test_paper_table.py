@@ -76,3 +76,15 @@ def test_a_row_killed_before_its_first_checkpoint_resumes(tmp_path, capsys):
     (tmp_path / "r" / "train" / "manifest.json").write_text(json.dumps({"stage": "train", "status": "running"}))
     assert study.advance(row, dry=True) == 0
     assert capsys.readouterr().err.rstrip().endswith("--resume")  # no train_state yet: rsp train starts it over
+
+
+def test_a_row_with_its_records_only_is_finished(tmp_path, capsys):
+    """Archived records (train manifest + verify.json, no weights) count as a finished row: nothing reruns."""
+    import sys
+    sys.path.insert(0, str(SCRIPT.parent))
+    import study
+
+    _fake_run(tmp_path, "r", 0.5, 0.2)
+    row = study.Row(tmp_path / "r", ["train"], ["export"], ["verify"], {})
+    assert study.advance(row, dry=True) == 0
+    assert "$ " not in capsys.readouterr().err
