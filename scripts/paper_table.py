@@ -181,6 +181,38 @@ def _sentences(summary: dict) -> list[str]:
     return lines
 
 
+def _reading(summary: dict) -> list[str]:
+    """One bullet per sparsity: each objective's mean score per method and whether the poster's order holds."""
+    lines = []
+    for sparsity, per in summary.items():
+        parts = []
+        for objective, v in per.items():
+            score = "clean" if v["score"] == "clean_acc" else "robust"
+            sd = f", largest seed sd {v['max_seed_sd']:.1f}" if v["max_seed_sd"] is not None else ""
+            parts.append(f"{objective} ({score}): " + ", ".join(f"{m} {v['mean'][m]:.1f}" for m in ("bcs", "fixed", "random"))
+                         + f" — {'holds' if v['holds'] else 'does not hold'}{sd}")
+        lines.append(f"- **{float(sparsity):.0%}**: " + "; ".join(parts) + ".")
+    return lines
+
+
+def _collapse(records) -> list[str]:
+    """How many finished runs per sparsity were selected as one-class predictors, and what such a run scores."""
+    finished = [r for r in records if "error" not in r]
+    collapsed = [r for r in finished if r.get("selected_collapsed")]
+    if not collapsed:
+        return []
+    counts = []
+    for sparsity in sorted({r["target_sparsity"] for r in finished}, reverse=True):
+        done = [r for r in finished if r["target_sparsity"] == sparsity]
+        counts.append(f"{sum(1 for r in done if r.get('selected_collapsed'))} of the {len(done)} finished runs "
+                      f"at {sparsity:.0%}")
+    shares = sorted({f"{100 * r['clean_acc']:.1f} %" for r in collapsed if "clean_acc" in r})
+    return ["", f"Collapse: {' and '.join(counts)} were selected as collapsed classifiers (most validation images "
+            "in one class; the epoch rsp picks on validation is still one, and its manifest says so). A collapsed "
+            f"network scores the share of its class among the test images ({', '.join(shares)} in these runs), so a "
+            "cell whose runs all collapsed compares one-class predictors, not methods."]
+
+
 def markdown(records, args, objectives) -> str:
     kw = f" {args.model_kwargs}" if args.model_kwargs else ""
     seeds = sorted({r["seed"] for r in records})
@@ -214,6 +246,11 @@ def markdown(records, args, objectives) -> str:
                   "validation images in one class; their train manifests say so): "
                   + ", ".join(f"{r['objective']}-{r['method']}-{r['target_sparsity']:g}-s{r['seed']}" for r in collapsed)
                   + "."]
+    summary = ordering(records)
+    if summary:
+        notes += ["", "**Reading, per sparsity** (the score is clean accuracy for natural training, robust accuracy "
+                  "otherwise; sd is the sample standard deviation over seeds):", ""] + _reading(summary)
+    notes += _collapse(records)
     if missing:
         notes += ["", f"{len(missing)} of {len(records)} runs missing: "
                   + "; ".join(f"{r['objective']}-{r['method']}-{r['target_sparsity']:g}-s{r['seed']}: {r['error']}"

@@ -38,6 +38,9 @@ def test_report_means_spread_poster_columns_and_ordering(tmp_path, capsys):
     assert "50.0 ± 0.0 / 11.0 ± 1.4 | 42.0 / 27.0" in row and "28.0 ± 4.2 | 69.8 / 42.1" in row
     assert "holds for 1 of 1 objectives (pgd-at)" in out
     assert "1 of 6 runs are collapsed classifiers at selection" in out and "pgd-at-random-0.99-s1." in out
+    # the per-sparsity reading and the collapse count are generated, not written by hand
+    assert "- **99%**: pgd-at (robust): bcs 28.0, fixed 21.0, random 11.0 — holds, largest seed sd 4.2." in out
+    assert "Collapse: 1 of the 6 finished runs at 99% were selected as collapsed classifiers" in out
     summary = json.loads(out.strip().splitlines()[-1])["summary"]["0.99"]["pgd-at"]
     assert summary["holds"] and round(summary["bcs_minus_random"], 6) == 17.0
 
