@@ -214,6 +214,15 @@ def initial_densities(model_name: str, layers: Sequence[str] | int, density: flo
     return profile(model_name, names, density)
 
 
+def reference_spec(spec: list[float | None], density: float) -> list[float]:
+    """The profile as the reference's under-budget start reads it. Every reference profile names a density for
+    every layer, 0.5 p for the bulk; a model the reference does not define (vgg11, say) has layers with no fixed
+    share (None), which the reference start would leave empty, to be filled only by 1e-12 rebirths: a dead
+    network (BatchNorm then sees ~1e-12 activations). rsp starts such layers at the reference's bulk rule,
+    0.5 p, an rsp choice the docstring of rsp.models.profiles states."""
+    return [0.5 * density if d is None else d for d in spec]
+
+
 def profile_counts(sizes: list[int], budget: int, spec: list[float | None], *, floor: bool = False) -> list[int]:
     """Active connections per layer from `spec` (round(d * size), or int(d * size) as the reference's
     initialize_conn_mask with floor=True), scaled down, largest remainders first, if they exceed the budget."""
@@ -358,7 +367,8 @@ class FixedMask(SparseMethod):
             raise ValueError(f"unknown sparse init {init!r}; choose one of {', '.join(INITS)}")
         spec = initial_densities(model_name, names, density)
         if init == "reference":
-            return allocate_budget(sizes, self.budget, spec, generator, rest="layer-size", floor=True)
+            return allocate_budget(sizes, self.budget, reference_spec(spec, density), generator, rest="layer-size",
+                                   floor=True)
         return allocate_budget(sizes, self.budget, spec, generator)
 
     def _attach(self, dense, sizes, active) -> None:
@@ -487,6 +497,7 @@ class BayesianRewiring(SparseMethod):
         if init == "reference":
             if not 0 <= self.budget <= n:
                 raise ValueError(f"budget {self.budget} outside [0, {n}]")
+            spec = reference_spec(spec, 1 - sparsity)
             active = place(sizes, profile_counts(sizes, self.budget, spec, floor=True), cpu_gen)
         else:
             active = allocate_budget(sizes, self.budget, spec, cpu_gen)

@@ -299,3 +299,21 @@ def test_models_without_a_reference_profile_keep_first_and_last_at_least_0_6():
     assert initial_densities("small-cnn", ["a", "b"], 0.7) == [0.7, 0.7]
     assert profile_name("small-cnn") == "first/last>=0.6" and profile_name("wrn-34-10") == "wrn-reference"
     assert initial_densities("vgg16-1fc", [str(i) for i in range(14)], 0.1) == [0.6, 0.6, 0.2, 0.2] + [0.05] * 9 + [0.6]
+
+
+def test_reference_init_of_a_model_without_a_reference_profile_is_not_a_dead_network():
+    # vgg11 has no reference profile: its interior layers have no fixed share. Started empty they would hold
+    # only 1e-12 rebirths and BatchNorm would see nothing (every run of the rewiring study collapsed so);
+    # the reference start gives them the reference's bulk density 0.5 p with |He| values instead.
+    import math
+
+    torch.manual_seed(0)
+    model = create_model("vgg11", num_classes=10, width=0.125)
+    sparse = make_sparse("bcs", model, 0.95, torch.Generator().manual_seed(0), model_name="vgg11", init="reference")
+    sizes = [m.theta.numel() for _, m in sparse.layers]
+    counts = [int((m.theta > 1e-6).sum()) for _, m in sparse.layers]
+    assert counts[1:-1] == [math.floor(0.5 * 0.05 * s) for s in sizes[1:-1]]
+    assert sum(counts) < sparse.budget
+    fixed = make_sparse("fixed", create_model("vgg11", num_classes=10, width=0.125), 0.95,
+                        torch.Generator().manual_seed(0), model_name="vgg11", init="reference")
+    assert all(int(m.mask.sum()) >= math.floor(0.5 * 0.05 * m.mask.numel()) for _, m in fixed.layers)

@@ -14,7 +14,9 @@ global density 1 - sparsity:
     wrn*         conv1 0.6, group 1 (layer1.*) 0.1, groups 2-3 0.5 p, fc 0.6 (shortcut convs: their group's)
 
 A model without a profile here keeps rsp's rule: first and last layer at max(p, 0.6) (tiny; they carry
-the input and the classes), the rest None.
+the input and the classes), the rest None (no fixed share: with `--sparse-init budget` they share the rest of
+the budget uniformly; with `--sparse-init reference` they start at the reference's bulk density 0.5 p, since
+starting them empty would leave them to 1e-12 rebirths, a dead network; rsp.sparse.reference_spec).
 """
 
 from __future__ import annotations
