@@ -167,7 +167,7 @@ def train(
     sparsity: Optional[float] = typer.Option(None, help="Share of conv/linear weights that are zero, fixed from step one (default: 0.9).", rich_help_panel="Model"),
     method: Optional[str] = typer.Option(None, help="bcs (Bayesian connectivity sampling, sparse from step one) | fixed (random static mask, BCS's layer profile) | "
                                          "random (random static mask, the same density in every layer) | dense; "
-                                         "baselines that prune a dense robust model: magnitude | lth | hydra | admm | anp-vs; edge-popup (scores on random weights). "
+                                         "baselines that prune a dense robust model: magnitude | lth (lth-reinit: its random re-initialisation control) | hydra | admm | anp-vs; edge-popup (scores on random weights). "
                                          "--epochs is a method's whole budget, split over its phases (see the manifest) (default: bcs).", rich_help_panel="Model"),
     method_option: Optional[list[str]] = typer.Option(None, "--method-option", help="KEY=VALUE (YAML value) for the method's recipe, e.g. rounds=3; repeatable.", rich_help_panel="Model"),
     rewire_every: Optional[int] = typer.Option(None, help="BCS: rebirth dead connections every N steps (default: 1).", rich_help_panel="Model"),
@@ -566,7 +566,7 @@ def pipeline(
     model: Optional[str] = typer.Option(None, help="Registry model.", rich_help_panel="train"),
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="YAML mapping of model constructor arguments, e.g. '{width: 0.25}'.", rich_help_panel="train"),
     sparsity: Optional[float] = typer.Option(None, help="Weight sparsity fixed from step one.", rich_help_panel="train"),
-    method: Optional[str] = typer.Option(None, help="bcs | fixed | dense | magnitude | lth | hydra | edge-popup | admm | anp-vs (see rsp train --help).", rich_help_panel="train"),
+    method: Optional[str] = typer.Option(None, help="bcs | fixed | dense | magnitude | lth | lth-reinit | hydra | edge-popup | admm | anp-vs (see rsp train --help).", rich_help_panel="train"),
     regrow: Optional[str] = typer.Option(None, help="BCS rebirth rule: random | l2 | l2-magnitude-seeded (alias l2-weighted; seeds = largest |theta|).", rich_help_panel="train"),
     objective: Optional[str] = typer.Option(None, help="natural | pgd-at | mixed-at | trades | mart | rst.", rich_help_panel="train"),
     epochs: Optional[int] = typer.Option(None, help="Training epochs.", rich_help_panel="train"),

@@ -350,3 +350,32 @@ def test_lth_rewind_round_zero_resume_and_registry_model():
     model = create_model("small-cnn", num_classes=10, in_channels=1, mean=[0.5], std=[0.5])
     _drive(method, model, cfg, steps=2)
     assert _nnz(model) == budget_of(model, 0.9)[0]
+
+
+def test_lth_reinit_control_keeps_the_masks_and_redraws_the_survivors():
+    # the lottery-ticket control: the same rounds and budget, but survivors restart from fresh random weights
+    # (the model's init distribution), while BatchNorm and biases still rewind
+    torch.manual_seed(0)
+    model, cfg = _tiny(), _cfg(sparsity=0.95)
+    method = create_method("lth-reinit", rounds=2, rewind_fraction=0.1)
+    assert method.config()["reinit"] == "random" and method.name == "lth-reinit"
+    keep, total = budget_of(model, 0.95)
+    seen = []
+
+    def on_enter(i, sparse):
+        if sparse is None:
+            return
+        for n, m in sparse_layers(model):
+            mask = m.mask.bool()
+            w = m.effective_weight().detach()
+            assert not w[~mask].any()
+            assert not torch.equal(w[mask], method.rewind[f"{n}.weight"][mask])  # not rewound
+            std = w[mask].std() if mask.sum() > 1 else None
+            seen.append((n, std))
+        for key in ("1.running_mean", "1.weight", "1.bias"):
+            assert torch.equal(model.state_dict()[key], method.rewind[key])
+
+    _drive(method, model, cfg, steps=4, on_enter=on_enter)
+    assert seen and _nnz(model) == keep
+    with pytest.raises(ValueError):
+        create_method("lth", reinit="shuffle")

@@ -17,9 +17,18 @@ lr schedule, so --epochs is split as rewind_fraction + (R + 1) * (1 - rewind_fra
 The paper's 20 % per round would take ~21 rounds to reach 99 %; the default R = 3 prunes to
 (1 - sparsity)^(1/3) of the survivors per round (0.215 at 99 %, 0.464 at 90 %).
 rewind_fraction = 0 rewinds to the initialisation (the original 2019 rule) and has no warmup phase.
+
+`lth-reinit` is the paper's control (Frankle & Carbin, "random reinitialization"): the same rounds and masks,
+but at each rewind the surviving conv/linear weights are drawn afresh from the initial distribution (the
+model's own init: Kaiming normal fan_out for convs, PyTorch's default for linears) instead of being rewound;
+BatchNorm and biases still rewind. Its masks come from its own rounds (iterative pruning with random
+re-initialisation), not from an lth run's final mask. A winning ticket is one that beats this control at the
+same budget.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -45,6 +54,22 @@ def prune_survivors(model: nn.Module, keep: int) -> dict[str, torch.Tensor]:
     return {n: masks[n] * (m.weight.detach() != 0).to(masks[n].dtype) for n, m in sparsifiable_layers(model)}
 
 
+REINITS = ("rewind", "random")  # what the surviving weights restart from after a pruning round
+
+
+def redraw_weights(model: nn.Module, generator: torch.Generator) -> None:
+    """Fresh conv/linear weights from the model's initial distribution (rsp.models.layers.init_weights:
+    Kaiming normal fan_out for convs, PyTorch's default uniform +-1/sqrt(fan_in) for linears)."""
+    with torch.no_grad():
+        for _, m in sparsifiable_layers(model):
+            w = m.weight
+            fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(w)
+            if isinstance(m, nn.Conv2d):
+                w.copy_(torch.randn(w.shape, generator=generator) * math.sqrt(2.0 / fan_out))
+            else:
+                w.copy_((torch.rand(w.shape, generator=generator) * 2 - 1) / math.sqrt(fan_in))
+
+
 @register("lth")
 class LotteryTicket(Method):
     """Options (recipe `method_options`): rounds (R = 3 pruning rounds), rewind_fraction (0.1 of round 0's
@@ -52,9 +77,13 @@ class LotteryTicket(Method):
 
     name = "lth"
 
-    def __init__(self, rounds: int = 3, rewind_fraction: float = 0.1):
+    def __init__(self, rounds: int = 3, rewind_fraction: float = 0.1, reinit: str = "rewind"):
         if int(rounds) < 1 or not 0.0 <= rewind_fraction < 1.0:
             raise ValueError("lth needs rounds >= 1 and 0 <= rewind_fraction < 1")
+        if reinit not in REINITS:
+            raise ValueError(f"lth: reinit must be one of {', '.join(REINITS)}, got {reinit!r}")
+        self.reinit = reinit
+        self.name = "lth" if reinit == "rewind" else "lth-reinit"
         self.rounds, self.rewind_fraction = int(rounds), float(rewind_fraction)
         self.warm = self.rewind_fraction > 0  # a warmup phase before the rewind point
         self.rewind: dict[str, torch.Tensor] = {}  # the model's state_dict at the rewind point
@@ -86,8 +115,11 @@ class LotteryTicket(Method):
                 raise RuntimeError("lth: no rewind point captured before pruning")
             masks = prune_survivors(model, self.keeps[r])
             model.load_state_dict(self.rewind, strict=True)  # weights and BatchNorm statistics
+            if self.reinit == "random":  # the control: same mask, weights never seen in training
+                redraw_weights(model, torch.Generator().manual_seed(int(ctx.cfg.seed) * 1000 + r))
             ctx.log(f"lth round {r}: kept {int(sum(v.sum() for v in masks.values()))} of {total} weights, "
-                    f"rewound to the {'initialisation' if not self.warm else 'rewind point'}")
+                    + ("re-initialised at random (the lottery-ticket control)" if self.reinit == "random" else
+                       f"rewound to the {'initialisation' if not self.warm else 'rewind point'}"))
         sparse = FixedMask.from_masks(model, masks, name="lth")  # zeroes the rewound weights outside the mask
         if ctx.resuming:
             sparse.budget = self.keeps[r]  # not the placeholder's count (the loaded masks hold these)
@@ -101,9 +133,15 @@ class LotteryTicket(Method):
 
     def config(self):
         q = f"(1 - sparsity)^(1/{self.rounds})"
-        return {"rounds": self.rounds, "keep_per_round": q, "keep_schedule": self.keeps or None,
+        return {"rounds": self.rounds, "reinit": self.reinit, "keep_per_round": q, "keep_schedule": self.keeps or None,
                 "rewind_fraction": self.rewind_fraction,
                 "rewind_to": "initialisation" if not self.warm else f"end of warmup ({self.rewind_fraction} of round 0)",
                 "pruning": "global magnitude over surviving weights; last round exactly at the budget",
                 "split": f"warmup {self.rewind_fraction}, each of {self.rounds + 1} rounds {1 - self.rewind_fraction}",
                 "reference": "Frankle & Carbin ICLR 2019; Frankle et al. ICML 2020 (rewinding)"}
+
+
+@register("lth-reinit")
+def lottery_ticket_reinit(**options) -> LotteryTicket:
+    """The lottery-ticket control: lth's masks, weights re-drawn at random at every rewind."""
+    return LotteryTicket(reinit="random", **options)
