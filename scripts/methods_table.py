@@ -9,6 +9,22 @@ For each method and sparsity: `rsp train` (same data, model, objective, --epochs
 PGD's survivors, eps 8/255, worst case per example, sanity checks) on the ONNX artifact. A finished step is skipped when the script runs again, so an interrupted table resumes
 (train itself resumes with --resume). Prints the Markdown table, one row per run with the command that
 produced it, and writes it to ROOT/methods.md; the last line is one JSON object with all figures.
+
+Natural vs adversarial (the pruning brief: do natural training's phenomena hold under adversarial training?):
+`--objective` is repeatable; with more than one, each run folder is ROOT/OBJECTIVE-METHOD-SPARSITY and the
+table gets an objective column. Where a table holds lth, lth-reinit and edge-popup rows, it ends with one
+sentence per objective and sparsity on each phenomenon, scored by clean accuracy under natural training and
+robust accuracy otherwise:
+
+    winning tickets: lth (rewound) beats lth-reinit (the same rounds, survivors re-drawn at random)
+    random-weight subnetworks: edge-popup (scores only, weights never trained) reaches the trained network at
+    the same budget (lth) within 1 point, or beats it
+
+    # natural vs PGD-AT on this CPU (docs/methods.md)
+    python scripts/methods_table.py --data-dir ../shared/data/cifar-10-subset --model vgg16 \
+        --model-kwargs '{width: 0.25}' --sparsity 0.9 --epochs 5 --objective natural --objective pgd-at \
+        --method lth --method lth-reinit --method edge-popup --root runs/methods-nat-adv --jobs 2 \
+        --train-flags '--lr 0.05 --attack-steps 5 --threads 1' --verify-flags '--no-sanity'
 """
 
 from __future__ import annotations
@@ -33,7 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model-kwargs", default=None, help="YAML mapping, e.g. '{width: 0.25}' (vgg16)")
     ap.add_argument("--sparsity", type=float, action="append", help="repeatable [default: 0.9 and 0.99]")
     ap.add_argument("--method", action="append", help=f"repeatable [default: {' '.join(METHODS)}]")
-    ap.add_argument("--objective", default="pgd-at")
+    ap.add_argument("--objective", action="append", help="repeatable [default: pgd-at]; several: the "
+                    "natural-vs-adversarial comparison")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
@@ -47,13 +64,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     root = Path(args.root)
     write = not args.dry_run and not args.report
+    objectives = args.objective = args.objective or ["pgd-at"]
     specs = []
-    for sparsity in args.sparsity or [0.9, 0.99]:
-        for method in args.method or METHODS:
-            run = root / f"{method}-{sparsity:g}"
+    for objective, sparsity, method in ((o, s, m) for o in objectives for s in args.sparsity or [0.9, 0.99]
+                                        for m in args.method or METHODS):
+            # one objective keeps the folder names tables made before --objective was repeatable
+            run = root / (f"{method}-{sparsity:g}" if len(objectives) == 1 else f"{objective}-{method}-{sparsity:g}")
             train = ["train", *study.model_config(run, args.model_kwargs, write), "--dataset", args.dataset,
                      "--data-dir", args.data_dir, "--model", args.model,
-                     "--method", method, "--sparsity", str(sparsity), "--objective", args.objective,
+                     "--method", method, "--sparsity", str(sparsity), "--objective", objective,
                      "--epochs", str(args.epochs), "--seed", str(args.seed), "--device", args.device,
                      "--output", str(run / "train"), *shlex.split(args.train_flags)]
             export = ["export", str(run / "train"), "--target", "x86-cpu", "--format", "onnx",
@@ -62,7 +81,8 @@ def main(argv=None) -> int:
                       "--n-examples", str(args.n_examples), "--steps", "50", "--restarts", "10",
                       "--device", "cuda" if args.device in ("cuda", "auto") and study.cuda_available() else "cpu",
                       "--output", str(run / "verify"), *shlex.split(args.verify_flags)]
-            specs.append(study.Row(run, train, export, verify, {"method": method, "target_sparsity": sparsity}))
+            specs.append(study.Row(run, train, export, verify, {"objective": objective, "method": method,
+                                                                "target_sparsity": sparsity}))
     codes = study.run_rows(specs, args.jobs, args.dry_run, args.report)
     rows = []
     for spec, rc in zip(specs, codes):
@@ -80,7 +100,7 @@ def main(argv=None) -> int:
     if not args.dry_run and not args.report:
         root.mkdir(parents=True, exist_ok=True)
         (root / "methods.md").write_text(table)
-    print(json.dumps({"rows": rows}))
+    print(json.dumps({"rows": rows, "phenomena": phenomena(rows)}))
     return 0
 
 
@@ -93,32 +113,70 @@ def _vulnerability(row) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
+def _score(rows, objective, sparsity, method):
+    key = "clean_acc" if objective == "natural" else "robust_acc"
+    found = [r[key] for r in rows if r["objective"] == objective and r["target_sparsity"] == sparsity
+             and r["method"] == method and key in r]
+    return (found[0], key) if found else (None, key)
+
+
+def phenomena(rows) -> list[dict]:
+    """Per objective and sparsity with lth, lth-reinit and edge-popup rows: does each phenomenon hold?"""
+    out = []
+    for objective, sparsity in dict.fromkeys((r["objective"], r["target_sparsity"]) for r in rows):
+        lth, key = _score(rows, objective, sparsity, "lth")
+        reinit, _ = _score(rows, objective, sparsity, "lth-reinit")
+        popup, _ = _score(rows, objective, sparsity, "edge-popup")
+        if None in (lth, reinit, popup):
+            continue
+        out.append({"objective": objective, "target_sparsity": sparsity, "score": key, "lth": lth,
+                    "lth_reinit": reinit, "edge_popup": popup, "winning_ticket": lth > reinit,
+                    "random_weight_subnetwork": popup >= lth - 0.01})
+    return out
+
+
+def _phenomena_lines(rows) -> list[str]:
+    lines = []
+    for p in phenomena(rows):
+        what = "clean" if p["score"] == "clean_acc" else "robust"
+        lines.append(
+            f"- {p['objective']} at {p['target_sparsity']:.0%} ({what} accuracy): winning tickets "
+            f"{'hold' if p['winning_ticket'] else 'do not hold'} (lth {100 * p['lth']:.1f} vs lth-reinit "
+            f"{100 * p['lth_reinit']:.1f} %); the random-weight subnetwork "
+            f"{'reaches' if p['random_weight_subnetwork'] else 'does not reach'} the trained one (edge-popup "
+            f"{100 * p['edge_popup']:.1f} vs lth {100 * p['lth']:.1f} %, within 1 point counts).")
+    return ["", "Natural vs adversarial (one seed: a difference under ~3 points is noise at this size):", ""] + lines \
+        if lines else []
+
+
 def _markdown(rows, args) -> str:
     extra = f" ({args.train_flags})" if args.train_flags else ""
     kw = f" {args.model_kwargs}" if args.model_kwargs else ""
     n_seen = ", ".join(sorted({str(r["n_examples"]) for r in rows if r.get("n_examples")})) or args.n_examples
-    head = (f"{args.model}{kw} on {args.dataset} ({args.data_dir}), {args.objective}{extra}, --epochs {args.epochs} for every "
+    head = (f"{args.model}{kw} on {args.dataset} ({args.data_dir}), {', '.join(args.objective)}{extra}, --epochs {args.epochs} for every "
             f"method (its whole budget), seed {args.seed}; model selection on the validation split; clean and "
             f"robust accuracy (PGD-50 x 10, then APGD-CE and APGD-T on its survivors: rsp verify's default preset; "
             f"eps 8/255, worst case per example) of the ONNX artifact from rsp verify "
             f"on the first {n_seen} test images; latent vulnerability: ANP-VS's mean |z(x) - z(x_adv)| over the "
             f"ReLU features at those adversarial examples (lower: features that move less).\n\n")
-    lines = ["| method | target | sparsity | clean | robust (PGD-50x10 + APGD) | latent vulnerability | sanity "
+    many = len(args.objective) > 1
+    obj = (lambda r: f"| {r['objective']} ") if many else (lambda r: "")
+    lines = [("| objective " if many else "") + "| method | target | sparsity | clean | robust (PGD-50x10 + APGD) | latent vulnerability | sanity "
              "| selected epoch: val clean / robust | phases (steps) | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             ("|---" if many else "") + "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "robust_acc" in r:
             units = f" (units {r['unit_sparsity']:.3f})" if r.get("unit_sparsity") is not None else ""
-            lines.append(f"| {r['method']} | {r['target_sparsity']:g} | {r['sparsity']:.4f}{units} | {r['clean_acc']:.4f} | "
+            lines.append(obj(r) + f"| {r['method']} | {r['target_sparsity']:g} | {r['sparsity']:.4f}{units} | {r['clean_acc']:.4f} | "
                          f"{r['robust_acc']:.4f} | {_vulnerability(r)} | {_sanity(r)} | {r['selected_epoch']}: {r['val_clean_acc']:.3f} / "
                          f"{r['val_robust_acc']:.3f}{' (collapsed)' if r.get('selected_collapsed') else ''} | "
                          f"{r['phases'] or 'train'} | {r['train_time_s']:.0f} |")
         else:
-            lines.append(f"| {r['method']} | {r['target_sparsity']:g} | | | | | {r.get('error', 'not run')} | | | |")
+            lines.append(obj(r) + f"| {r['method']} | {r['target_sparsity']:g} | | | | | {r.get('error', 'not run')} | | | |")
     cmds = ["", "Commands, per row:", ""]
     for r in rows:
-        cmds.append(f"- {r['method']} @ {r['target_sparsity']:g}: `" + "` && `".join(r["commands"]) + "`")
-    return head + "\n".join(lines + cmds) + "\n"
+        cmds.append(f"- {r['objective'] + ' ' if many else ''}{r['method']} @ {r['target_sparsity']:g}: `" + "` && `".join(r["commands"]) + "`")
+    return head + "\n".join(lines + _phenomena_lines(rows) + cmds) + "\n"
 
 
 if __name__ == "__main__":

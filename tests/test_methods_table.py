@@ -55,3 +55,24 @@ def test_dry_run_keeps_each_rows_steps_in_order_with_jobs(tmp_path, capsys):
         steps = [c.split(" -m rsp.cli ")[1].split()[0] for c in cmds if f"/{method}-0.9/" in c]
         assert steps == ["train", "export", "verify"], method
     assert not (tmp_path / "r").exists()  # a dry run writes nothing
+
+
+def test_natural_vs_adversarial_reading_per_objective(tmp_path, capsys):
+    # natural: the ticket beats its re-initialisation and edge-popup is within a point; pgd-at: neither holds
+    figures = {"natural": {"lth": (0.40, 0.0), "lth-reinit": (0.30, 0.0), "edge-popup": (0.395, 0.0)},
+               "pgd-at": {"lth": (0.30, 0.15), "lth-reinit": (0.31, 0.16), "edge-popup": (0.25, 0.10)}}
+    for objective, per in figures.items():
+        for method, (clean, robust) in per.items():
+            _fake_row(tmp_path, f"{objective}-{method}-0.9", clean=clean, robust=robust, epoch=2)
+    args = ["--data-dir", "d", "--root", str(tmp_path), "--sparsity", "0.9", "--report", "--objective", "natural",
+            "--objective", "pgd-at", "--method", "lth", "--method", "lth-reinit", "--method", "edge-popup"]
+    assert _script().main(args) == 0
+    out = capsys.readouterr().out
+    assert "| objective | method |" in out and "| pgd-at | edge-popup | 0.9 |" in out
+    assert ("- natural at 90% (clean accuracy): winning tickets hold (lth 40.0 vs lth-reinit 30.0 %); the "
+            "random-weight subnetwork reaches the trained one (edge-popup 39.5 vs lth 40.0 %") in out
+    assert ("- pgd-at at 90% (robust accuracy): winning tickets do not hold (lth 15.0 vs lth-reinit 16.0 %); the "
+            "random-weight subnetwork does not reach") in out
+    data = json.loads(out.strip().splitlines()[-1])
+    assert [(p["objective"], p["winning_ticket"], p["random_weight_subnetwork"]) for p in data["phenomena"]] == \
+        [("natural", True, True), ("pgd-at", False, False)]
