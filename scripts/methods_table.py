@@ -21,10 +21,11 @@ robust accuracy otherwise:
     the same budget (lth) within 1 point, or beats it
 
     # natural vs PGD-AT on this CPU (docs/methods.md)
-    python scripts/methods_table.py --data-dir ../shared/data/cifar-10-subset --model vgg16 \
-        --model-kwargs '{width: 0.25}' --sparsity 0.9 --epochs 5 --objective natural --objective pgd-at \
-        --method lth --method lth-reinit --method edge-popup --root runs/methods-nat-adv --jobs 2 \
-        --train-flags '--lr 0.05 --attack-steps 5 --threads 1' --verify-flags '--no-sanity'
+    python scripts/methods_table.py --data-dir ../shared/data/cifar-10-subset --model vgg16 \\
+        --model-kwargs '{width: 0.25}' --sparsity 0.9 --epochs 5 --objective natural --objective pgd-at \\
+        --method lth --method lth-reinit --method edge-popup --root runs/methods-nat-adv --jobs 1 \\
+        --n-examples 200 --train-flags '--lr 0.05 --attack-steps 5 --threads 1' \\
+        --verify-flags '--no-sanity --latency-runs 5'
 """
 
 from __future__ import annotations
