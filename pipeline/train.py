@@ -224,9 +224,13 @@ class Trainer:
         self.splits: Splits = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction,
                                            split_seed=cfg.split_seed).to(self.device)
         self.info = self.splits.info
-        self.extra = None
+        self.extra = self.extra_record = None
         if cfg.objective == "rst":
             ex, ey = load_extra_data(cfg.extra_data, self.info)
+            # what was mixed in, by content: the path as typed says nothing once the file is moved or replaced
+            self.extra_record = {"path": cfg.extra_data, "n_images": int(len(ex)),
+                                 "sha256": sha256_bytes(ex.numpy().tobytes() + ey.numpy().tobytes()),
+                                 "hashed": "the decoded uint8 NCHW images, then the int64 labels"}
             self.extra = (ex.to(self.device), ey.to(self.device))
         self._check_batches()
         self.model_name = cfg.model or self.info.default_model
@@ -759,7 +763,8 @@ class Trainer:
             "rsp_version": __version__,
             "model": {"name": self.model_name, "kwargs": self.model_kwargs},
             "dataset": {**self.splits.meta, "num_classes": self.info.num_classes,
-                        "class_names": list(self.info.class_names)},
+                        "class_names": list(self.info.class_names),
+                        **({"extra_data": self.extra_record} if self.extra_record else {})},
             "input": {"shape": [self.info.in_channels, self.info.image_size, self.info.image_size], "layout": "NCHW",
                       "dtype": "float32", "range": [0.0, 1.0]},
             "normalization": {"mean": list(self.info.mean), "std": list(self.info.std), "inside_model": True},

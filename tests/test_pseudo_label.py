@@ -74,7 +74,13 @@ def test_pseudo_labels_are_the_models_predictions_and_train_rst(natural_run, unl
     r = rsp("train", *TINY_TRAIN, "--objective", "rst", "--extra-data", out, "--max-steps", "2",
             "--output", tmp_path / "rst")
     assert r.exit_code == 0, r.output
-    assert read_manifest(tmp_path / "rst", stage="train")["objective"] == "rst"
+    rst = read_manifest(tmp_path / "rst", stage="train")
+    assert rst["objective"] == "rst"
+    # the manifest names the extra data by content, not only by the path as typed
+    import hashlib
+    extra = rst["dataset"]["extra_data"]
+    assert extra["n_images"] == len(ex) and extra["path"] == str(out)
+    assert extra["sha256"] == hashlib.sha256(ex.numpy().tobytes() + ey.numpy().tobytes()).hexdigest()
 
 
 def test_pickle_layout_on_request_is_the_distributed_one(natural_run, unlabeled, tmp_path):
