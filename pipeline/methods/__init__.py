@@ -118,15 +118,13 @@ for _n in ("bcs", "fixed", "random", "dense"):
 
 
 def _load_all() -> None:
-    # each family registers itself on import; a missing module is a method not built yet
+    # each family registers itself on import: a new method is one new module in this package, found here
     import importlib
+    import pkgutil
 
-    for mod in ("magnitude", "lth", "hydra", "edge_popup", "admm", "anp"):
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{mod}":
-                raise
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def list_methods() -> list[str]:
