@@ -6,7 +6,8 @@ study's Table 1 and Table 2 in the adjacent columns.
 
     # this CPU (docs/structured-rewiring.md): VGG-11 at width 0.25 on the CIFAR-10 subset, 2 seeds, 24 rows
     python scripts/rewiring_table.py --data-dir ../shared/data/cifar-10-subset --model-kwargs '{width: 0.25}' \\
-        --epochs 8 --root runs/rewiring
+        --epochs 15 --root runs/rewiring --jobs 2 \\
+        --train-flags '--batch-size 32 --attack-steps 3 --attack-step-size 3/255 --threads 1'
     # the study's scale (a GPU, full CIFAR-10): full width, 100 epochs, batch 128
     python scripts/rewiring_table.py --data-dir ~/data --epochs 100 --device cuda --jobs 4 --root runs/rewiring-gpu
     python scripts/rewiring_table.py ... --dry-run     # print the commands;  --report: the table of what finished
