@@ -109,6 +109,10 @@ def _sanity(row) -> str:
     return "not run" if row.get("sanity_run") is False else ("unreliable" if row["unreliable"] else "pass")
 
 
+def _fraction(v) -> str:
+    return "–" if v is None else f"{v:.3f}"  # natural training selects on clean accuracy: no val robust figure
+
+
 def _vulnerability(row) -> str:
     v = row.get("latent_vulnerability")
     return "-" if v is None else f"{v:.4g}"
@@ -169,8 +173,8 @@ def _markdown(rows, args) -> str:
         if "robust_acc" in r:
             units = f" (units {r['unit_sparsity']:.3f})" if r.get("unit_sparsity") is not None else ""
             lines.append(obj(r) + f"| {r['method']} | {r['target_sparsity']:g} | {r['sparsity']:.4f}{units} | {r['clean_acc']:.4f} | "
-                         f"{r['robust_acc']:.4f} | {_vulnerability(r)} | {_sanity(r)} | {r['selected_epoch']}: {r['val_clean_acc']:.3f} / "
-                         f"{r['val_robust_acc']:.3f}{' (collapsed)' if r.get('selected_collapsed') else ''} | "
+                         f"{r['robust_acc']:.4f} | {_vulnerability(r)} | {_sanity(r)} | {r['selected_epoch']}: {_fraction(r['val_clean_acc'])} / "
+                         f"{_fraction(r['val_robust_acc'])}{' (collapsed)' if r.get('selected_collapsed') else ''} | "
                          f"{r['phases'] or 'train'} | {r['train_time_s']:.0f} |")
         else:
             lines.append(obj(r) + f"| {r['method']} | {r['target_sparsity']:g} | | | | | {r.get('error', 'not run')} | | | |")

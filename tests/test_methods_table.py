@@ -14,13 +14,14 @@ def _script():
     return mod
 
 
-def _fake_row(root: Path, name: str, *, clean, robust, epoch, collapsed=False, method_config=None, vulnerability=None):
+def _fake_row(root: Path, name: str, *, clean, robust, epoch, collapsed=False, method_config=None, vulnerability=None,
+              val_robust=0.1):
     run = root / name
     (run / "train").mkdir(parents=True)
     (run / "verify").mkdir()
     (run / "train" / "manifest.json").write_text(json.dumps({
         "status": "complete", "sparsity": 0.9, "training": {"time_s": 12.0},
-        "metrics": {"epoch": epoch, "val_clean_acc": 0.3, "val_robust_acc": 0.1, "selected_collapsed": collapsed},
+        "metrics": {"epoch": epoch, "val_clean_acc": 0.3, "val_robust_acc": val_robust, "selected_collapsed": collapsed},
         "method_config": {"phases": [{"name": "pretrain", "steps": 5}, {"name": "finetune", "steps": 5}],
                           **(method_config or {})}}))
     (run / "verify" / "verify.json").write_text(json.dumps({
@@ -63,12 +64,14 @@ def test_natural_vs_adversarial_reading_per_objective(tmp_path, capsys):
                "pgd-at": {"lth": (0.30, 0.15), "lth-reinit": (0.31, 0.16), "edge-popup": (0.25, 0.10)}}
     for objective, per in figures.items():
         for method, (clean, robust) in per.items():
-            _fake_row(tmp_path, f"{objective}-{method}-0.9", clean=clean, robust=robust, epoch=2)
+            _fake_row(tmp_path, f"{objective}-{method}-0.9", clean=clean, robust=robust, epoch=2,
+                      val_robust=None if objective == "natural" else 0.1)  # natural selects on clean only
     args = ["--data-dir", "d", "--root", str(tmp_path), "--sparsity", "0.9", "--report", "--objective", "natural",
             "--objective", "pgd-at", "--method", "lth", "--method", "lth-reinit", "--method", "edge-popup"]
     assert _script().main(args) == 0
     out = capsys.readouterr().out
     assert "| objective | method |" in out and "| pgd-at | edge-popup | 0.9 |" in out
+    assert "2: 0.300 / – |" in out  # a natural row has no validation robust accuracy
     assert ("- natural at 90% (clean accuracy): winning tickets hold (lth 40.0 vs lth-reinit 30.0 %); the "
             "random-weight subnetwork reaches the trained one (edge-popup 39.5 vs lth 40.0 %") in out
     assert ("- pgd-at at 90% (robust accuracy): winning tickets do not hold (lth 15.0 vs lth-reinit 16.0 %); the "
