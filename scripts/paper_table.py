@@ -238,7 +238,6 @@ def markdown(records, args, objectives) -> str:
             dense = POSTER_DENSE.get(objective)
             lines.append(f"| {objective} | {sparsity:g} | {' | '.join(cells)} | "
                          + (f"{dense[0]:.1f} / {dense[1]:.1f}" if dense else "–") + " |")
-    missing = [r for r in records if "error" in r]
     notes = [""] + _sentences(ordering(records))
     collapsed = [r for r in records if r.get("selected_collapsed")]
     if collapsed:  # a one-class classifier scores the share of its class: no method comparison in that cell
@@ -251,14 +250,8 @@ def markdown(records, args, objectives) -> str:
         notes += ["", "**Reading, per sparsity** (the score is clean accuracy for natural training, robust accuracy "
                   "otherwise; sd is the sample standard deviation over seeds):", ""] + _reading(summary)
     notes += _collapse(records)
-    if missing:
-        notes += ["", f"{len(missing)} of {len(records)} runs missing: "
-                  + "; ".join(f"{r['objective']}-{r['method']}-{r['target_sparsity']:g}-s{r['seed']}: {r['error']}"
-                              for r in missing[:6]) + (" ..." if len(missing) > 6 else "")]
-    cmds = ["", "Commands, per run:", ""]
-    for r in records:
-        cmds.append(f"- {r['objective']} {r['method']} @ {r['target_sparsity']:g} seed {r['seed']}: `"
-                    + "` && `".join(r["commands"]) + "`")
+    cmds = study.footer(records, lambda r: f"{r['objective']}-{r['method']}-{r['target_sparsity']:g}-s{r['seed']}",
+                        lambda r: f"{r['objective']} {r['method']} @ {r['target_sparsity']:g} seed {r['seed']}")
     return head + "\n".join(lines + notes + cmds) + "\n"
 
 

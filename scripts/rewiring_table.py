@@ -288,15 +288,8 @@ def markdown(records, args, objectives, sparsities, regrows, summary) -> str:
         notes += ["", f"{len(collapsed)} pruned model(s) predict one class for most test images: "
                   + ", ".join(f"{r['objective']}-{r['target_sparsity']:g}-{r['regrow']}-s{r['seed']}"
                               for r in collapsed)]
-    missing = [r for r in records if "error" in r]
-    if missing:
-        notes += ["", f"{len(missing)} of {len(records)} runs missing: "
-                  + "; ".join(f"{r['objective']}-{r['target_sparsity']:g}-{r['regrow']}-s{r['seed']}: {r['error']}"
-                              for r in missing[:6]) + (" ..." if len(missing) > 6 else "")]
-    cmds = ["", "Commands, per run:", ""]
-    for r in records:
-        cmds.append(f"- {r['objective']} {r['target_sparsity']:g} {r['regrow']} seed {r['seed']}: `"
-                    + "` && `".join(r["commands"]) + "`")
+    cmds = study.footer(records, lambda r: f"{r['objective']}-{r['target_sparsity']:g}-{r['regrow']}-s{r['seed']}",
+                        lambda r: f"{r['objective']} {r['target_sparsity']:g} {r['regrow']} seed {r['seed']}")
     return head + "\n".join(lines + notes + cmds) + "\n"
 
 

@@ -126,3 +126,17 @@ def cuda_available() -> bool:
         return torch.cuda.is_available()
     except Exception:
         return False
+
+
+def footer(records: list[dict], name, label) -> list[str]:
+    """The lines every study table ends with: the rows still missing (first six, with why) and each row's
+    commands. `name(record)` is a row's short id (its folder's name), `label(record)` how the commands list
+    calls it."""
+    missing = [r for r in records if "error" in r]
+    out = []
+    if missing:
+        out += ["", f"{len(missing)} of {len(records)} runs missing: "
+                + "; ".join(f"{name(r)}: {r['error']}" for r in missing[:6]) + (" ..." if len(missing) > 6 else "")]
+    out += ["", "Commands, per run:", ""]
+    out += [f"- {label(r)}: `" + "` && `".join(r["commands"]) + "`" for r in records]
+    return out
