@@ -134,7 +134,11 @@ def phenomena(rows) -> list[dict]:
         popup, _ = _score(rows, objective, sparsity, "edge-popup")
         if None in (lth, reinit, popup):
             continue
-        out.append({"objective": objective, "target_sparsity": sparsity, "score": key, "lth": lth,
+        collapsed = [m for m in ("lth", "lth-reinit", "edge-popup") if any(
+            r.get("selected_collapsed") for r in rows if r["objective"] == objective
+            and r["target_sparsity"] == sparsity and r["method"] == m)]
+        out.append({"objective": objective, "target_sparsity": sparsity, "score": key, "collapsed": collapsed,
+                    "lth": lth,
                     "lth_reinit": reinit, "edge_popup": popup, "winning_ticket": lth > reinit,
                     "random_weight_subnetwork": popup >= lth - 0.01})
     return out
@@ -144,12 +148,14 @@ def _phenomena_lines(rows) -> list[str]:
     lines = []
     for p in phenomena(rows):
         what = "clean" if p["score"] == "clean_acc" else "robust"
+        caveat = (f" Not decidable: {', '.join(p['collapsed'])} selected a collapsed classifier (one class for most "
+                  "validation images), whose score is a class share, not a subnetwork's.") if p["collapsed"] else ""
         lines.append(
             f"- {p['objective']} at {p['target_sparsity']:.0%} ({what} accuracy): winning tickets "
             f"{'hold' if p['winning_ticket'] else 'do not hold'} (lth {100 * p['lth']:.1f} vs lth-reinit "
             f"{100 * p['lth_reinit']:.1f} %); the random-weight subnetwork "
             f"{'reaches' if p['random_weight_subnetwork'] else 'does not reach'} the trained one (edge-popup "
-            f"{100 * p['edge_popup']:.1f} vs lth {100 * p['lth']:.1f} %, within 1 point counts).")
+            f"{100 * p['edge_popup']:.1f} vs lth {100 * p['lth']:.1f} %, within 1 point counts).{caveat}")
     return ["", "Natural vs adversarial (one seed: a difference under ~3 points is noise at this size):", ""] + lines \
         if lines else []
 

@@ -65,6 +65,7 @@ def test_natural_vs_adversarial_reading_per_objective(tmp_path, capsys):
     for objective, per in figures.items():
         for method, (clean, robust) in per.items():
             _fake_row(tmp_path, f"{objective}-{method}-0.9", clean=clean, robust=robust, epoch=2,
+                      collapsed=(objective, method) == ("pgd-at", "lth"),
                       val_robust=None if objective == "natural" else 0.1)  # natural selects on clean only
     args = ["--data-dir", "d", "--root", str(tmp_path), "--sparsity", "0.9", "--report", "--objective", "natural",
             "--objective", "pgd-at", "--method", "lth", "--method", "lth-reinit", "--method", "edge-popup"]
@@ -76,6 +77,7 @@ def test_natural_vs_adversarial_reading_per_objective(tmp_path, capsys):
             "random-weight subnetwork reaches the trained one (edge-popup 39.5 vs lth 40.0 %") in out
     assert ("- pgd-at at 90% (robust accuracy): winning tickets do not hold (lth 15.0 vs lth-reinit 16.0 %); the "
             "random-weight subnetwork does not reach") in out
+    assert "Not decidable: lth selected a collapsed classifier" in out  # a class share is no ticket
     data = json.loads(out.strip().splitlines()[-1])
     assert [(p["objective"], p["winning_ticket"], p["random_weight_subnetwork"]) for p in data["phenomena"]] == \
         [("natural", True, True), ("pgd-at", False, False)]
