@@ -118,46 +118,54 @@ def _vulnerability(row) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-def _score(rows, objective, sparsity, method):
-    key = "clean_acc" if objective == "natural" else "robust_acc"
-    found = [r[key] for r in rows if r["objective"] == objective and r["target_sparsity"] == sparsity
-             and r["method"] == method and key in r]
-    return (found[0], key) if found else (None, key)
+def _row(rows, objective, sparsity, method):
+    return next((r for r in rows if r["objective"] == objective and r["target_sparsity"] == sparsity
+                 and r["method"] == method and "robust_acc" in r), None)
+
+
+def _verdict(claim: bool, rows: list[dict]):
+    """A comparison of two rows is decided only when neither selected a collapsed classifier (its score is the
+    share of one class, not a subnetwork's): None otherwise."""
+    return None if any(r.get("selected_collapsed") for r in rows) else claim
 
 
 def phenomena(rows) -> list[dict]:
-    """Per objective and sparsity with lth, lth-reinit and edge-popup rows: does each phenomenon hold?"""
+    """Per objective and sparsity with lth, lth-reinit and edge-popup rows: does each phenomenon hold?
+    winning_ticket / random_weight_subnetwork: True, False, or None (not decidable: a collapsed row)."""
     out = []
     for objective, sparsity in dict.fromkeys((r["objective"], r["target_sparsity"]) for r in rows):
-        lth, key = _score(rows, objective, sparsity, "lth")
-        reinit, _ = _score(rows, objective, sparsity, "lth-reinit")
-        popup, _ = _score(rows, objective, sparsity, "edge-popup")
+        lth, reinit, popup = (_row(rows, objective, sparsity, m) for m in ("lth", "lth-reinit", "edge-popup"))
         if None in (lth, reinit, popup):
             continue
-        collapsed = [m for m in ("lth", "lth-reinit", "edge-popup") if any(
-            r.get("selected_collapsed") for r in rows if r["objective"] == objective
-            and r["target_sparsity"] == sparsity and r["method"] == m)]
-        out.append({"objective": objective, "target_sparsity": sparsity, "score": key, "collapsed": collapsed,
-                    "lth": lth,
-                    "lth_reinit": reinit, "edge_popup": popup, "winning_ticket": lth > reinit,
-                    "random_weight_subnetwork": popup >= lth - 0.01})
+        key = "clean_acc" if objective == "natural" else "robust_acc"
+        out.append({"objective": objective, "target_sparsity": sparsity, "score": key,
+                    "collapsed": [r["method"] for r in (lth, reinit, popup) if r.get("selected_collapsed")],
+                    "lth": lth[key], "lth_reinit": reinit[key], "edge_popup": popup[key],
+                    "winning_ticket": _verdict(lth[key] > reinit[key], [lth, reinit]),
+                    "random_weight_subnetwork": _verdict(popup[key] >= lth[key] - 0.01, [lth, popup])})
     return out
+
+
+def _said(verdict, yes: str, no: str, collapsed: list[str], among: tuple[str, str]) -> str:
+    if verdict is None:
+        return f"not decidable ({', '.join(m for m in among if m in collapsed)} collapsed)"
+    return yes if verdict else no
 
 
 def _phenomena_lines(rows) -> list[str]:
     lines = []
     for p in phenomena(rows):
         what = "clean" if p["score"] == "clean_acc" else "robust"
-        caveat = (f" Not decidable: {', '.join(p['collapsed'])} selected a collapsed classifier (one class for most "
-                  "validation images), whose score is a class share, not a subnetwork's.") if p["collapsed"] else ""
+        c = p["collapsed"]
         lines.append(
             f"- {p['objective']} at {p['target_sparsity']:.0%} ({what} accuracy): winning tickets "
-            f"{'hold' if p['winning_ticket'] else 'do not hold'} (lth {100 * p['lth']:.1f} vs lth-reinit "
-            f"{100 * p['lth_reinit']:.1f} %); the random-weight subnetwork "
-            f"{'reaches' if p['random_weight_subnetwork'] else 'does not reach'} the trained one (edge-popup "
-            f"{100 * p['edge_popup']:.1f} vs lth {100 * p['lth']:.1f} %, within 1 point counts).{caveat}")
-    return ["", "Natural vs adversarial (one seed: a difference under ~3 points is noise at this size):", ""] + lines \
-        if lines else []
+            f"{_said(p['winning_ticket'], 'hold', 'do not hold', c, ('lth', 'lth-reinit'))} (lth {100 * p['lth']:.1f} "
+            f"vs lth-reinit {100 * p['lth_reinit']:.1f} %); the random-weight subnetwork "
+            f"{_said(p['random_weight_subnetwork'], 'reaches the trained one', 'does not reach the trained one', c, ('lth', 'edge-popup'))} "
+            f"(edge-popup {100 * p['edge_popup']:.1f} vs lth {100 * p['lth']:.1f} %, within 1 point counts).")
+    note = ("Natural vs adversarial (one seed: a difference under ~3 points is noise at this size; a comparison with "
+            "a collapsed classifier, one class for most validation images, is not decidable):")
+    return ["", note, ""] + lines if lines else []
 
 
 def _markdown(rows, args) -> str:
