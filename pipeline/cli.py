@@ -122,6 +122,18 @@ def _check_dataset_fits(bundle: str, dataset: Optional[str]) -> None:
         _fail(f"--dataset {dataset}: it has {info.num_classes} classes, the bundle's model {classes}")
 
 
+def _method_help() -> str:
+    from .methods import method_help
+
+    return method_help()
+
+
+def _method_names() -> list[str]:
+    from .methods import list_methods
+
+    return list_methods()
+
+
 def _method_options(items: list[str]) -> dict:
     """--method-option KEY=VALUE (VALUE in YAML), repeatable."""
     import yaml
@@ -165,9 +177,7 @@ def train(
     model: Optional[str] = typer.Option(None, help="Registry name (rsp models lists them) (default: the data set's: small-cnn, vgg16).", rich_help_panel="Model"),
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="YAML mapping of the model constructor's keyword arguments, e.g. '{width: 0.25}' (vgg), '{widen_factor: 4}' (wrn).", rich_help_panel="Model"),
     sparsity: Optional[float] = typer.Option(None, help="Share of conv/linear weights that are zero, fixed from step one (default: 0.9).", rich_help_panel="Model"),
-    method: Optional[str] = typer.Option(None, help="bcs (Bayesian connectivity sampling, sparse from step one) | fixed (random static mask, BCS's layer profile) | "
-                                         "random (random static mask, the same density in every layer) | dense; "
-                                         "baselines that prune a dense robust model: magnitude | lth (lth-reinit: its random re-initialisation control) | hydra | admm | anp-vs; edge-popup (scores on random weights). "
+    method: Optional[str] = typer.Option(None, help=_method_help() + ". "
                                          "--epochs is a method's whole budget, split over its phases (see the manifest) (default: bcs).", rich_help_panel="Model"),
     method_option: Optional[list[str]] = typer.Option(None, "--method-option", help="KEY=VALUE (YAML value) for the method's recipe, e.g. rounds=3; repeatable.", rich_help_panel="Model"),
     rewire_every: Optional[int] = typer.Option(None, help="BCS: rebirth dead connections every N steps (default: 1).", rich_help_panel="Model"),
@@ -566,7 +576,7 @@ def pipeline(
     model: Optional[str] = typer.Option(None, help="Registry model.", rich_help_panel="train"),
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="YAML mapping of model constructor arguments, e.g. '{width: 0.25}'.", rich_help_panel="train"),
     sparsity: Optional[float] = typer.Option(None, help="Weight sparsity fixed from step one.", rich_help_panel="train"),
-    method: Optional[str] = typer.Option(None, help="bcs | fixed | dense | magnitude | lth | lth-reinit | hydra | edge-popup | admm | anp-vs (see rsp train --help).", rich_help_panel="train"),
+    method: Optional[str] = typer.Option(None, help=" | ".join(_method_names()) + " (see rsp train --help).", rich_help_panel="train"),
     regrow: Optional[str] = typer.Option(None, help="BCS rebirth rule: random | l2 | l2-magnitude-seeded (alias l2-weighted; seeds = largest |theta|).", rich_help_panel="train"),
     objective: Optional[str] = typer.Option(None, help="natural | pgd-at | mixed-at | trades | mart | rst.", rich_help_panel="train"),
     epochs: Optional[int] = typer.Option(None, help="Training epochs.", rich_help_panel="train"),

@@ -38,7 +38,7 @@ class TrainConfig:
     # model and sparsity
     model: str | None = None  # None: the data set's default (small-cnn for digits, vgg16 for CIFAR)
     model_kwargs: dict = field(default_factory=dict)
-    method: str = "bcs"  # bcs | fixed | dense | magnitude | lth | lth-reinit | hydra | edge-popup | admm | anp-vs (rsp.methods)
+    method: str = "bcs"  # a name registered in rsp.methods (rsp.methods.list_methods())
     method_options: dict = field(default_factory=dict)  # the method's recipe knobs (phase split, rho, ...)
     sparsity: float = 0.9
     rewire_every: int = 1

@@ -39,7 +39,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # study.py, also when loaded by path (tests)
 import study  # noqa: E402
 
-METHODS = ["bcs", "fixed", "magnitude", "lth", "hydra", "edge-popup", "admm", "anp-vs"]
+
+
+def default_methods() -> list[str]:
+    # every registered way to reach the budget; controls (random, lth-reinit) and dense only when asked for
+    from rsp.methods import list_methods
+
+    return list_methods(role="method")
 
 
 def main(argv=None) -> int:
@@ -49,7 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--model-kwargs", default=None, help="YAML mapping, e.g. '{width: 0.25}' (vgg16)")
     ap.add_argument("--sparsity", type=float, action="append", help="repeatable [default: 0.9 and 0.99]")
-    ap.add_argument("--method", action="append", help=f"repeatable [default: {' '.join(METHODS)}]")
+    ap.add_argument("--method", action="append", help="repeatable [default: every rsp.methods entry of role 'method': "
+                    f"{' '.join(default_methods())}]")
     ap.add_argument("--objective", action="append", help="repeatable [default: pgd-at]; several: the "
                     "natural-vs-adversarial comparison")
     ap.add_argument("--epochs", type=int, default=30)
@@ -68,7 +75,7 @@ def main(argv=None) -> int:
     objectives = args.objective = args.objective or ["pgd-at"]
     specs = []
     for objective, sparsity, method in ((o, s, m) for o in objectives for s in args.sparsity or [0.9, 0.99]
-                                        for m in args.method or METHODS):
+                                        for m in args.method or default_methods()):
             # one objective keeps the folder names tables made before --objective was repeatable
             run = root / (f"{method}-{sparsity:g}" if len(objectives) == 1 else f"{objective}-{method}-{sparsity:g}")
             train = ["train", *study.model_config(run, args.model_kwargs, write), "--dataset", args.dataset,

@@ -103,18 +103,36 @@ class SingleSparse(Method):
         return make_sparse(self.name, model, cfg.sparsity, ctx.generator, model_name=ctx.model_name, **opts)
 
 
-_REGISTRY: dict[str, Callable[[], Method]] = {}
+@dataclass(frozen=True)
+class MethodEntry:
+    factory: Callable[..., Method]
+    summary: str  # one line for `rsp train --help`
+    # "method": a way to reach the budget (scripts/methods_table.py's default rows); "control": a baseline that
+    # isolates one ingredient of another method (random masks, re-drawn tickets); "dense": no budget at all
+    role: str = "method"
 
 
-def register(name: str):
+_REGISTRY: dict[str, MethodEntry] = {}
+ROLES = ("method", "control", "dense")
+
+
+def register(name: str, summary: str, role: str = "method"):
+    """Class or factory decorator: `rsp train --method NAME` builds it with the recipe's method_options."""
+    if role not in ROLES:
+        raise ValueError(f"method {name}: role must be one of {', '.join(ROLES)}, got {role!r}")
+
     def wrap(factory):
-        _REGISTRY[name] = factory
+        _REGISTRY[name] = MethodEntry(factory, summary, role)
         return factory
     return wrap
 
 
-for _n in ("bcs", "fixed", "random", "dense"):
-    _REGISTRY[_n] = (lambda n=_n, **kw: SingleSparse(n, **kw))
+for _n, _summary, _role in (
+        ("bcs", "Bayesian connectivity sampling, sparse from step one", "method"),
+        ("fixed", "random static mask, BCS's layer profile", "method"),
+        ("random", "random static mask, the same density in every layer", "control"),
+        ("dense", "no mask", "dense")):
+    register(_n, _summary, _role)(lambda n=_n, **kw: SingleSparse(n, **kw))
 
 
 def _load_all() -> None:
@@ -127,9 +145,16 @@ def _load_all() -> None:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
-def list_methods() -> list[str]:
+def list_methods(role: str | None = None) -> list[str]:
+    """Registered names in registration order (the single-phase ones first, then the modules by name)."""
     _load_all()
-    return list(_REGISTRY)
+    return [n for n, e in _REGISTRY.items() if role is None or e.role == role]
+
+
+def method_help() -> str:
+    """`name (summary) | ...` for the CLI's --method help."""
+    _load_all()
+    return " | ".join(f"{n} ({e.summary})" for n, e in _REGISTRY.items())
 
 
 def create_method(name: str, **options) -> Method:
@@ -138,7 +163,7 @@ def create_method(name: str, **options) -> Method:
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(_REGISTRY)}")
     try:
-        return _REGISTRY[name](**options)
+        return _REGISTRY[name].factory(**options)
     except TypeError as exc:
         raise ValueError(f"method {name}: bad method_options {sorted(options)} ({exc})") from None
 
@@ -157,5 +182,5 @@ def split_steps(phases: list[Phase], total_steps: int) -> list[int]:
     return out
 
 
-__all__ = ["Method", "Phase", "PhaseContext", "SingleSparse", "budget_of", "create_method", "list_methods", "register",
-           "split_steps"]
+__all__ = ["Method", "MethodEntry", "Phase", "PhaseContext", "SingleSparse", "budget_of", "create_method", "list_methods",
+           "method_help", "register", "split_steps"]

@@ -123,7 +123,7 @@ class ADMMPenalty(SparseMethod):
         self.steps, self.updates, self.period, self.max_updates = (int(v) for v in state["admm.counters"].tolist())
 
 
-@register("admm")
+@register("admm", "prune a dense robust model: ADMM towards the sparse set, masked retraining")
 class ADMMPruning(Method):
     """Options (recipe `method_options`): rho (1e-3), rho_growth (1.3), periods (10: Z/U updates at the
     start of periods 2..10 of the ADMM phase), ratios ({layer: sparsity}; default uniform --sparsity),

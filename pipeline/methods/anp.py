@@ -302,7 +302,7 @@ class BetaBernoulliGates(SparseMethod):
 # --- the method --------------------------------------------------------------------------------------
 
 
-@register("anp-vs")
+@register("anp-vs", "beta-Bernoulli unit masks + vulnerability suppression, then magnitude to the budget")
 class ANPVS(Method):
     """ANP-VS: (optional dense pre-training) -> beta-Bernoulli unit masks, robust objective -> unit pruning at
     E[pi] <= 1e-3, gates folded, global magnitude pruning to the budget where needed, robust fine-tune.

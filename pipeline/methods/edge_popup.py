@@ -40,7 +40,7 @@ def draw_score(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return nn.init.kaiming_uniform_(torch.empty_like(weight), a=math.sqrt(5), generator=generator)
 
 
-@register("edge-popup")
+@register("edge-popup", "scores only, on random weights that are never trained")
 class EdgePopup(Method):
     name = "edge-popup"
 

@@ -100,7 +100,7 @@ def _check_schedule(what: str, value: str) -> str:
     return value
 
 
-@register("hydra")
+@register("hydra", "prune a dense robust model: importance-score search (weights frozen), fine-tune")
 class Hydra(Method):
     """HYDRA: dense robust training -> score search with frozen weights -> masked fine-tuning.
 

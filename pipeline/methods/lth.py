@@ -70,7 +70,7 @@ def redraw_weights(model: nn.Module, generator: torch.Generator) -> None:
                 w.copy_((torch.rand(w.shape, generator=generator) * 2 - 1) / math.sqrt(fan_in))
 
 
-@register("lth")
+@register("lth", "prune a dense robust model: iterative magnitude pruning with rewinding (lottery tickets)")
 class LotteryTicket(Method):
     """Options (recipe `method_options`): rounds (R = 3 pruning rounds), rewind_fraction (0.1 of round 0's
     training; 0 = rewind to the initialisation)."""
@@ -141,7 +141,7 @@ class LotteryTicket(Method):
                 "reference": "Frankle & Carbin ICLR 2019; Frankle et al. ICML 2020 (rewinding)"}
 
 
-@register("lth-reinit")
+@register("lth-reinit", "lth's control: the same rounds, survivors re-drawn from the init distribution", role="control")
 def lottery_ticket_reinit(**options) -> LotteryTicket:
     """The lottery-ticket control: lth's masks, weights re-drawn at random at every rewind."""
     return LotteryTicket(reinit="random", **options)

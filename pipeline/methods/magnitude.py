@@ -10,7 +10,7 @@ from ..sparse import FixedMask, global_magnitude_masks
 from . import Method, Phase, budget_of, register
 
 
-@register("magnitude")
+@register("magnitude", "prune a dense robust model: one-shot global magnitude, robust fine-tune")
 class MagnitudePruning(Method):
     name = "magnitude"
 
