@@ -231,7 +231,7 @@ def run_gpu(args, layers, sparsities, structures, batches):
     built = build_all(configs, arch, args.workers)
     results = {}
     dev = torch.device("cuda")
-    for name, out_ch, in_ch, hw, _ in [l for l in VGG16_LAYERS if l[0] in layers]:
+    for name, _out_ch, in_ch, hw, _ in [l for l in VGG16_LAYERS if l[0] in layers]:
         for sp in sparsities:
             for st in structures:
                 w = weights[(name, sp, st)].to(dev)

@@ -110,7 +110,7 @@ def main(argv=None):
             sparse, rebirth = steppers[c].sparse, steppers[c].sparse._rebirth
             sparse._rebirth = (lambda dead=None, _r=rebirth, _d=deaths[c]: (_d.append(dead.sum()), _r(dead))[1])
         times = {c: [] for c in configs}
-        for c, st in steppers.items():  # warm-up (allocations, cuDNN autotune)
+        for st in steppers.values():  # warm-up (allocations, cuDNN autotune)
             st(x, y, 0.1, gen)
         _sync(device)
         for _ in range(steps):

@@ -368,7 +368,7 @@ def test_plan_model():
     plan = plan_model(model, (1, 3, 32, 32), arch="sm_87", blocks=((1, 1), (4, 4)))
     convs = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert list(plan) == convs
-    for name, p in plan.items():
+    for p in plan.values():
         assert p["kernel"] in ("sparse", "dense")
         assert {"block", "block_density", "est_speedup", "density"} <= set(p)
         assert 0.0 <= p["block_density"] <= 1.0 and len(p["block"]) == 2

@@ -93,7 +93,7 @@ def search_mode(request, monkeypatch):
 @pytest.mark.parametrize("density", [0.05, 0.3, 0.7, 0.95])
 def test_every_rebirth_is_at_a_nearest_dormant_position(shape, density, search_mode):
     gen = torch.Generator().manual_seed(hash((shape, density)) % 2**31)
-    for trial in range(3):
+    for _ in range(3):
         theta, size = _layer(shape, density, gen)
         live = torch.nonzero(theta[:size] > 0).squeeze(1)
         n_dormant = size - live.numel()

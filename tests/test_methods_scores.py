@@ -172,6 +172,7 @@ def test_hydra_three_phases_end_within_budget_and_finetune_keeps_the_mask():
     assert [p.lr for p in create_method("hydra", finetune_lr=0.02).phases(half)] == pytest.approx([0.05, 0.05, 0.02])
     assert method.config()["fractions"] == pytest.approx({"pretrain": 0.4, "scores": 0.2, "finetune": 0.4})
     budget, total = budget_of(model, 0.85)
+    search_masks = {}  # filled by the score phase (i == 1), read by the fine-tune (i == 2)
     for i, phase in enumerate(phases):
         if i:
             to_dense(model)

@@ -225,7 +225,7 @@ def test_layers_swapped_by_setattr_are_the_ones_used(name):
     x = batch()
     expected = model(x)
     swapped = []
-    for parent_name, parent in list(model.named_modules()):
+    for _parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) in (nn.Conv2d, nn.Linear):
                 new = copy.deepcopy(child)

@@ -25,14 +25,14 @@ def _sparse_model(name, kwargs, density=0.3, seed=0, zero_channels=True):
     torch.manual_seed(seed)
     model = create_model(name, **kwargs)
     with torch.no_grad():
-        for n, m in model.named_modules():
+        for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
         layers = sparsifiable_layers(model)
-        for i, (n, m) in enumerate(layers):
+        for i, (_, m) in enumerate(layers):
             m.weight.mul_(torch.rand_like(m.weight) < density)
             if zero_channels and 0 < i < len(layers) - 1 and m.weight.shape[0] > 2:
                 m.weight[0] = 0  # a zero filter
