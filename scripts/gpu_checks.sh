@@ -38,7 +38,7 @@ for step in $STEPS; do
     train_step) run train_step 90 python bench/train_step.py --objective pgd-at --batch-size 128 --steps 10 ;;
     methods)    run methods 480 python scripts/methods_table.py --data-dir "${RSP_CIFAR_DIR:-gpu-data/cifar-10-subset}" \
                     --device "${RSP_METHODS_DEVICE:-cuda}" --jobs 7 --root "${RSP_METHODS_ROOT:-/tmp/rsp-methods}" \
-                    ${RSP_METHODS_FLAGS:---model vgg16 --epochs 20 --method bcs --method magnitude --method lth --method hydra --method edge-popup --method admm --method anp-vs} ;;
+                    ${RSP_METHODS_FLAGS:---model vgg16 --epochs 20} ;;  # every registered method (rsp.methods, role method)
     paper)      run paper 540 python scripts/paper_table.py --data-dir "${RSP_CIFAR_DIR:-gpu-data/cifar-10-subset}" \
                     --device cuda --jobs 3 --root "${RSP_PAPER_ROOT:-/tmp/rsp-paper}" \
                     ${RSP_PAPER_FLAGS:---objective pgd-at --sparsity 0.99 --seed 0 --epochs 30} ;;
