@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from . import __version__
 from .artifacts import (MANIFEST, MODEL_FILE, ArtifactError, append_line, atomic_write_bytes, atomic_write_text,
@@ -37,6 +36,10 @@ from .artifacts import (MANIFEST, MODEL_FILE, ArtifactError, append_line, atomic
 from .attacks import PGDConfig, evaluate
 from .config import ConfigError, TrainConfig, dump_yaml
 from .data import DeviceBatches, Splits, load_dataset, load_extra_data
+# TrainStep, the selection and collapse rules and BatchNorm recalibration live in engine (shared with rsp
+# structure's fine-tune); tests and bench/train_step.py import them from here too
+from .engine import (BN_RECALIBRATION_IMAGES, COLLAPSE_RULE, Selection, TrainStep, beats_best,  # noqa: F401
+                     is_collapsed, recalibrate_batchnorm, run_epoch)
 from .models import create_model
 from .models.profiles import profile_name
 from .objectives import Objective
@@ -88,45 +91,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-BN_RECALIBRATION_IMAGES = 2048
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
-                          prepare=lambda t: t) -> int:
-    """Re-estimate every BatchNorm's running mean/var on images x (uint8 or float in [0, 1]) for the current weights.
-
-    After one-shot pruning, rewinding or a hard projection the running statistics still describe the old
-    weights; in eval mode the model then often predicts one class until enough training steps have replaced
-    them (the momentum-0.1 average keeps ~17 % of the stale value after 17 steps, which compounds across 13
-    layers). Only the BatchNorm layers are put in train mode (cumulative average, momentum None), so nothing
-    else (dropout, stochastic gates) runs or draws random numbers: the result is deterministic. Returns the
-    number of BatchNorm layers recalibrated.
-    """
-    from .data import to_float
-
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns or not len(x):
-        return 0
-    was_training = model.training
-    saved = [(m, m.momentum, m.training) for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over the batches below
-        m.train()
-    try:
-        for s in range(0, len(x), batch_size):
-            xb = x[s:s + batch_size]
-            model(prepare(to_float(xb) if xb.dtype == torch.uint8 else xb))
-    finally:
-        for m, momentum, training in saved:
-            m.momentum = momentum
-            m.train(training)
-        model.train(was_training)
-    return len(bns)
-
-
 def lr_at(cfg: TrainConfig, phase: Phase, progress: float) -> float:
     """The learning rate at `progress` in [0, 1) of a phase. step: lr * gamma^(milestones passed), the
     milestones being fractions of the phase; cosine: half a cosine from lr to 0; constant."""
@@ -141,59 +105,6 @@ def lr_at(cfg: TrainConfig, phase: Phase, progress: float) -> float:
 
 def _gen_state(gens: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
     return {f"rng.{k}": g.get_state() for k, g in gens.items()}
-
-
-class TrainStep:
-    """One optimizer step, the same for training and for bench/train_step.py:
-    objective (attack + loss) -> backward -> gradient averaging over ranks -> SGDW update -> rewiring.
-
-    Decoupled decay follows the schedule multiplier lr_t / lr_0 (SGDW), not the learning rate. It shrinks
-    conv/linear weights only with decay_scope "weights" (rsp's default: BatchNorm and biases get none), or
-    every trainable parameter with "all" (the reference's SGDW, applied to all of model.param_list). With
-    BCS, the sparse method updates and decays theta itself.
-    """
-
-    def __init__(self, model: nn.Module, sparse, objective: Objective, *, lr: float, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, bf16: bool = False, forward_model: nn.Module | None = None,
-                 allreduce=None, decay_scope: str = "weights"):
-        self.model, self.sparse, self.objective = model, sparse, objective
-        self.lr0, self.weight_decay, self.bf16, self.allreduce = lr, weight_decay, bf16, allreduce
-        self.forward_model = forward_model or model
-        self.decayed = (sparse.decayed_params() if sparse else [m.weight for _, m in sparsifiable_layers(model)])
-        # the method updates some parameters itself (BCS's theta); frozen ones (score phases) are not trained
-        own = {id(p) for p in sparse.self_updated_params()} if sparse else set()
-        self.sgd_params = [p for p in model.parameters() if id(p) not in own and p.requires_grad]
-        if decay_scope == "all":  # + BatchNorm affine parameters and biases (what "weights" leaves out)
-            weight_like = {id(p) for _, m in sparsifiable_layers(model) for n, p in m.named_parameters() if n != "bias"}
-            seen = {id(p) for p in self.decayed}
-            self.decayed = self.decayed + [p for p in self.sgd_params if id(p) not in seen and id(p) not in weight_like]
-        elif decay_scope != "weights":
-            raise ValueError(f"unknown decay scope {decay_scope!r}; choose weights or all")
-        self.opt = torch.optim.SGD(self.sgd_params, lr=lr, momentum=momentum, weight_decay=0.0)
-
-    def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, generator: torch.Generator | None = None):
-        self.opt.zero_grad(set_to_none=True)
-        if self.sparse is not None:
-            self.sparse.zero_grad()
-        with self.autocast():
-            loss, logits = self.objective(self.forward_model, x, y, generator)
-        extra = self.sparse.extra_loss() if self.sparse is not None else None
-        (loss if extra is None else loss + extra).backward()
-        if self.allreduce is not None:
-            self.allreduce()
-        decay_scale = lr / self.lr0
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        if self.decayed:
-            with torch.no_grad():
-                torch._foreach_mul_(self.decayed, 1.0 - self.weight_decay * decay_scale)
-        self.opt.step()
-        if self.sparse is not None:
-            self.sparse.step(lr, decay_scale)
-        return loss.detach(), logits.detach()
 
 
 def _content_sha256(*tensors: torch.Tensor) -> str:
@@ -280,8 +191,8 @@ class Trainer:
         self.step = 0
         self.epoch_step = 0  # batches done in the current data epoch (non-zero after a phase or --max-steps stop)
         self.data_epoch_state = self.gens["data"].get_state()
-        self.best = {"score": -1.0, "epoch": -1, "val_clean_acc": None, "val_robust_acc": None, "collapsed": True}
-        self.best_state: dict[str, torch.Tensor] | None = None
+        self.selection = Selection({"score": -1.0, "epoch": -1, "val_clean_acc": None, "val_robust_acc": None,
+                                    "collapsed": True})
         self.time_s = 0.0
         resuming = opening == "resume"
         self.already_complete = False
@@ -456,17 +367,17 @@ class Trainer:
         state.update({f"method.{k}": v for k, v in self.method.state_tensors().items()})
         state.update(_gen_state(self.gens))
         state["rng.data_epoch_start"] = self.data_epoch_state
-        if self.best_state is not None:
-            state.update({f"best.{k}": v for k, v in self.best_state.items()})
+        if self.selection.state is not None:
+            state.update({f"best.{k}": v for k, v in self.selection.state.items()})
         return state
 
     def _save_checkpoint(self, record: dict | None) -> None:
-        meta = {"epoch": str(self.epoch), "step": str(self.step), "epoch_step": str(self.epoch_step), "best": json.dumps(self.best),
+        meta = {"epoch": str(self.epoch), "step": str(self.step), "epoch_step": str(self.epoch_step), "best": json.dumps(self.selection.best),
                 "phase": str(self.phase), "phase_step": str(self.phase_step),
                 "time_s": repr(self.time_s), "record": json.dumps(record) if record else ""}
         blobs = {STATE_FILE: tensors_bytes(self._state_tensors(), metadata=meta)}
-        if self.best_state is not None:
-            blobs[MODEL_FILE] = tensors_bytes(self.best_state)
+        if self.selection.state is not None:
+            blobs[MODEL_FILE] = tensors_bytes(self.selection.state)
         self._commit(blobs)
         if record is not None:  # only once the checkpoint it describes is committed
             append_line(self.out / METRICS_FILE, json.dumps(record))
@@ -509,10 +420,10 @@ class Trainer:
         for k, g in self.gens.items():
             g.set_state(state[f"rng.{k}"].cpu())
         best = {k[5:]: v for k, v in state.items() if k.startswith("best.")}
-        self.best_state = best or None
+        self.selection.state = best or None
         self.epoch, self.step, self.epoch_step = int(meta["epoch"]), int(meta["step"]), int(meta.get("epoch_step", 0))
         self.data_epoch_state = state["rng.data_epoch_start"].cpu()
-        self.best = json.loads(meta["best"])
+        self.selection.best = json.loads(meta["best"])
         self.time_s = float(meta.get("time_s", "0"))
         self.checkpoint_record = json.loads(meta["record"]) if meta.get("record") else None
         self.log(f"resuming {self.out} at epoch {self.epoch} (step {self.step})")
@@ -588,48 +499,28 @@ class Trainer:
     def train_epoch(self, bar=None, limit: int | None = None) -> dict:
         """Train to the end of the current data epoch, or for `limit` steps (the end of the phase)."""
         cfg = self.cfg
-        self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
-        t0 = time.perf_counter()
-        steps_per_epoch = self.steps_per_epoch
-        phase, phase_total = self.phases[self.phase], self.phase_steps[self.phase]
-        lr = lr_at(cfg, phase, self.phase_step / phase_total)
-        done = 0
+        phase, phase_total, phase_step = self.phases[self.phase], self.phase_steps[self.phase], self.phase_step
         data_gen = self.gens["data"]
         if self.epoch_step == 0:
             self.data_epoch_state = data_gen.get_state()
         else:  # resuming inside an epoch: redraw its order and augmentations, skip the batches already done
             data_gen.set_state(self.data_epoch_state)
-        skip = self.epoch_step
-        for i, (x, y) in enumerate(self._batches()):
-            if i < skip:
-                continue
-            if limit is not None and done >= limit:
-                break
-            if self.dist.world > 1:  # the same global batch on every rank; each takes its slice
-                x, y = x[self.dist.rank :: self.dist.world], y[self.dist.rank :: self.dist.world]
-            lr = lr_at(cfg, phase, self.phase_step / phase_total)
-            loss, logits = self.train_step(self._prepare(x), y, lr, self.gens["attack"])
-            self.step += 1
-            self.phase_step += 1
-            done += 1
-            self.epoch_step = i + 1
-            loss_sum += loss * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            if bar is not None and (i % 10 == 0):
-                bar(i + 1, steps_per_epoch, loss_sum.item() / max(1, seen))
-        if seen and not torch.isfinite(loss_sum):
+        stats = run_epoch(self.train_step, self._batches(), lambda k: lr_at(cfg, phase, (phase_step + k) / phase_total),
+                          self.gens["attack"], device=self.device, skip=self.epoch_step, limit=limit,
+                          prepare=self._prepare, shard=(self.dist.rank, self.dist.world),
+                          progress=None if bar is None else lambda i, loss: bar(i, self.steps_per_epoch, loss))
+        self.step += stats.steps
+        self.phase_step += stats.steps
+        self.epoch_step = stats.next_batch
+        if stats.diverged:
             kept = (f"the last good checkpoint in {self.out} is intact" if (self.out / STATE_FILE).is_file()
                     else "no checkpoint was written yet")  # a first-epoch divergence has none to point to
             raise TrainingError(f"loss diverged (non-finite) in epoch {self.epoch + 1}; {kept}: lower --lr or check the data")
-        dt = time.perf_counter() - t0
-        if self.epoch_step >= steps_per_epoch:
+        if self.epoch_step >= self.steps_per_epoch:
             self.epoch_step = 0  # the epoch is complete
-        return {"train_loss": loss_sum.item() / max(1, seen), "train_acc": correct.item() / max(1, seen),
-                "images_per_s": seen * self.dist.world / max(dt, 1e-9), "epoch_time_s": dt, "lr": lr}
+        return {"train_loss": stats.train_loss, "train_acc": stats.train_acc,
+                "images_per_s": stats.seen * self.dist.world / max(stats.seconds, 1e-9), "epoch_time_s": stats.seconds,
+                "lr": stats.lr}
 
     def _eval_attack(self, steps: int) -> PGDConfig | None:
         if not self.objective.robust and steps == 0:
@@ -682,17 +573,15 @@ class Trainer:
                 if self.dist.main:
                     val = self._eval(self.splits.val_x, self.splits.val_y, cfg.eval_attack_steps if self.objective.robust else 0,
                                      seed=cfg.seed + 7919 * self.epoch + self.epoch_step) if len(self.splits.val_y) else {"clean_acc": 0.0}
-                    score = val.get("robust_acc", val["clean_acc"]) if self.objective.robust else val["clean_acc"]
+                    score, collapsed = Selection.judge(val, self.splits.val_y, self.objective.robust)
                     sparsity, active = self.sparsity_now()
-                    collapsed = is_collapsed(val, self.splits.val_y)
                     # only weights at the budget may be selected (a dense pre-training epoch never is)
                     # without a validation split (--val-fraction 0) there is no score to select on: the latest epoch
                     selected = phase.at_budget and active <= self.budget and (
-                        not len(self.splits.val_y) or beats_best(score, collapsed, self.best))
+                        not len(self.splits.val_y) or self.selection.beats(score, collapsed))
                     if selected:
-                        self.best = {"score": score, "epoch": self.epoch, "val_clean_acc": val["clean_acc"],
-                                     "val_robust_acc": val.get("robust_acc"), "collapsed": collapsed}
-                        self.best_state = {k: v.detach().clone() for k, v in dense_state_dict(self.model).items()}
+                        self.selection.keep(self.model, score, collapsed, epoch=self.epoch, val_clean_acc=val["clean_acc"],
+                                            val_robust_acc=val.get("robust_acc"))
                     self.time_s += time.perf_counter() - t_epoch
                     record = {"epoch": self.epoch, "step": self.step, "partial": partial, **rec, "val_clean_acc": val["clean_acc"],
                               "val_robust_acc": val.get("robust_acc"), "sparsity": sparsity, "active": active,
@@ -732,38 +621,38 @@ class Trainer:
     def finish(self) -> dict:
         """Evaluate the model selected on the validation split on the test set, once, and seal the folder."""
         cfg = self.cfg
-        if self.best_state is None:
+        if self.selection.state is None:
             raise TrainingError("no epoch finished: nothing to save")
-        nonzero = sum(int(torch.count_nonzero(self.best_state[f"{n}.weight"])) for n in self.layer_names)
+        nonzero = sum(int(torch.count_nonzero(self.selection.state[f"{n}.weight"])) for n in self.layer_names)
         if cfg.method != "dense" and nonzero > self.budget:  # a method bug, never a user error
             raise TrainingError(f"method {cfg.method} selected a model with {nonzero} non-zero weights, over the "
                                 f"budget of {self.budget}")
         eval_model = create_model(self.model_name, **self.model_kwargs).to(self.device)
-        eval_model.load_state_dict(self.best_state)
+        eval_model.load_state_dict(self.selection.state)
         self.model, live = eval_model, self.model  # evaluate the selected plain weights, exactly as saved
         try:
             test = self._eval(self.splits.test_x, self.splits.test_y, cfg.test_attack_steps if self.objective.robust else 0,
                               seed=cfg.seed + 104729)
         finally:
             self.model = live
-        metrics = {"clean_acc": test["clean_acc"], "robust_acc": test.get("robust_acc"), "epoch": self.best["epoch"],
+        metrics = {"clean_acc": test["clean_acc"], "robust_acc": test.get("robust_acc"), "epoch": self.selection.best["epoch"],
                    "split": "test", "n_test": test["n"], "attack": test.get("attack"),
-                   "val_clean_acc": self.best["val_clean_acc"], "val_robust_acc": self.best["val_robust_acc"],
+                   "val_clean_acc": self.selection.best["val_clean_acc"], "val_robust_acc": self.selection.best["val_robust_acc"],
                    "selected_on": "val" if len(self.splits.val_y) else "last",
-                   "selected_collapsed": bool(self.best.get("collapsed", False))}
+                   "selected_collapsed": bool(self.selection.best.get("collapsed", False))}
         if metrics["selected_collapsed"]:
             self.log("warning: every epoch at the budget is a collapsed classifier (most validation images in one "
                      "class); the folder holds the best of them and its manifest says so")
         # the sealed weights are the selected ones, written from them (whatever an earlier crash left on disk)
-        return self._commit({MODEL_FILE: tensors_bytes(self.best_state)}, final=metrics)
+        return self._commit({MODEL_FILE: tensors_bytes(self.selection.state)}, final=metrics)
 
     def _manifest_dict(self, final: dict | None) -> dict:
         cfg = self.cfg
-        state = self.best_state or dense_state_dict(self.model)
+        state = self.selection.state or dense_state_dict(self.model)
         layers, sparsity = layer_report(state, self.layer_names)
         if final is None:
-            metrics = {"clean_acc": self.best["val_clean_acc"], "robust_acc": self.best["val_robust_acc"],
-                       "epoch": self.best["epoch"], "split": "val", "selected_on": "val"}
+            metrics = {"clean_acc": self.selection.best["val_clean_acc"], "robust_acc": self.selection.best["val_robust_acc"],
+                       "epoch": self.selection.best["epoch"], "split": "val", "selected_on": "val"}
         else:
             metrics = final
         manifest = {
@@ -835,29 +724,6 @@ SPARSE_INIT_RULES = {
 }
 DECAY_SCOPE_RULES = {"weights": "weights: conv/linear weights (BCS: theta); BatchNorm and biases not decayed",
                      "all": "all: every trainable parameter, BatchNorm and biases included (the reference's SGDW)"}
-
-
-COLLAPSE_RULE = ("one class predicted for more than halfway from its true share to all of the validation images "
-                 "(so always for more than half of them)")
-
-
-def is_collapsed(val: dict, labels: torch.Tensor) -> bool:
-    """A near-constant classifier (COLLAPSE_RULE), e.g. right after one-shot pruning with stale BatchNorm.
-
-    Its robust accuracy is about its class's share (~0.1 on CIFAR-10), which beats a weak but real model's
-    (~0.05), so without this rule "best validation robust accuracy" would select it.
-    """
-    share = val.get("top_class_share")
-    if share is None or not len(labels):
-        return False
-    true_share = (labels == val["top_class"]).float().mean().item()
-    return share > 0.5 * (1.0 + true_share)
-
-
-def beats_best(score: float, collapsed: bool, best: dict) -> bool:
-    """Selection order: any healthy epoch beats any collapsed one, then the higher score wins (ties keep the
-    earlier epoch). A best recorded before the collapse rule existed counts as healthy."""
-    return (not collapsed, score) > (not best.get("collapsed", False), best["score"])
 
 
 def _epoch_line(r: dict, epochs: int) -> str:
