@@ -18,6 +18,7 @@ import socket
 import tempfile
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,84 @@ def load_complete_model(folder: str | Path, device: str | torch.device = "cpu") 
     manifest = read_manifest(folder)
     require_complete(folder, manifest)
     return manifest, load_model(folder, device=device)
+
+
+# --- a later stage's source folder ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceAttack:
+    """The attack a run was trained against (manifest "attack")."""
+    eps: float
+    step_size: float
+    steps: int
+    beta: float  # TRADES/MART/RST robust-loss weight (recorded as null for the objectives without one)
+
+
+@dataclass(frozen=True)
+class SourceRun:
+    """What a later stage reads from a source folder's manifest, typed. A field the manifest does not record
+    is rsp train's default for it (config.TrainConfig), so no stage restates a default."""
+    manifest: dict
+    folder: Path | None
+    objective: str
+    attack: SourceAttack
+    dataset: dict  # manifest "dataset" as recorded: what data.load_run_dataset reads
+    dataset_name: str
+
+    @classmethod
+    def of(cls, manifest: dict, folder: str | Path | None = None) -> SourceRun:
+        from .config import TrainConfig
+
+        att = manifest.get("attack") or {}
+        attack = SourceAttack(eps=att.get("eps", TrainConfig.eps), step_size=att.get("step_size", TrainConfig.attack_step_size),
+                              steps=att.get("steps", TrainConfig.attack_steps), beta=att.get("beta") or TrainConfig.beta)
+        dataset = manifest.get("dataset") or {}
+        return cls(manifest=manifest, folder=None if folder is None else Path(folder),
+                   objective=manifest.get("objective", TrainConfig.objective), attack=attack, dataset=dataset,
+                   dataset_name=dataset.get("dataset") or TrainConfig.dataset)
+
+
+def read_source(folder: str | Path) -> SourceRun:
+    """A sealed stage folder whose files are the ones its manifest lists: how a stage opens its source."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    require_complete(folder, manifest)
+    bad = check_files(folder, manifest)
+    if bad:
+        raise ArtifactError(f"{folder}: {bad[0]}")
+    return SourceRun.of(manifest, folder)
+
+
+# --- a stage's output folder -------------------------------------------------------------------------
+
+
+def check_new_output(output: str | Path, source: str | Path) -> None:
+    """Refuse, before any work, an --output that is the source folder or already holds an rsp folder."""
+    output = Path(output)
+    if output.resolve() == Path(source).resolve():
+        raise ArtifactError("--output must differ from the source folder")
+    if (output / MANIFEST).is_file():
+        raise ArtifactError(f"{output} already holds an rsp folder: choose another --output")
+
+
+class StageOutput:
+    """A stage's new output folder, held by this process (lock_folder(new=True)) from open() until seal()
+    writes its manifest last: a folder with a manifest is a complete one."""
+
+    def __init__(self, folder: Path, lock: FolderLock):
+        self.folder, self._lock = folder, lock
+
+    @classmethod
+    def open(cls, folder: str | Path) -> StageOutput:
+        folder = Path(folder)
+        return cls(folder, lock_folder(folder, new=True))
+
+    def seal(self, manifest: dict, files: list[str] | dict[str, str]) -> dict:
+        try:
+            return write_manifest(self.folder, manifest, files)
+        finally:
+            self._lock.release()
 
 
 # --- one writer per folder ---------------------------------------------------------------------------

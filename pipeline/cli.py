@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from . import defaults  # torch-free: the attack defaults the help shows
+
 app = typer.Typer(
     name="rsp",
     help="Robust sparse networks, from training to the edge.\n\n"
@@ -187,8 +189,8 @@ def train(
     alpha: Optional[float] = typer.Option(None, help="BCS: L1 prior strength (default: 0).", rich_help_panel="Model"),
     temperature: Optional[float] = typer.Option(None, help="BCS: SGLD temperature T, noise std sqrt(2 lr T) (overrides sigma).", rich_help_panel="Model"),
     objective: Optional[str] = typer.Option(None, help="natural | pgd-at | mixed-at | trades | mart | rst (default: pgd-at).", rich_help_panel="Robustness"),
-    eps: Optional[str] = typer.Option(None, help="Linf radius, inputs in [0, 1]; fractions allowed (default: 8/255).", rich_help_panel="Robustness"),
-    attack_step_size: Optional[str] = typer.Option(None, help="PGD step size (default: 2/255).", rich_help_panel="Robustness"),
+    eps: Optional[str] = typer.Option(None, help=f"Linf radius, inputs in [0, 1]; fractions allowed (default: {defaults.as_fraction(defaults.EPS)}).", rich_help_panel="Robustness"),
+    attack_step_size: Optional[str] = typer.Option(None, help=f"PGD step size (default: {defaults.as_fraction(defaults.STEP_SIZE)}).", rich_help_panel="Robustness"),
     attack_steps: Optional[int] = typer.Option(None, help="PGD steps while training (default: 10).", rich_help_panel="Robustness"),
     beta: Optional[float] = typer.Option(None, help="TRADES/MART/RST robust-loss weight (default: 6).", rich_help_panel="Robustness"),
     vs_lambda: Optional[float] = typer.Option(None, help="ANP-VS vulnerability suppression, any method: + lambda * mean |z(x) - z(x_adv)| over ReLU features (default: 0).", rich_help_panel="Robustness"),
@@ -491,7 +493,7 @@ def verify(
     data_dir: Optional[str] = typer.Option(None, help="Data folder (as in rsp train) (default: $RSP_DATA_DIR, else the folder the run was trained on while it still holds that data; not needed for digits)."),
     preset: Optional[str] = typer.Option(None, "--preset", help=_preset_help()),
     attacks: Optional[list[str]] = typer.Option(None, "--attacks", help="Instead of a preset: pgd | apgd-ce | apgd-dlr | apgd-t (targeted DLR) | fab-t (targeted FAB) | square (black-box, queries the artifact) | autoattack (" + ", ".join(_attack_alias("autoattack")) + ") | all; repeatable, each on every image, robust = worst case per example over them."),
-    eps: Optional[str] = typer.Option(None, help="Linf radius; fractions allowed (default: the bundle's, 8/255)."),
+    eps: Optional[str] = typer.Option(None, help=f"Linf radius; fractions allowed (default: the bundle's, {defaults.as_fraction(defaults.EPS)})."),
     steps: Optional[int] = typer.Option(None, help="PGD steps (default: 50)."),
     restarts: Optional[int] = typer.Option(None, help="PGD random restarts; an example is robust only if it survives all (default: 10)."),
     step_size: Optional[str] = typer.Option(None, "--step-size", help="PGD step; fractions allowed (default: max(eps/4, 2.5 eps/steps); preset reference: 2.5 eps/steps)."),

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from . import defaults
 from .attacks import parse_eps
 
 
@@ -53,8 +54,8 @@ class TrainConfig:
     temperature: float | None = None  # SGLD temperature: noise std sqrt(2 lr T) instead of lr * sigma
     # objective and attack
     objective: str = "pgd-at"
-    eps: float = 8 / 255
-    attack_step_size: float = 2 / 255
+    eps: float = defaults.EPS
+    attack_step_size: float = defaults.STEP_SIZE
     attack_steps: int = 10
     beta: float = 6.0
     vs_lambda: float | None = None  # ANP-VS vulnerability suppression: + lambda * mean |z(x) - z(x_adv)|, any

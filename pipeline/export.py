@@ -111,13 +111,13 @@ def _formats(opts: ExportOptions, target: Target) -> list[str]:
 
 def _parity_images(manifest: dict, opts: ExportOptions) -> tuple[torch.Tensor, dict]:
     """The first N test images of the run's data set, float NCHW in [0, 1] (what the model takes)."""
+    from .artifacts import SourceRun
     from .data import load_run_dataset, to_float
 
-    ds = manifest.get("dataset") or {}
-    name = ds.get("dataset", "digits")
-    splits = load_run_dataset(ds, opts.data_dir)  # --data-dir, RSP_DATA_DIR or where the run was trained
+    source = SourceRun.of(manifest)
+    splits = load_run_dataset(source.dataset, opts.data_dir)  # --data-dir, RSP_DATA_DIR or where the run was trained
     x = to_float(splits.test_x[: opts.parity_images])
-    return x, {"dataset": name, "split": "test", "n": len(x), "first": 0}
+    return x, {"dataset": source.dataset_name, "split": "test", "n": len(x), "first": 0}
 
 
 def _chw(manifest: dict, model: torch.nn.Module, images: torch.Tensor) -> tuple[int, int, int]:

@@ -58,8 +58,8 @@ def run(model_dir: str | Path, images: str | Path, output: str | Path, opts: Pse
     import torch
 
     from . import __version__
-    from .artifacts import (MODEL_FILE, ArtifactError, atomic_write_bytes, load_model, lock_folder, read_manifest,
-                            require_complete, sha256_bytes, sha256_file, tensors_bytes, write_manifest)
+    from .artifacts import (MODEL_FILE, ArtifactError, StageOutput, atomic_write_bytes, load_model, read_manifest,
+                            require_complete, sha256_bytes, sha256_file, tensors_bytes)
     from .config import ConfigError
     from .data import (IMAGE_SPLITS, PSEUDO_LABEL_FILE, PSEUDO_LABEL_STAGE, DataError, fit_images, fit_labels,
                        read_image_set)
@@ -96,7 +96,7 @@ def run(model_dir: str | Path, images: str | Path, output: str | Path, opts: Pse
         log(f"note: {source} was trained with --objective {manifest['objective']}; RST labels with a naturally "
             "trained model (Carmon et al. 2019)")
 
-    held = lock_folder(output, new=True)  # the one writer of output until run() returns
+    held = StageOutput.open(output)  # the one writer of output until it is sealed
     log(f"labelling {len(x)} images with {manifest['model']['name']} from {source}")
     labels = predict_labels(model, x, opts.batch_size, opts.device)
     counts = np.bincount(labels.numpy(), minlength=num_classes)
@@ -134,9 +134,7 @@ def run(model_dir: str | Path, images: str | Path, output: str | Path, opts: Pse
                    "agreement_with_input_labels": agreement,
                    **({"input_labels_unused": truth_note} if truth_note else {})},
     }
-    sealed = write_manifest(output, out, files)
-    held.release()
-    return sealed
+    return held.seal(out, files)
 
 
 EPILOG = ("Examples:\n\n"

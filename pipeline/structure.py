@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .artifacts import (MODEL_FILE, ArtifactError, atomic_write_bytes, atomic_write_text, build_model, check_files,
-                        load_tensors, lock_folder, read_manifest, require_complete, save_tensors, write_manifest)
+from .artifacts import (MODEL_FILE, ArtifactError, SourceRun, StageOutput, atomic_write_bytes, atomic_write_text,
+                        build_model, check_new_output, load_tensors, read_source, save_tensors)
 from .channels import ChannelGroup, channel_groups, select_channels
 from .progress import StepProgress
 from .sparse import layer_report, sparsifiable_layers
@@ -345,20 +345,20 @@ def finetune(model: nn.Module, manifest: dict, splits, opts: StructureOptions, s
 
     from .attacks import PGDConfig, evaluate
     from .data import DeviceBatches
+    from .engine import Selection, TrainStep, run_epoch
     from .objectives import Objective
-    from .sparse import FixedMask, dense_state_dict
-    from .train import TrainStep, beats_best, is_collapsed
+    from .sparse import FixedMask
 
     device = torch.device(opts.device)
     model = copy.deepcopy(model).to(device)
     mask = FixedMask.from_pattern(model)
-    att = manifest.get("attack") or {}
-    eps, step_size = att.get("eps", 8 / 255), att.get("step_size", 2 / 255)
-    objective_name = manifest.get("objective", "pgd-at")
+    trained = SourceRun.of(manifest)
+    eps, step_size = trained.attack.eps, trained.attack.step_size
+    objective_name = trained.objective
     note = ""
     if objective_name == "rst":  # the extra pseudo-labelled data is not part of the run folder
         objective_name, note = "trades", "rst run fine-tuned with trades (no extra data here)"
-    objective = Objective(objective_name, PGDConfig(eps, step_size, att.get("steps", 10)), att.get("beta") or 6.0)
+    objective = Objective(objective_name, PGDConfig(eps, step_size, trained.attack.steps), trained.attack.beta)
     batch = opts.batch_size
     if batch is None:
         try:
@@ -373,50 +373,45 @@ def finetune(model: nn.Module, manifest: dict, splits, opts: StructureOptions, s
     train_x, train_y = splits.train_x.to(device), splits.train_y.to(device)
     val_x, val_y = splits.val_x[:1000].to(device), splits.val_y[:1000].to(device)
     val_cfg = PGDConfig(eps, step_size, opts.attack_steps or 10) if objective.robust else None
-    key = "robust_acc" if objective.robust else "clean_acc"
 
     def validate():
         return evaluate(model, val_x, val_y, val_cfg, generator=torch.Generator(device).manual_seed(opts.seed))
 
-    r = validate()
-    # the trainer's selection rule: a healthy epoch beats a collapsed one (one class for most images), then the score
-    best = {"score": r[key], "collapsed": is_collapsed(r, val_y)}
-    best_epoch, best_state = 0, {k: v.clone() for k, v in dense_state_dict(model).items()}
-    history = [{"epoch": 0, **r, "collapsed": best["collapsed"]}]
     batches = DeviceBatches(train_x, train_y, min(batch, len(train_y)), generator=gen, shuffle=True,
                             augment_with=splits.info, drop_last=True)
     total = max(1, opts.finetune * len(batches))
-    t = 0
-    for epoch in range(1, opts.finetune + 1):
-        model.train()
-        for xb, yb in batches:
-            lr = 0.5 * opts.finetune_lr * (1 + math.cos(math.pi * t / total))
-            loss, _ = step(xb, yb, lr, gen)
-            if not torch.isfinite(loss):
-                raise StructureError(f"fine-tuning diverged at epoch {epoch} (loss {loss.item()}); try a lower --finetune-lr")
-            t += 1
+    t = 0  # steps done: the cosine runs over the whole fine-tune
+    selection = Selection()  # the trainer's rule; epoch 0 (no fine-tuning) is a candidate
+    history = []
+    for epoch in range(opts.finetune + 1):
+        if epoch:
+            stats = run_epoch(step, batches, lambda k: 0.5 * opts.finetune_lr * (1 + math.cos(math.pi * (t + k) / total)),
+                              gen, device=device)
+            t += stats.steps
+            if stats.diverged:
+                raise StructureError(f"fine-tuning diverged at epoch {epoch} (loss {stats.train_loss}); try a lower --finetune-lr")
         r = validate()
-        collapsed = is_collapsed(r, val_y)
+        score, collapsed = Selection.judge(r, val_y, objective.robust)
         history.append({"epoch": epoch, **r, "collapsed": collapsed})
-        log(f"finetune  epoch {epoch}/{opts.finetune}  val clean {r['clean_acc']:.3f}"
-            + (f" robust {r['robust_acc']:.3f}" if val_cfg else ""))
-        if beats_best(r[key], collapsed, best):
-            best, best_epoch = {"score": r[key], "collapsed": collapsed}, epoch
-            best_state = {k: v.clone() for k, v in dense_state_dict(model).items()}
-    summary = {"epochs": opts.finetune, "selected_epoch": best_epoch, "selected_on": "val", "lr": opts.finetune_lr,
+        if epoch:
+            log(f"finetune  epoch {epoch}/{opts.finetune}  val clean {r['clean_acc']:.3f}"
+                + (f" robust {r['robust_acc']:.3f}" if val_cfg else ""))
+        if selection.beats(score, collapsed):
+            selection.keep(model, score, collapsed, epoch=epoch)
+    summary = {"epochs": opts.finetune, "selected_epoch": selection.best["epoch"], "selected_on": "val", "lr": opts.finetune_lr,
                "schedule": "cosine", "batch_size": batch, "objective": objective_name, "history": history, "note": note}
-    return {k: v.cpu() for k, v in best_state.items()}, summary
+    return {k: v.cpu() for k, v in selection.state.items()}, summary
 
 
 def _accuracy(model, manifest, opts, splits) -> dict:
     from .attacks import PGDConfig, evaluate
-    from .train import is_collapsed
+    from .engine import is_collapsed
 
     if splits is None:
         return {}
-    att = manifest.get("attack", {})
-    eps = opts.eps if opts.eps is not None else att.get("eps", 8 / 255)
-    cfg = PGDConfig(eps, att.get("step_size", 2 / 255), opts.attack_steps) if opts.attack_steps else None
+    attack = SourceRun.of(manifest).attack
+    eps = opts.eps if opts.eps is not None else attack.eps
+    cfg = PGDConfig(eps, attack.step_size, opts.attack_steps) if opts.attack_steps else None
     x, y = splits.test_x[: opts.n_examples], splits.test_y[: opts.n_examples]
     r = evaluate(model, x.to(opts.device), y.to(opts.device), cfg, generator=torch.Generator(opts.device).manual_seed(opts.seed))
     return {"clean_acc": r["clean_acc"], "robust_acc": r.get("robust_acc"), "n": r["n"], "attack": r.get("attack"),
@@ -450,11 +445,8 @@ def prune_warnings(before: dict, after: dict, k: int, finetune: int) -> list[str
 
 def run(source: str | Path, output: str | Path, opts: StructureOptions, log=print) -> dict:
     source, output = Path(source), Path(output)
-    manifest = read_manifest(source)
-    require_complete(source, manifest)
-    bad = check_files(source, manifest)
-    if bad:
-        raise ArtifactError(f"{source}: {bad[0]}")
+    trained = read_source(source)
+    manifest = trained.manifest
     if opts.k < 0:
         raise StructureError(f"--k must be >= 0, got {opts.k}")
     if opts.finetune < 0 or opts.finetune_lr <= 0:
@@ -462,10 +454,7 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
     prune_block = parse_block(opts.prune_block) if opts.prune_block else None
     nm = parse_nm(opts.nm)
     blocks = [parse_block(b) for b in opts.blocks]
-    if output.resolve() == source.resolve():
-        raise StructureError("--output must differ from the source folder")
-    if (output / "manifest.json").is_file():
-        raise StructureError(f"{output} already holds an rsp folder: choose another --output")
+    check_new_output(output, source)
 
     model = build_model(manifest)
     state = load_tensors(source / MODEL_FILE)
@@ -483,10 +472,10 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
     if opts.n_examples > 0 or opts.finetune:
         from .data import load_run_dataset
 
-        splits = load_run_dataset(manifest.get("dataset", {}), opts.data_dir)  # --data-dir, RSP_DATA_DIR or the run's
+        splits = load_run_dataset(trained.dataset, opts.data_dir)  # --data-dir, RSP_DATA_DIR or the run's
     name, kwargs = manifest["model"]["name"], manifest["model"].get("kwargs", {})
     groups = channel_groups(model)
-    _held = lock_folder(output, new=True)  # the one writer of output until run() returns
+    held = StageOutput.open(output)  # the one writer of output until it is sealed
     steps = []
 
     def record(step, st, mdl, note=""):
@@ -574,7 +563,7 @@ def run(source: str | Path, output: str | Path, opts: StructureOptions, log=prin
                     "source_metrics": manifest.get("metrics")},
     }
     files = [MODEL_FILE, "analysis.json", "config.yaml", "report.md"] + sorted(p.name for p in output.glob("*.png"))
-    return write_manifest(output, out, files)
+    return held.seal(out, files)
 
 
 def _n_params(state: dict) -> int:

@@ -8,11 +8,14 @@ The run folder it writes is the contract every later stage reads (see artifacts.
   metrics.superseded.jsonl lines --resume took out of metrics.jsonl (a --max-steps stop's evaluation), kept
   manifest.json            stage "train", status, model, data, objective, method, sparsity, layers, metrics, files
 
-Every write is one generation (Trainer._commit): manifest.json first announces the sha256 of the files about
-to be written ("files_next"), then each is written atomically, then manifest.json lists them. After a crash
-anywhere, each file is the listed one or the announced one, and --resume tells either from a damaged file.
-The folder is held by one process (artifacts.lock_folder) and rsp train writes only into a new or empty
-folder, or (--resume) into its own run.
+Every write is one generation of files (see run_folder.py), so --resume continues bit for bit after a crash
+anywhere. The pieces, each on its own:
+  engine.py          the train step, one epoch of steps, the selection and collapse rules, BatchNorm recalibration
+  distributed.py     the ranks of a torchrun run: device, gradient averaging, rank 0 deciding for all
+  run_folder.py      the run folder: taking it, committing generations, the checkpoint, metrics.jsonl
+  train_log.py       the epoch bar or line, TensorBoard
+  train_manifest.py  manifest.json
+Here: the Trainer that drives them (the method's phases, the epoch loop, evaluation, the sealing test run).
 """
 
 from __future__ import annotations
@@ -20,111 +23,32 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
-from . import __version__
-from .artifacts import (MANIFEST, MODEL_FILE, ArtifactError, append_line, atomic_write_bytes, atomic_write_text,
-                        load_tensors, lock_folder, read_jsonl, read_manifest, rsp_bookkeeping, sha256_bytes,
-                        sha256_file, tensors_bytes, tensors_metadata, write_manifest)
+from .artifacts import MODEL_FILE, ArtifactError, tensors_bytes
 from .attacks import PGDConfig, evaluate
 from .config import ConfigError, TrainConfig, dump_yaml
 from .data import DeviceBatches, Splits, load_dataset, load_extra_data
-from .models import create_model
-from .models.profiles import profile_name
-from .objectives import Objective
+from .distributed import Dist, pick_device
+# TrainStep, the selection and collapse rules and BatchNorm recalibration live in engine (shared with rsp
+# structure's fine-tune); tests and bench/train_step.py import them from here too
+from .engine import (BN_RECALIBRATION_IMAGES, COLLAPSE_RULE, Selection, TrainStep, beats_best,  # noqa: F401
+                     is_collapsed, recalibrate_batchnorm, run_epoch)
 from .methods import Phase, PhaseContext, budget_of, create_method, split_steps
+from .models import create_model
+from .objectives import Objective
+from .run_folder import CONFIG_FILE, METRICS_FILE, STATE_FILE, RunFolder  # noqa: F401  (the run's files, re-exported)
 from .sparse import dense_state_dict, layer_report, sparsifiable_layers, to_dense
-
-STATE_FILE = "train_state.safetensors"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
-# what rsp train writes (a torn temporary of one of these is left only by a kill mid-write)
-RUN_FILES = (MANIFEST, MODEL_FILE, STATE_FILE, CONFIG_FILE, METRICS_FILE, SUPERSEDED_METRICS_FILE)
+from .train_log import EpochLog
+from .train_manifest import train_manifest
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. divergence); the last good checkpoint stays intact."""
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device: torch.device) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK: every rank holds the data, takes its slice of each global batch."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda asked for, but no CUDA device is available (use --device cpu or auto)")
-        if name == "cuda" and "LOCAL_RANK" in os.environ:
-            name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return torch.device(name)
-
-
-BN_RECALIBRATION_IMAGES = 2048
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
-                          prepare=lambda t: t) -> int:
-    """Re-estimate every BatchNorm's running mean/var on images x (uint8 or float in [0, 1]) for the current weights.
-
-    After one-shot pruning, rewinding or a hard projection the running statistics still describe the old
-    weights; in eval mode the model then often predicts one class until enough training steps have replaced
-    them (the momentum-0.1 average keeps ~17 % of the stale value after 17 steps, which compounds across 13
-    layers). Only the BatchNorm layers are put in train mode (cumulative average, momentum None), so nothing
-    else (dropout, stochastic gates) runs or draws random numbers: the result is deterministic. Returns the
-    number of BatchNorm layers recalibrated.
-    """
-    from .data import to_float
-
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns or not len(x):
-        return 0
-    was_training = model.training
-    saved = [(m, m.momentum, m.training) for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over the batches below
-        m.train()
-    try:
-        for s in range(0, len(x), batch_size):
-            xb = x[s:s + batch_size]
-            model(prepare(to_float(xb) if xb.dtype == torch.uint8 else xb))
-    finally:
-        for m, momentum, training in saved:
-            m.momentum = momentum
-            m.train(training)
-        model.train(was_training)
-    return len(bns)
 
 
 def lr_at(cfg: TrainConfig, phase: Phase, progress: float) -> float:
@@ -143,59 +67,6 @@ def _gen_state(gens: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
     return {f"rng.{k}": g.get_state() for k, g in gens.items()}
 
 
-class TrainStep:
-    """One optimizer step, the same for training and for bench/train_step.py:
-    objective (attack + loss) -> backward -> gradient averaging over ranks -> SGDW update -> rewiring.
-
-    Decoupled decay follows the schedule multiplier lr_t / lr_0 (SGDW), not the learning rate. It shrinks
-    conv/linear weights only with decay_scope "weights" (rsp's default: BatchNorm and biases get none), or
-    every trainable parameter with "all" (the reference's SGDW, applied to all of model.param_list). With
-    BCS, the sparse method updates and decays theta itself.
-    """
-
-    def __init__(self, model: nn.Module, sparse, objective: Objective, *, lr: float, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, bf16: bool = False, forward_model: nn.Module | None = None,
-                 allreduce=None, decay_scope: str = "weights"):
-        self.model, self.sparse, self.objective = model, sparse, objective
-        self.lr0, self.weight_decay, self.bf16, self.allreduce = lr, weight_decay, bf16, allreduce
-        self.forward_model = forward_model or model
-        self.decayed = (sparse.decayed_params() if sparse else [m.weight for _, m in sparsifiable_layers(model)])
-        # the method updates some parameters itself (BCS's theta); frozen ones (score phases) are not trained
-        own = {id(p) for p in sparse.self_updated_params()} if sparse else set()
-        self.sgd_params = [p for p in model.parameters() if id(p) not in own and p.requires_grad]
-        if decay_scope == "all":  # + BatchNorm affine parameters and biases (what "weights" leaves out)
-            weight_like = {id(p) for _, m in sparsifiable_layers(model) for n, p in m.named_parameters() if n != "bias"}
-            seen = {id(p) for p in self.decayed}
-            self.decayed = self.decayed + [p for p in self.sgd_params if id(p) not in seen and id(p) not in weight_like]
-        elif decay_scope != "weights":
-            raise ValueError(f"unknown decay scope {decay_scope!r}; choose weights or all")
-        self.opt = torch.optim.SGD(self.sgd_params, lr=lr, momentum=momentum, weight_decay=0.0)
-
-    def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, generator: torch.Generator | None = None):
-        self.opt.zero_grad(set_to_none=True)
-        if self.sparse is not None:
-            self.sparse.zero_grad()
-        with self.autocast():
-            loss, logits = self.objective(self.forward_model, x, y, generator)
-        extra = self.sparse.extra_loss() if self.sparse is not None else None
-        (loss if extra is None else loss + extra).backward()
-        if self.allreduce is not None:
-            self.allreduce()
-        decay_scale = lr / self.lr0
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        if self.decayed:
-            with torch.no_grad():
-                torch._foreach_mul_(self.decayed, 1.0 - self.weight_decay * decay_scale)
-        self.opt.step()
-        if self.sparse is not None:
-            self.sparse.step(lr, decay_scale)
-        return loss.detach(), logits.detach()
-
-
 def _content_sha256(*tensors: torch.Tensor) -> str:
     """sha256 of the tensors' bytes in order, streamed: no copy of a 500 K-image set (1.5 GB) to hash it."""
     h = hashlib.sha256()
@@ -209,11 +80,11 @@ class Trainer:
                  log=print):
         self.cfg, self.out, self.log = cfg, Path(output), log
         self.device = pick_device(cfg.device)
-        self.dist = _init_distributed(self.device)
+        self.dist = Dist.init(self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dist.main
-        self.lock = None  # rank 0 holds the output folder from here until fit() ends (or close())
+        self.folder = RunFolder(self.out, log)  # rank 0 holds it from here until fit() ends (or close())
         try:
             self._open(resume)
         except BaseException:
@@ -222,9 +93,7 @@ class Trainer:
 
     def close(self) -> None:
         """Let go of the output folder; its files stay as the last commit left them."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        self.folder.release()
 
     def _open(self, resume: bool) -> None:
         cfg = self.cfg
@@ -280,15 +149,15 @@ class Trainer:
         self.step = 0
         self.epoch_step = 0  # batches done in the current data epoch (non-zero after a phase or --max-steps stop)
         self.data_epoch_state = self.gens["data"].get_state()
-        self.best = {"score": -1.0, "epoch": -1, "val_clean_acc": None, "val_robust_acc": None, "collapsed": True}
-        self.best_state: dict[str, torch.Tensor] | None = None
+        self.selection = Selection({"score": -1.0, "epoch": -1, "val_clean_acc": None, "val_robust_acc": None,
+                                    "collapsed": True})
         self.time_s = 0.0
         resuming = opening == "resume"
         self.already_complete = False
         if resuming:
             self._load_position()
             # a sealed run whose plan is done: --resume has nothing to do and must not touch a file
-            self.already_complete = self._status == "complete" and self._plan_done()
+            self.already_complete = self.folder.status == "complete" and self._plan_done()
             if self.already_complete:
                 self.log(f"{self.out} is complete (epoch {self.epoch}, step {self.step}): nothing to resume, "
                          f"its files are unchanged")
@@ -297,7 +166,7 @@ class Trainer:
         if resuming:
             self._load_state()
             if self.dist.main:
-                self._repair_metrics()
+                self.folder.repair_metrics(self.epoch, self.checkpoint_record)
         elif self.dist.main:
             self._commit({CONFIG_FILE: dump_yaml(cfg).encode()})  # from here on the folder is a (running) run
 
@@ -352,7 +221,7 @@ class Trainer:
                                     momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay, decay_scope=cfg.decay_scope, bf16=self.bf16,
                                     forward_model=torch.compile(self.model) if cfg.compile else None,
-                                    allreduce=self._allreduce_grads if self.dist.world > 1 else None)
+                                    allreduce=(lambda: self.dist.average_gradients(self.model)) if self.dist.world > 1 else None)
         self.opt, self.sgd_params = self.train_step.opt, self.train_step.sgd_params
         if len(self.phases) > 1 and not resuming:
             self.log(f"phase {index + 1}/{len(self.phases)} {self.phases[index].name}: {self.phase_steps[index]} steps")
@@ -360,90 +229,23 @@ class Trainer:
     # --- folder handling ---------------------------------------------------------------------
 
     def _open_output(self, resume: bool) -> str:
-        """Take the output folder and decide from what it holds: "new" (start a run) or "resume". Refuses,
-        before anything is written, a folder that holds anything else. Rank 0 decides for every rank."""
+        """Take the output folder: "new" (start a run) or "resume" (RunFolder.take). Rank 0 decides for every rank."""
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"--output {self.out} exists and is not a folder")
-        self._status, self._manifest, self._files = None, None, {}
         opening = error = None
         try:
             if self.dist.main:
-                opening = self._take_output(resume)
+                opening = self.folder.take(resume, self.cfg)
         except (ConfigError, ArtifactError) as exc:
             error = exc
-        if self.dist.world > 1:  # the same decision (or the same error) on every rank
-            import torch.distributed as dist
-
-            box = [opening, None if error is None else str(error), self._status]
-            dist.broadcast_object_list(box, 0, device=self.device if self.device.type == "cuda" else None)
-            opening, message, self._status = box
-            if message is not None and error is None:
-                raise ArtifactError(message)
+        # the same decision (or the same error) on every rank
+        opening, message, self.folder.status = self.dist.from_main(
+            [opening, None if error is None else str(error), self.folder.status], self.device)
+        if message is not None and error is None:
+            raise ArtifactError(message)
         if error is not None:
             raise error
         return opening
-
-    def _take_output(self, resume: bool) -> str:
-        self.lock = lock_folder(self.out)
-        for p in self.out.glob(".*.tmp"):  # torn temporaries of a killed run: ours, and no one else writes here
-            if p.name.startswith(tuple(f".{name}." for name in RUN_FILES)):
-                p.unlink(missing_ok=True)
-        state_path = self.out / STATE_FILE
-        has_manifest = (self.out / MANIFEST).is_file()
-        if not resume:
-            if has_manifest or state_path.is_file():
-                raise ConfigError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --output")
-            foreign = sorted(p.name for p in self.out.iterdir() if not rsp_bookkeeping(p.name))
-            if foreign:
-                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-                raise ConfigError(f"{self.out} is not empty and holds no rsp run ({shown}): rsp train writes only "
-                                  "into a new or empty folder; choose another --output")
-            return "new"
-        if not has_manifest:
-            if state_path.is_file():
-                raise ArtifactError(f"cannot resume {self.out}: {STATE_FILE} has no {MANIFEST} to check it against")
-            raise ArtifactError(f"{self.out} holds no run to resume (no {MANIFEST}): start one without --resume")
-        manifest = read_manifest(self.out, stage="train")
-        listed, announced = manifest.get("files", {}), manifest.get("files_next")
-        announced = announced if isinstance(announced, dict) else {}
-        if not state_path.is_file():
-            if STATE_FILE in listed:
-                raise ArtifactError(f"cannot resume {self.out}: {STATE_FILE} is missing (its {MANIFEST} lists it); "
-                                    "nothing was changed")
-            # killed before its first checkpoint landed: nothing was committed, so starting over loses nothing
-            self.log(f"{self.out} has no checkpoint yet: starting its run from the beginning")
-            return "new"
-        self._check_same_config()
-        digest = sha256_file(state_path)
-        if digest not in (listed.get(STATE_FILE), announced.get(STATE_FILE)):
-            raise ArtifactError(f"cannot resume {self.out}: {STATE_FILE} does not match its {MANIFEST} (sha256 "
-                                "differs): the checkpoint is damaged; nothing was changed")
-        self._status = manifest.get("status")
-        self._manifest = {k: v for k, v in manifest.items() if k != "files_next"}
-        # the files as they are now (each the listed or the announced generation): what the next announcement lists
-        self._files = {name: sha256_file(self.out / name) for name in {**listed, **announced}
-                       if name != STATE_FILE and (self.out / name).is_file()}
-        self._files[STATE_FILE] = digest
-        return "resume"
-
-    def _check_same_config(self) -> None:
-        import yaml
-
-        from .config import read_text_file, safe_yaml
-
-        try:  # bounded like every file rsp reads: a config.yaml cannot expand or hang the resume
-            saved = safe_yaml(read_text_file(self.out / CONFIG_FILE, "config file"))
-        except (OSError, yaml.YAMLError, ValueError):
-            saved = None
-        if not isinstance(saved, dict):
-            raise ConfigError(f"{self.out / CONFIG_FILE} is missing or unreadable: cannot resume")
-        theirs = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}).comparable()
-        ours = self.cfg.comparable()
-        diff = sorted(k for k in ours if ours[k] != theirs.get(k))
-        if diff:
-            k = diff[0]
-            raise ConfigError(f"cannot resume {self.out}: it was trained with {k}={theirs.get(k)!r}, "
-                              f"not {ours[k]!r} ({len(diff)} option(s) differ)")
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         state = {f"model.{k}": v for k, v in self.model.state_dict().items()}
@@ -456,49 +258,31 @@ class Trainer:
         state.update({f"method.{k}": v for k, v in self.method.state_tensors().items()})
         state.update(_gen_state(self.gens))
         state["rng.data_epoch_start"] = self.data_epoch_state
-        if self.best_state is not None:
-            state.update({f"best.{k}": v for k, v in self.best_state.items()})
+        if self.selection.state is not None:
+            state.update({f"best.{k}": v for k, v in self.selection.state.items()})
         return state
 
     def _save_checkpoint(self, record: dict | None) -> None:
-        meta = {"epoch": str(self.epoch), "step": str(self.step), "epoch_step": str(self.epoch_step), "best": json.dumps(self.best),
-                "phase": str(self.phase), "phase_step": str(self.phase_step),
+        meta = {"epoch": str(self.epoch), "step": str(self.step), "epoch_step": str(self.epoch_step),
+                "best": json.dumps(self.selection.best), "phase": str(self.phase), "phase_step": str(self.phase_step),
                 "time_s": repr(self.time_s), "record": json.dumps(record) if record else ""}
-        blobs = {STATE_FILE: tensors_bytes(self._state_tensors(), metadata=meta)}
-        if self.best_state is not None:
-            blobs[MODEL_FILE] = tensors_bytes(self.best_state)
-        self._commit(blobs)
-        if record is not None:  # only once the checkpoint it describes is committed
-            append_line(self.out / METRICS_FILE, json.dumps(record))
+        self.folder.save_checkpoint(self._state_tensors(), meta, self.selection.state, record,
+                                    lambda: train_manifest(self, None))
 
     def _commit(self, blobs: dict[str, bytes], final: dict | None = None) -> dict:
-        """Write one generation of files: announce their sha256 in manifest.json ("files_next", status
-        running), write each atomically, then write manifest.json listing them (status complete with `final`)."""
-        announced = {name: sha256_bytes(data) for name, data in blobs.items()}
-        base = self._manifest or self._manifest_dict(final=None)
-        write_manifest(self.out, {**base, "status": "running", "files_next": announced}, self._files)
-        for name, data in blobs.items():
-            atomic_write_bytes(self.out / name, data)
-        self._files.update(announced)
-        self._manifest = write_manifest(self.out, self._manifest_dict(final), self._files)
-        return self._manifest
+        return self.folder.commit(blobs, lambda: train_manifest(self, final))
 
     def _load_position(self) -> None:
         """Before the phase is built: which phase the checkpoint is in, and the method's own state."""
-        path = self.out / STATE_FILE
-        try:
-            meta = tensors_metadata(path)
-        except Exception as exc:
-            raise ArtifactError(f"cannot read {path}: {exc}") from None
+        meta = self.folder.checkpoint_meta()
         self.phase, self.phase_step = int(meta.get("phase", 0)), int(meta.get("phase_step", meta["step"]))
         self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
-        state = load_tensors(path, device=self.device)
+        state = self.folder.checkpoint_tensors(self.device)
         self.method.load_state_tensors({k[7:]: v for k, v in state.items() if k.startswith("method.")})
 
     def _load_state(self) -> None:
-        path = self.out / STATE_FILE
-        meta = tensors_metadata(path)
-        state = load_tensors(path, device=self.device)
+        meta = self.folder.checkpoint_meta()
+        state = self.folder.checkpoint_tensors(self.device)
         model_state = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
         self.model.load_state_dict(model_state, strict=True)  # copies into the views: flat buffers stay bound
         if self.sparse:
@@ -509,35 +293,13 @@ class Trainer:
         for k, g in self.gens.items():
             g.set_state(state[f"rng.{k}"].cpu())
         best = {k[5:]: v for k, v in state.items() if k.startswith("best.")}
-        self.best_state = best or None
+        self.selection.state = best or None
         self.epoch, self.step, self.epoch_step = int(meta["epoch"]), int(meta["step"]), int(meta.get("epoch_step", 0))
         self.data_epoch_state = state["rng.data_epoch_start"].cpu()
-        self.best = json.loads(meta["best"])
+        self.selection.best = json.loads(meta["best"])
         self.time_s = float(meta.get("time_s", "0"))
         self.checkpoint_record = json.loads(meta["record"]) if meta.get("record") else None
         self.log(f"resuming {self.out} at epoch {self.epoch} (step {self.step})")
-
-    def _repair_metrics(self) -> None:
-        """metrics.jsonl keeps one line per finished epoch whose checkpoint landed, as an uninterrupted run
-        writes it. Lines the resumed run does not continue from (a --max-steps stop's evaluation, epochs past
-        the checkpoint) move to metrics.superseded.jsonl, never deleted; a kill between checkpoint and line is
-        repaired from the checkpoint."""
-        path = self.out / METRICS_FILE
-        lines = read_jsonl(path)
-        past = [r for r in lines if r.get("partial") or r.get("epoch", 0) > self.epoch]
-        kept = [r for r in lines if not (r.get("partial") or r.get("epoch", 0) > self.epoch)]
-        record = self.checkpoint_record
-        if record and not record.get("partial") and len(kept) < self.epoch:
-            kept.append(record)
-        if past:  # first the copy, then the rewrite: a kill in between duplicates a line, never loses one
-            moved = self.out / SUPERSEDED_METRICS_FILE
-            have = {json.dumps(r, sort_keys=True) for r in read_jsonl(moved)}
-            for r in past:
-                if json.dumps(r, sort_keys=True) not in have:
-                    append_line(moved, json.dumps(r))
-        text = "".join(json.dumps(r) + "\n" for r in kept)
-        if not path.is_file() or path.read_text() != text:  # also drops a line torn by a kill
-            atomic_write_text(path, text)
 
     # --- training ----------------------------------------------------------------------------
 
@@ -561,75 +323,34 @@ class Trainer:
                 xe, ye = next(extra_iter)
             yield torch.cat([xb, xe]), torch.cat([yb, ye])
 
-    def _allreduce_grads(self) -> None:
-        """Average gradients over ranks (what DDP does), once per step over one flat buffer.
-
-        rsp does not wrap the model in DistributedDataParallel: attacks run many forward/backward passes
-        w.r.t. inputs between optimizer steps, which DDP's reducer would try to synchronise.
-        """
-        import torch.distributed as dist
-
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grads = [p.grad for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.dist.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-        for b in self.model.buffers():  # BatchNorm statistics follow rank 0, as DDP's broadcast_buffers
-            if b.dtype.is_floating_point or b.dtype == torch.int64:
-                dist.broadcast(b, 0)
-
     def _prepare(self, x):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def train_epoch(self, bar=None, limit: int | None = None) -> dict:
         """Train to the end of the current data epoch, or for `limit` steps (the end of the phase)."""
         cfg = self.cfg
-        self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
-        t0 = time.perf_counter()
-        steps_per_epoch = self.steps_per_epoch
-        phase, phase_total = self.phases[self.phase], self.phase_steps[self.phase]
-        lr = lr_at(cfg, phase, self.phase_step / phase_total)
-        done = 0
+        phase, phase_total, phase_step = self.phases[self.phase], self.phase_steps[self.phase], self.phase_step
         data_gen = self.gens["data"]
         if self.epoch_step == 0:
             self.data_epoch_state = data_gen.get_state()
         else:  # resuming inside an epoch: redraw its order and augmentations, skip the batches already done
             data_gen.set_state(self.data_epoch_state)
-        skip = self.epoch_step
-        for i, (x, y) in enumerate(self._batches()):
-            if i < skip:
-                continue
-            if limit is not None and done >= limit:
-                break
-            if self.dist.world > 1:  # the same global batch on every rank; each takes its slice
-                x, y = x[self.dist.rank :: self.dist.world], y[self.dist.rank :: self.dist.world]
-            lr = lr_at(cfg, phase, self.phase_step / phase_total)
-            loss, logits = self.train_step(self._prepare(x), y, lr, self.gens["attack"])
-            self.step += 1
-            self.phase_step += 1
-            done += 1
-            self.epoch_step = i + 1
-            loss_sum += loss * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            if bar is not None and (i % 10 == 0):
-                bar(i + 1, steps_per_epoch, loss_sum.item() / max(1, seen))
-        if seen and not torch.isfinite(loss_sum):
-            kept = (f"the last good checkpoint in {self.out} is intact" if (self.out / STATE_FILE).is_file()
+        stats = run_epoch(self.train_step, self._batches(), lambda k: lr_at(cfg, phase, (phase_step + k) / phase_total),
+                          self.gens["attack"], device=self.device, skip=self.epoch_step, limit=limit,
+                          prepare=self._prepare, shard=(self.dist.rank, self.dist.world),
+                          progress=None if bar is None else lambda i, loss: bar(i, self.steps_per_epoch, loss))
+        self.step += stats.steps
+        self.phase_step += stats.steps
+        self.epoch_step = stats.next_batch
+        if stats.diverged:
+            kept = (f"the last good checkpoint in {self.out} is intact" if self.folder.has_checkpoint()
                     else "no checkpoint was written yet")  # a first-epoch divergence has none to point to
             raise TrainingError(f"loss diverged (non-finite) in epoch {self.epoch + 1}; {kept}: lower --lr or check the data")
-        dt = time.perf_counter() - t0
-        if self.epoch_step >= steps_per_epoch:
+        if self.epoch_step >= self.steps_per_epoch:
             self.epoch_step = 0  # the epoch is complete
-        return {"train_loss": loss_sum.item() / max(1, seen), "train_acc": correct.item() / max(1, seen),
-                "images_per_s": seen * self.dist.world / max(dt, 1e-9), "epoch_time_s": dt, "lr": lr}
+        return {"train_loss": stats.train_loss, "train_acc": stats.train_acc,
+                "images_per_s": stats.seen * self.dist.world / max(stats.seconds, 1e-9), "epoch_time_s": stats.seconds,
+                "lr": stats.lr}
 
     def _eval_attack(self, steps: int) -> PGDConfig | None:
         if not self.objective.robust and steps == 0:
@@ -652,15 +373,14 @@ class Trainer:
     def fit(self) -> dict:
         try:
             if self.already_complete:
-                return dict(self._manifest) if self.dist.main else {}
+                return dict(self.folder.manifest) if self.dist.main else {}
             return self._fit()
         finally:
             self.close()
 
     def _fit(self) -> dict:
         cfg = self.cfg
-        progress_ctx = _Progress(cfg.epochs) if self.progress else nullcontext(None)
-        with progress_ctx as prog:
+        with EpochLog(self.out, cfg.epochs, live=self.progress, log=self.log) as epoch_log:
             while True:
                 if self.phase_step >= self.phase_limits[self.phase]:
                     if self.phase + 1 >= len(self.phases):
@@ -668,7 +388,7 @@ class Trainer:
                     self.phase, self.phase_step = self.phase + 1, 0
                     self._enter_phase(self.phase, resuming=False)
                 t_epoch = time.perf_counter()
-                bar = prog.bar(self.epoch) if prog else None
+                bar = epoch_log.bar(self.epoch)
                 steps_before = self.step
                 rec = self.train_epoch(bar, limit=self.phase_limits[self.phase] - self.phase_step)
                 if self.step == steps_before:  # would loop forever (_check_batches should have refused the run)
@@ -682,17 +402,15 @@ class Trainer:
                 if self.dist.main:
                     val = self._eval(self.splits.val_x, self.splits.val_y, cfg.eval_attack_steps if self.objective.robust else 0,
                                      seed=cfg.seed + 7919 * self.epoch + self.epoch_step) if len(self.splits.val_y) else {"clean_acc": 0.0}
-                    score = val.get("robust_acc", val["clean_acc"]) if self.objective.robust else val["clean_acc"]
+                    score, collapsed = Selection.judge(val, self.splits.val_y, self.objective.robust)
                     sparsity, active = self.sparsity_now()
-                    collapsed = is_collapsed(val, self.splits.val_y)
                     # only weights at the budget may be selected (a dense pre-training epoch never is)
                     # without a validation split (--val-fraction 0) there is no score to select on: the latest epoch
                     selected = phase.at_budget and active <= self.budget and (
-                        not len(self.splits.val_y) or beats_best(score, collapsed, self.best))
+                        not len(self.splits.val_y) or self.selection.beats(score, collapsed))
                     if selected:
-                        self.best = {"score": score, "epoch": self.epoch, "val_clean_acc": val["clean_acc"],
-                                     "val_robust_acc": val.get("robust_acc"), "collapsed": collapsed}
-                        self.best_state = {k: v.detach().clone() for k, v in dense_state_dict(self.model).items()}
+                        self.selection.keep(self.model, score, collapsed, epoch=self.epoch, val_clean_acc=val["clean_acc"],
+                                            val_robust_acc=val.get("robust_acc"))
                     self.time_s += time.perf_counter() - t_epoch
                     record = {"epoch": self.epoch, "step": self.step, "partial": partial, **rec, "val_clean_acc": val["clean_acc"],
                               "val_robust_acc": val.get("robust_acc"), "sparsity": sparsity, "active": active,
@@ -701,203 +419,40 @@ class Trainer:
                               "time_s": self.time_s}
                     record.update(phase=phase.name, phase_step=self.phase_step)
                     self._save_checkpoint(record)
-                    self._tensorboard(record)
-                    if prog:
-                        prog.done(record)
-                    else:
-                        self.log(_epoch_line(record, cfg.epochs))
-                self._barrier()
+                    epoch_log.done(record)
+                self.dist.barrier()
         if not self.dist.main:
             return {}
         return self.finish()
 
-    def _barrier(self):
-        if self.dist.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def _tensorboard(self, record: dict) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception:  # tensorboard is optional
-            return
-        if not hasattr(self, "_tb"):
-            self._tb = SummaryWriter(str(self.out / "tensorboard"))
-        for k, v in record.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                self._tb.add_scalar(k, v, record["epoch"])
-        self._tb.flush()
-
     def finish(self) -> dict:
         """Evaluate the model selected on the validation split on the test set, once, and seal the folder."""
         cfg = self.cfg
-        if self.best_state is None:
+        if self.selection.state is None:
             raise TrainingError("no epoch finished: nothing to save")
-        nonzero = sum(int(torch.count_nonzero(self.best_state[f"{n}.weight"])) for n in self.layer_names)
+        nonzero = sum(int(torch.count_nonzero(self.selection.state[f"{n}.weight"])) for n in self.layer_names)
         if cfg.method != "dense" and nonzero > self.budget:  # a method bug, never a user error
             raise TrainingError(f"method {cfg.method} selected a model with {nonzero} non-zero weights, over the "
                                 f"budget of {self.budget}")
         eval_model = create_model(self.model_name, **self.model_kwargs).to(self.device)
-        eval_model.load_state_dict(self.best_state)
+        eval_model.load_state_dict(self.selection.state)
         self.model, live = eval_model, self.model  # evaluate the selected plain weights, exactly as saved
         try:
             test = self._eval(self.splits.test_x, self.splits.test_y, cfg.test_attack_steps if self.objective.robust else 0,
                               seed=cfg.seed + 104729)
         finally:
             self.model = live
-        metrics = {"clean_acc": test["clean_acc"], "robust_acc": test.get("robust_acc"), "epoch": self.best["epoch"],
+        metrics = {"clean_acc": test["clean_acc"], "robust_acc": test.get("robust_acc"), "epoch": self.selection.best["epoch"],
                    "split": "test", "n_test": test["n"], "attack": test.get("attack"),
-                   "val_clean_acc": self.best["val_clean_acc"], "val_robust_acc": self.best["val_robust_acc"],
+                   "val_clean_acc": self.selection.best["val_clean_acc"], "val_robust_acc": self.selection.best["val_robust_acc"],
                    "selected_on": "val" if len(self.splits.val_y) else "last",
-                   "selected_collapsed": bool(self.best.get("collapsed", False))}
+                   "selected_collapsed": bool(self.selection.best.get("collapsed", False))}
         if metrics["selected_collapsed"]:
             self.log("warning: every epoch at the budget is a collapsed classifier (most validation images in one "
                      "class); the folder holds the best of them and its manifest says so")
         # the sealed weights are the selected ones, written from them (whatever an earlier crash left on disk)
-        return self._commit({MODEL_FILE: tensors_bytes(self.best_state)}, final=metrics)
+        return self._commit({MODEL_FILE: tensors_bytes(self.selection.state)}, final=metrics)
 
-    def _manifest_dict(self, final: dict | None) -> dict:
-        cfg = self.cfg
-        state = self.best_state or dense_state_dict(self.model)
-        layers, sparsity = layer_report(state, self.layer_names)
-        if final is None:
-            metrics = {"clean_acc": self.best["val_clean_acc"], "robust_acc": self.best["val_robust_acc"],
-                       "epoch": self.best["epoch"], "split": "val", "selected_on": "val"}
-        else:
-            metrics = final
-        manifest = {
-            "stage": "train",
-            "status": "complete" if final is not None else "running",
-            "rsp_version": __version__,
-            "model": {"name": self.model_name, "kwargs": self.model_kwargs},
-            "dataset": {**self.splits.meta, "num_classes": self.info.num_classes,
-                        "class_names": list(self.info.class_names),
-                        **({"extra_data": self.extra_record} if self.extra_record else {})},
-            "input": {"shape": [self.info.in_channels, self.info.image_size, self.info.image_size], "layout": "NCHW",
-                      "dtype": "float32", "range": [0.0, 1.0]},
-            "normalization": {"mean": list(self.info.mean), "std": list(self.info.std), "inside_model": True},
-            "objective": cfg.objective,
-            "attack": {"norm": "Linf", "eps": cfg.eps, "step_size": cfg.attack_step_size, "steps": cfg.attack_steps,
-                       "beta": cfg.beta if cfg.objective in ("trades", "mart", "rst") else None},
-            "method": cfg.method,
-            "method_config": self._method_config(),
-            "target_sparsity": cfg.sparsity if cfg.method != "dense" else 0.0,
-            "sparsity": sparsity,
-            "layers": layers,
-            "metrics": metrics,
-            "selection": "epoch with the best validation " + ("robust" if self.objective.robust else "clean")
-                         + " accuracy among the epochs at the budget that are not collapsed classifiers (" + COLLAPSE_RULE
-                         + "; one is kept only if every epoch is); the validation split is cut from the training data"
-                           " and the test set is used once, after training, for the figures in metrics",
-            "training": {"epochs": self.epoch, "epochs_planned": cfg.epochs, "steps": self.step, "seed": cfg.seed,
-                         "device": str(self.device), "world_size": self.dist.world, "bf16": self.bf16,
-                         "time_s": round(self.time_s, 3), "torch": torch.__version__},
-        }
-        return manifest
-
-    def _method_config(self) -> dict:
-        cfg = self.cfg
-        out = {"name": cfg.method, "budget": self.budget, "total": self.total_weights,
-               "budget_rule": "non-zero conv+linear weights <= round((1 - sparsity) * all conv+linear weights)"}
-        if cfg.method in ("bcs", "fixed"):
-            out["initial_density_profile"] = profile_name(self.model_name)
-            out["sparse_init"] = cfg.sparse_init
-            out["sparse_init_rule"] = SPARSE_INIT_RULES[cfg.sparse_init][cfg.method]
-        if cfg.method == "random":
-            out["initial_density_profile"] = "uniform (every layer at the global density, +-1 weight)"
-        if cfg.method == "bcs":
-            out.update({"rewire_every": cfg.rewire_every, "regrow": cfg.regrow, "sigma": cfg.sigma, "alpha": cfg.alpha,
-                        "temperature": cfg.temperature, "optimizer": "SGDW momentum 0.9, decoupled decay"})
-        out["weight_decay_scope"] = DECAY_SCOPE_RULES[cfg.decay_scope]
-        if len(self.phases) > 1 or cfg.method_options or cfg.method not in ("bcs", "fixed", "random", "dense"):
-            out["phases"] = [{"name": p.name, "fraction": p.fraction, "steps": n,
-                              "lr": cfg.lr if p.lr is None else p.lr, "schedule": p.schedule, "at_budget": p.at_budget}
-                             for p, n in zip(self.phases, self.phase_steps)]
-            out["epochs_budget"] = cfg.epochs
-            out["options"] = dict(cfg.method_options)
-        if len(self.phases) > 1:
-            out["batchnorm_recalibration"] = (f"at the start of every phase after the first: running statistics "
-                                              f"re-estimated on the first {BN_RECALIBRATION_IMAGES} training images")
-        out.update({k: v for k, v in self.method.config().items() if k not in out})  # the trainer's phases win
-        if self.vs_lambda:
-            out["vs_lambda"] = self.vs_lambda
-        return out
-
-
-SPARSE_INIT_RULES = {
-    "budget": {"bcs": "exactly the budget from step one: the profile's round(d * size) per layer, the rest uniform "
-                      "over dormant positions; active theta = |He normal|",
-               "fixed": "the profile's round(d * size) per layer, the rest uniform over dormant positions"},
-    "reference": {"bcs": "under the budget: the profile's int(d * size) per layer at theta = |He normal|; the first "
-                         "step fills the rest at theta = 1e-12, each one's layer drawn in proportion to layer size",
-                  "fixed": "the profile's int(d * size) per layer, the rest layer by layer in proportion to layer size"},
-}
-DECAY_SCOPE_RULES = {"weights": "weights: conv/linear weights (BCS: theta); BatchNorm and biases not decayed",
-                     "all": "all: every trainable parameter, BatchNorm and biases included (the reference's SGDW)"}
-
-
-COLLAPSE_RULE = ("one class predicted for more than halfway from its true share to all of the validation images "
-                 "(so always for more than half of them)")
-
-
-def is_collapsed(val: dict, labels: torch.Tensor) -> bool:
-    """A near-constant classifier (COLLAPSE_RULE), e.g. right after one-shot pruning with stale BatchNorm.
-
-    Its robust accuracy is about its class's share (~0.1 on CIFAR-10), which beats a weak but real model's
-    (~0.05), so without this rule "best validation robust accuracy" would select it.
-    """
-    share = val.get("top_class_share")
-    if share is None or not len(labels):
-        return False
-    true_share = (labels == val["top_class"]).float().mean().item()
-    return share > 0.5 * (1.0 + true_share)
-
-
-def beats_best(score: float, collapsed: bool, best: dict) -> bool:
-    """Selection order: any healthy epoch beats any collapsed one, then the higher score wins (ties keep the
-    earlier epoch). A best recorded before the collapse rule existed counts as healthy."""
-    return (not collapsed, score) > (not best.get("collapsed", False), best["score"])
-
-
-def _epoch_line(r: dict, epochs: int) -> str:
-    rob = f" robust {r['val_robust_acc']:.3f}" if r.get("val_robust_acc") is not None else ""
-    if r.get("collapsed"):
-        rob += f" (collapsed: {r['val_top_class_share']:.0%} one class)"
-    sel = " *" if r.get("selected") else ""
-    where = f"epoch {r['epoch'] + 1}/{epochs} (stopped at step {r['step']})" if r.get("partial") else f"epoch {r['epoch']}/{epochs}"
-    return (f"{where}  loss {r['train_loss']:.4f}  val clean {r['val_clean_acc']:.3f}{rob}"
-            f"  sparsity {r['sparsity']:.4f}  {r['images_per_s']:.0f} img/s{sel}")
-
-
-class _Progress:
-    """Live progress on a terminal (rich): epoch bar with loss, accuracy, sparsity, images/s and ETA."""
-
-    def __init__(self, epochs: int):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.epochs = epochs
-        self.p = Progress(TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
-                          TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
-
-    def __enter__(self):
-        self.p.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.p.__exit__(*exc)
-
-    def bar(self, epoch: int):
-        task = self.p.add_task("", total=None, epoch=epoch + 1, epochs=self.epochs, info="")
-
-        def update(i, total, loss):
-            self.p.update(task, completed=i, total=total, info=f"loss {loss:.4f}")
-
-        self._task = task
-        return update
-
-    def done(self, record: dict):
-        self.p.update(self._task, info=_epoch_line(record, self.epochs).split("  ", 1)[1])
 
 
 def run(cfg: TrainConfig, output: str | Path, *, resume: bool = False, progress: bool | None = None, log=print) -> dict:

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .artifacts import (MANIFEST, ArtifactError, atomic_write_text, build_model, check_files, load_model, lock_folder,
-                        read_manifest, require_complete, write_json)
+from .artifacts import (MANIFEST, ArtifactError, SourceRun, atomic_write_text, build_model, check_files, load_model,
+                        lock_folder, read_manifest, require_complete, write_json)
 from .attacks import BLACK_BOX, WHITE_BOX, default_step_size
 from .latency import compare
 from .progress import StepProgress
@@ -206,9 +206,9 @@ def _runtimes(bundle: Path, manifest: dict, model, chw, opts: VerifyOptions, log
 def _eval_data(manifest: dict, opts: VerifyOptions):
     from .data import load_run_dataset, to_float
 
-    ds = manifest.get("dataset") or {}
-    name = opts.dataset or ds.get("dataset") or "digits"
-    splits = load_run_dataset(ds, opts.data_dir, name=name)  # --data-dir, RSP_DATA_DIR or where the run was trained
+    source = SourceRun.of(manifest)
+    name = opts.dataset or source.dataset_name
+    splits = load_run_dataset(source.dataset, opts.data_dir, name=name)  # --data-dir, RSP_DATA_DIR or where the run was trained
     n_examples = resolve_evaluation(opts)["n_examples"]
     n = min(n_examples, len(splits.test_y)) if n_examples > 0 else len(splits.test_y)
     # the first N test images in file order: anyone can reproduce the subset
@@ -594,7 +594,7 @@ def _sanity_checks(model, x, y, eps, opts: VerifyOptions, judge, ensemble: dict,
 def _verify(bundle: Path, output: Path, manifest: dict, model, chw, runtimes: dict[str, Runtime], gates: dict,
             opts: VerifyOptions, log, t0: float, manifest_sha256: str) -> dict:
     x, y, dataset, num_classes = _eval_data(manifest, opts)
-    eps = opts.eps if opts.eps is not None else (manifest.get("attack") or {}).get("eps", 8 / 255)
+    eps = opts.eps if opts.eps is not None else SourceRun.of(manifest).attack.eps
     log(f"verify {bundle} ({manifest['stage']}, {manifest['model']['name']}) on {', '.join(runtimes)}: "
         f"{len(y)} {dataset} test images, eps {eps:.6g}")
     log(f"bundle manifest sha256 {manifest_sha256}"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rsp
-import rsp.train
+import rsp.engine
 from rsp.artifacts import (LOCK_FILE, ArtifactError, FolderBusyError, check_files, load_tensors, lock_folder,
                            read_manifest)
 from rsp.config import ConfigError, resolve
@@ -91,7 +91,7 @@ def _crash_on_nth_replace(monkeypatch, name: str, n: int):
 def test_crash_between_state_and_model_then_resume_seals_the_selected_weights(tmp_path, monkeypatch):
     out = tmp_path / "run"
     # every epoch is selected, so the crashed checkpoint's model differs from the one on disk
-    monkeypatch.setattr(rsp.train, "beats_best", lambda *a: True)
+    monkeypatch.setattr(rsp.engine, "beats_best", lambda *a: True)
     restore = _crash_on_nth_replace(monkeypatch, "model.safetensors", 2)  # epoch 2: state written, model not
     over = {"epochs": 2, "max_steps": None, "batch_size": 512}  # 2 steps an epoch
     with pytest.raises(OSError, match="injected crash"):
