@@ -12,6 +12,7 @@ import sys
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
 from . import defaults  # torch-free: the attack defaults the help shows
 
@@ -471,13 +472,32 @@ def _preset_help() -> str:
             + "; ".join(f"{name}: {p.help}" for name, p in PRESETS.items()) + " (default: default).")
 
 
-def _attack_alias(name: str) -> list[str]:
-    from .verify import ATTACK_ALIASES
+def _attacks_help() -> str:
+    from .attacks import ATTACK_REGISTRY
+    from .verify import attack_aliases
 
-    return ATTACK_ALIASES[name]
+    attacks = [f"{a.name} ({a.note})" if a.note else a.name for a in ATTACK_REGISTRY.values()]
+    aliases = [name if name == "all" else f"{name} ({', '.join(members)})"
+               for name, members in attack_aliases().items()]
+    return ("Instead of a preset: " + " | ".join(attacks + aliases)
+            + "; repeatable, each on every image, robust = worst case per example over them.")
+
+
+class _VerifyCommand(TyperCommand):
+    """rsp verify, whose --preset and --attacks help is built when it is shown, from the presets and the attack
+    registry as they are then: an attack registered after rsp.cli was imported is listed, and importing rsp.cli
+    does not import torch."""
+
+    def format_help(self, ctx, formatter) -> None:
+        built = {"preset": _preset_help, "attacks": _attacks_help}
+        for param in self.params:
+            if param.name in built:
+                param.help = built[param.name]()
+        super().format_help(ctx, formatter)
 
 
 @app.command(
+    cls=_VerifyCommand,
     epilog="Examples:\n\n"
     "  rsp verify out/orin --data-dir ~/data --min-robust-acc 0.45 --max-latency-ms 5    # a CI gate on the device\n\n"
     "  rsp verify out/x86 --backend onnx --backend tvm --attacks pgd --n-examples 500\n\n"
@@ -491,8 +511,8 @@ def verify(
     backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="torch | onnx | tvm | tvm-rpc | tensorrt; repeat for several (default: every artifact in the bundle that runs here; tvm-rpc first with --rpc)."),
     dataset: Optional[str] = typer.Option(None, help="Evaluation data set (default: the bundle's)."),
     data_dir: Optional[str] = typer.Option(None, help="Data folder (as in rsp train) (default: $RSP_DATA_DIR, else the folder the run was trained on while it still holds that data; not needed for digits)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help=_preset_help()),
-    attacks: Optional[list[str]] = typer.Option(None, "--attacks", help="Instead of a preset: pgd | apgd-ce | apgd-dlr | apgd-t (targeted DLR) | fab-t (targeted FAB) | square (black-box, queries the artifact) | autoattack (" + ", ".join(_attack_alias("autoattack")) + ") | all; repeatable, each on every image, robust = worst case per example over them."),
+    preset: Optional[str] = typer.Option(None, "--preset"),  # help: _VerifyCommand
+    attacks: Optional[list[str]] = typer.Option(None, "--attacks"),  # help: _VerifyCommand
     eps: Optional[str] = typer.Option(None, help=f"Linf radius; fractions allowed (default: the bundle's, {defaults.as_fraction(defaults.EPS)})."),
     steps: Optional[int] = typer.Option(None, help="PGD steps (default: 50)."),
     restarts: Optional[int] = typer.Option(None, help="PGD random restarts; an example is robust only if it survives all (default: 10)."),

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import PGDConfig, pgd, vulnerability_loss
+from .attacks import PGDConfig, pgd
+from .methods.anp import vulnerability_loss
 
 OBJECTIVES = ("natural", "pgd-at", "mixed-at", "trades", "mart", "rst")
 

@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import (BLACK_BOX, WHITE_BOX, Predict, _as_float_images, _chunked_logits, _input_grad, attack_mode,
-                      attack_seed, ensemble_eval, model_predict)
+from .attacks import (Predict, as_float_images, attack_mode, attack_names, attack_seed, chunked_logits, ensemble_eval,
+                      input_grad, model_predict)
 
 CHECKS = ("eps_zero", "eps_monotone", "large_eps", "more_steps", "black_box", "gradients", "determinism")
 
@@ -57,7 +57,7 @@ def check_eps_zero(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps:
     """At eps = 0 every attack (PGD, APGD-CE, Square) must return x itself and robust accuracy = clean accuracy."""
     r = ensemble_eval(model, x, y, ["pgd", "apgd-ce", "square"], eps=0.0, steps=steps, restarts=restarts, seed=seed,
                       predict=predict, apgd_steps=steps, square_queries=queries, batch_size=batch_size)
-    x = _as_float_images(x)
+    x = as_float_images(x)
     moved = max((adv - x).abs().max().item() if len(x) else 0.0 for adv in r["x_adv_by_attack"].values())
     robust = {a: _acc(r, a) for a in r["attacks"]}
     bad = {a: v for a, v in robust.items() if v != r["clean_acc"]}
@@ -147,12 +147,13 @@ def check_black_box(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     loss like Square's): a light white-box budget is not gradient masking. The check fails only when
     black-box still wins by more than the tolerance after it."""
     r = ensemble
-    if r is None or not (set(r["attacks"]) & set(BLACK_BOX)) or not (set(r["attacks"]) & set(WHITE_BOX)):
+    white_box, black_box = set(attack_names("white-box")), set(attack_names("black-box"))
+    if r is None or not (set(r["attacks"]) & black_box) or not (set(r["attacks"]) & white_box):
         r = ensemble_eval(model, x, y, ["pgd", "apgd-ce", "square"], eps=eps, steps=steps, restarts=restarts,
                           seed=seed, predict=predict, apgd_steps=max(steps, 20), square_queries=queries,
                           batch_size=batch_size)
-    white = [a for a in r["attacks"] if a in WHITE_BOX]
-    black = [a for a in r["attacks"] if a in BLACK_BOX]
+    white = [a for a in r["attacks"] if a in white_box]
+    black = [a for a in r["attacks"] if a in black_box]
     n = max(1, r["n"])
     white_rob = torch.stack([r["robust_by_attack"][a] for a in white]).all(0)
     black_rob = torch.stack([r["robust_by_attack"][a] for a in black]).all(0)
@@ -161,7 +162,7 @@ def check_black_box(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     escalation = None
     if (black_rob.float().mean() < white_rob.float().mean() - t - 1e-12) and escalate_steps > 0:
         idx = torch.nonzero(white_rob & ~black_rob).squeeze(1)
-        xe = _as_float_images(x)[idx.to(x.device)]
+        xe = as_float_images(x)[idx.to(x.device)]
         esc = ensemble_eval(model, xe, y[idx.to(y.device)], ["apgd-ce", "apgd-dlr"], eps=eps, seed=seed + 1,
                             predict=predict, apgd_steps=escalate_steps, apgd_restarts=escalate_restarts,
                             batch_size=batch_size)
@@ -191,7 +192,7 @@ def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
                     batch_size: int = 512, max_zero_fraction: float = 0.01) -> dict:
     """Input gradients of the cross-entropy, at x and at a random point of the eps-ball: all finite, and exactly
     zero for at most max(max_zero_fraction, 1/n) of the examples (zero gradients blind every gradient attack)."""
-    x = _as_float_images(x)
+    x = as_float_images(x)
     gen = torch.Generator(x.device).manual_seed(attack_seed(seed, "gradients"))
     nonfinite = zero = total = 0
     norms = []
@@ -205,7 +206,7 @@ def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
                 xb = xb.detach().clone().requires_grad_(True)
                 with torch.enable_grad():
                     loss = F.cross_entropy(model(xb).float(), yb, reduction="sum")
-                    g = _input_grad(loss, xb)
+                    g = input_grad(loss, xb)
                 g = g.flatten(1)
                 finite = torch.isfinite(g).all(1)
                 nonfinite += (~finite).sum().item()
@@ -226,7 +227,7 @@ def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
 
 
 def _determinism_of(predict: Callable, x: torch.Tensor, batch_sizes: Sequence[int], rtol: float, atol: float):
-    ref = _chunked_logits(predict, x, len(x))
+    ref = chunked_logits(predict, x, len(x))
     scale = ref.abs().max().item() if ref.numel() else 0.0
     limit = atol + rtol * scale
     diffs, label_flips = {}, 0
@@ -235,7 +236,7 @@ def _determinism_of(predict: Callable, x: torch.Tensor, batch_sizes: Sequence[in
     errors = {}
     for bs in list(batch_sizes) + ["repeat"]:
         try:
-            out = _chunked_logits(predict, x, len(x) if bs == "repeat" else int(bs))
+            out = chunked_logits(predict, x, len(x) if bs == "repeat" else int(bs))
         except Exception as exc:  # a model that cannot run a batch size at all depends on it
             errors[str(bs)] = f"{type(exc).__name__}: {exc}"
             diffs[str(bs)] = float("inf")
@@ -251,7 +252,7 @@ def check_determinism(model: nn.Module, x: torch.Tensor, *, predict: Predict | N
                       atol: float = 1e-4) -> dict:
     """Logits of the first n inputs in one batch vs in batches of 1 and 7, and vs a second identical call: equal
     within atol + rtol * max |logit|, and the same labels (eval mode; the artifact too when given)."""
-    x = _as_float_images(x)[:n]
+    x = as_float_images(x)[:n]
     figures, bad = {}, []
     with attack_mode(model):
         targets = [("model", model_predict(model))] + ([("artifact", predict)] if predict is not None else [])
@@ -286,7 +287,7 @@ def run_sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     if unknown:
         raise ValueError(f"unknown sanity check(s) {unknown}; choose from {', '.join(CHECKS)}")
     t0 = time.perf_counter()
-    x = _as_float_images(x)
+    x = as_float_images(x)
     if n_examples is not None:
         x, y = x[:n_examples], y[:n_examples]
     common = {"seed": seed, "batch_size": batch_size}

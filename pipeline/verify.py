@@ -6,7 +6,7 @@ Order of work, so a CI job fails early and cheaply on bad input:
      each requested artifact runtime (onnxruntime, the TVM VM here or on a remote device over TVM RPC,
      a TensorRT engine built and cached on this GPU)
   3. parity: clean logits of every artifact vs the twin on the evaluation images
-  4. robustness: white-box attacks on the twin (attacks.py, the module training uses); the adversarial
+  4. robustness: white-box attacks on the twin (rsp.attacks, the package training uses); the adversarial
      examples are then classified by each artifact, and that is its robust accuracy; the black-box
      Square attack queries the artifact itself. Worst case per example over attacks and restarts.
   5. sanity checks of a careful evaluation (sanity.py); a failure marks the result unreliable
@@ -31,7 +31,7 @@ import torch
 from . import __version__
 from .artifacts import (MANIFEST, ArtifactError, SourceRun, atomic_write_text, build_model, check_files, load_model,
                         lock_folder, read_manifest, require_complete, write_json)
-from .attacks import BLACK_BOX, WHITE_BOX, default_step_size
+from .attacks import ATTACK_REGISTRY, attack_names, default_step_size
 from .latency import compare
 from .progress import StepProgress
 from .runtimes import (ONNX_FILE, TRT_FILE, TVM_FILE, Runtime, RuntimeUnavailable, close_runtimes, onnx_runtime,
@@ -227,10 +227,6 @@ def _parity(twin: Runtime, runtimes: dict[str, Runtime], x: torch.Tensor) -> dic
     return out
 
 
-ATTACK_ALIASES = {"autoattack": ["apgd-ce", "apgd-t", "fab-t", "square"],
-                  "all": ["pgd", "apgd-ce", "apgd-t", "fab-t", "square"]}
-
-
 @dataclass(frozen=True)
 class Preset:
     """A named evaluation: which attacks, with which budgets, on how many images."""
@@ -261,6 +257,13 @@ AUTOATTACK_BUDGETS = {"apgd_steps": 100, "apgd_restarts": 1, "n_target_classes":
                       "fab_restarts": 1, "square_queries": 5000}
 
 
+def attack_aliases() -> dict[str, list[str]]:
+    """--attacks names that stand for several attacks: autoattack (the autoattack preset's) and all (every registered
+    attack that is part of it, in registry order)."""
+    return {"autoattack": list(PRESETS["autoattack"].attacks),
+            "all": [a.name for a in ATTACK_REGISTRY.values() if a.in_all]}
+
+
 def resolve_evaluation(opts: VerifyOptions) -> dict:
     """The evaluation opts ask for: preset name, attacks, PGD steps/restarts/step rule, images, mode.
     Raises VerifyError on a conflict (a fixed preset with PGD overrides, --preset with --attacks)."""
@@ -285,11 +288,11 @@ def resolve_evaluation(opts: VerifyOptions) -> dict:
         raise VerifyError("--n-examples must be >= 0, --steps and --restarts >= 1")
     if opts.step_size is not None and not 0 < opts.step_size <= 1:
         raise VerifyError(f"--step-size must be in (0, 1], got {opts.step_size}")
-    known = WHITE_BOX + BLACK_BOX
+    known = attack_names()
     bad = [a for a in preset.attacks if a not in known]
     if bad or not preset.attacks:
         raise VerifyError(f"unknown attack(s) {', '.join(bad) or '(none)'}; choose from {', '.join(known)}, "
-                          f"or {', '.join(ATTACK_ALIASES)}")
+                          f"or {', '.join(attack_aliases())}")
     return {"preset": name, "help": preset.help, "attacks": list(preset.attacks), "steps": steps,
             "restarts": restarts, "step_size": opts.step_size, "step_rule": preset.step_rule,
             "n_examples": n_examples, "cumulative": preset.cumulative}
@@ -304,9 +307,10 @@ def pgd_step_size(plan: dict, eps: float) -> float:
 
 
 def expand_attacks(names: list[str]) -> list[str]:
+    aliases = attack_aliases()
     out: list[str] = []
     for n in names:
-        for a in ATTACK_ALIASES.get(n, [n]):
+        for a in aliases.get(n, [n]):
             if a not in out:
                 out.append(a)
     return out
@@ -315,7 +319,8 @@ def expand_attacks(names: list[str]) -> list[str]:
 def _robustness(model, runtimes: dict[str, Runtime], judge, x, y, eps, opts: VerifyOptions, plan: dict, log) -> dict:
     """attacks.ensemble_eval on the twin, judged by the primary runtime (Square queries it); the adversarial
     examples of every attack are then judged by each other runtime too. Worst case per example."""
-    from .attacks import ensemble_eval, latent_vulnerability
+    from .attacks import ensemble_eval
+    from .methods.anp import latent_vulnerability
 
     dev = torch.device(opts.device)
     x, y = x.to(dev), y.to(dev)

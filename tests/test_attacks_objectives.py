@@ -121,7 +121,7 @@ def test_every_objective_gives_a_finite_differentiable_loss(name):
 def test_vs_lambda_adds_the_anp_vs_vulnerability_term():
     """--vs-lambda: loss = objective + lambda * mean over ReLU sites of mean |z(x) - z(x_adv)|, differentiable;
     the term vanishes when the adversarial input equals the clean one."""
-    from rsp.attacks import vulnerability_loss
+    from rsp.methods.anp import vulnerability_loss
 
     model = _net().train()
     x, y = torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,))

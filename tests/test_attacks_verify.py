@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rsp.attacks import (PGDConfig, apgd_eval, attack_mode, ensemble_eval, evaluate, latent_vulnerability, margin,
-                         model_predict, pgd, pgd_eval, square_eval)
+from rsp.attacks import (PGDConfig, apgd_eval, attack_mode, ensemble_eval, evaluate, margin, model_predict, pgd,
+                         pgd_eval, square_eval)
 from rsp.data import load_dataset, to_float
+from rsp.methods.anp import latent_vulnerability
 from rsp.sanity import (CHECKS, check_black_box, check_determinism, check_eps_monotone, check_eps_zero,
                         check_gradients, check_large_eps, check_more_steps, run_sanity_checks)
 

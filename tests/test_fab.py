@@ -5,7 +5,8 @@ known in closed form: for logits W x + b and a point inside the box, the smalles
 import torch
 import torch.nn as nn
 
-from pipeline.attacks import _fab_rows, _linf_hyperplane_step, ensemble_eval, fab_eval
+from pipeline.attacks import ensemble_eval, fab_eval
+from pipeline.attacks.fab import _fab_rows, _linf_hyperplane_step
 
 
 class Linear(nn.Module):

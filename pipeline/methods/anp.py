@@ -17,6 +17,9 @@ lambda * vulnerability (lambda 1e-4 on CIFAR, 1e-3 on MNIST; flag default 1e-4),
 `--vs-lambda` (objectives.py) for every method. Initial a_uc: 2.0 for their VGG's conv gates (E[pi] = 0.68),
 -1.0 elsewhere (E[pi] = 0.24); b_uc = 0.5413 (b = 1).
 
+The latent features z and their vulnerability live at the end of this module: `vulnerability_loss` (the
+--vs-lambda term) and `latent_vulnerability` (rsp verify's measure).
+
 rsp runs the masks through the `gate` parametrisation of rsp.sparse, w = weight * mask * g[out], on every
 conv/linear layer except the last one (the classifier: its outputs are the logits, which their code never
 gates), with two deliberate details:
@@ -48,12 +51,14 @@ split drops it.
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..attacks import as_float_images, attack_mode
 from ..sparse import FixedMask, SparseMethod, SparseMixin, _convert, global_magnitude_masks, sparsifiable_layers
 from . import Method, Phase, budget_of, register
 
@@ -465,3 +470,82 @@ class ANPVS(Method):
         if report is not None:
             out.update(report)
         return out
+
+
+# --- latent vulnerability: how far an attack moves the features z (Madaan et al. 2020) -------------------------
+
+
+def feature_sites(model: nn.Module, sites: str = "auto") -> tuple[list[tuple[str, nn.Module]], str]:
+    """The latent features z of ANP-VS: outputs of the model's nn.ReLU modules (sites='relu', or 'auto' when
+    it has any), else of its conv/linear layers (sites='layers')."""
+    if sites not in ("auto", "relu", "layers"):
+        raise ValueError(f"sites must be auto, relu or layers, not {sites!r}")
+    relus = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    if sites == "relu" or (sites == "auto" and relus):
+        chosen, used = relus, "relu"
+    else:
+        chosen, used = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))], "layers"
+    if not chosen:
+        raise ValueError(f"the model has no {'nn.ReLU' if used == 'relu' else 'conv/linear'} modules to hook")
+    return chosen, used
+
+
+@contextlib.contextmanager
+def capture_features(model: nn.Module, sites: str = "auto", detach: bool = True) -> Iterator[list]:
+    """Collect (site name, output) of every feature site during the forward passes run inside the block, in
+    call order (a module called twice gives two entries, "name" and "name#1"). The list is yielded; clear it
+    between passes. detach=False keeps the graph (the VS training loss)."""
+    chosen, _ = feature_sites(model, sites)
+    captured: list[tuple[str, torch.Tensor]] = []
+
+    def make_hook(name):
+        def hook(_m, _inp, out):
+            calls = sum(1 for k, _ in captured if k.split("#")[0] == name)
+            captured.append((f"{name}#{calls}" if calls else name, out.detach().float() if detach else out.float()))
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in chosen]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def vulnerability_loss(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    """The ANP-VS vulnerability suppression term, differentiable: mean over feature sites of
+    mean |z(x) - z(x_adv)|, in the model's current mode (train mode in training)."""
+    with capture_features(model, detach=False) as z:
+        model(x)
+        clean = list(z)
+        z.clear()
+        model(x_adv)
+        terms = [(zc - za).abs().mean() for (_, zc), (_, za) in zip(clean, z)]
+    return torch.stack(terms).mean()
+
+
+def latent_vulnerability(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, *, batch_size: int = 256,
+                         sites: str = "auto") -> dict:
+    """ANP-VS latent-feature vulnerability (Madaan et al. 2020): mean over layers of mean |z(x) - z(x_adv)|.
+
+    z are the outputs of the model's nn.ReLU modules (the activations of its conv/linear layers; a module
+    called twice counts as two layers) with sites='relu' or 'auto'; with sites='layers', or 'auto' on a model
+    without nn.ReLU modules, the conv/linear outputs themselves. Per layer the mean runs over examples and
+    features; the result is the plain mean over layers. Eval mode, no gradients.
+    """
+    x, x_adv = as_float_images(x), as_float_images(x_adv)
+    _, used = feature_sites(model, sites)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    with capture_features(model, sites) as captured, attack_mode(model), torch.no_grad():
+        for s in range(0, len(x), batch_size):
+            captured.clear()
+            model(x[s:s + batch_size])
+            clean_z = list(captured)
+            captured.clear()
+            model(x_adv[s:s + batch_size])
+            for (key, zc), (_, za) in zip(clean_z, captured):
+                sums[key] = sums.get(key, 0.0) + (zc - za).abs().sum().item()
+                counts[key] = counts.get(key, 0) + zc.numel()
+    layers = {k: sums[k] / max(1, counts[k]) for k in sums}
+    return {"vulnerability": sum(layers.values()) / max(1, len(layers)), "layers": layers, "sites": used}
