@@ -34,6 +34,33 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     raise typer.Exit(code)
 
 
+def _registry_help() -> dict[str, str]:
+    """{placeholder}: text, for the option helps that the format registry writes (rsp.formats: light, no torch
+    or TVM)."""
+    from .formats import backends, formats
+
+    return {"{formats}": " | ".join(formats()), "{backends}": " | ".join(("torch", *backends())),
+            "{format_help}": "; ".join(f"{name}: {f.export_help}" for name, f in formats().items()),
+            "{backend_help}": "; ".join(["torch: the PyTorch twin"] + [f"{name}: {b.verify_help}"
+                                                                       for name, b in backends().items()])}
+
+
+class _RegistryHelpCommand(TyperCommand):
+    """A command whose option helps fill {formats}, {backends}, ... from the format registry when they are shown,
+    not when this module is imported: a format registered later (a plugin) is listed too."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        texts = _registry_help()
+        for p in params:
+            template = getattr(p, "registry_help", None) or p.help or ""
+            if any(key in template for key in texts):
+                p.registry_help, p.help = template, template
+                for key, text in texts.items():
+                    p.help = p.help.replace(key, text)
+        return params
+
+
 def _yaml_mapping(flag: str, text: str) -> dict:
     """A flag's YAML mapping ('{width: 0.25}'), or a one-line error."""
     import yaml
@@ -380,6 +407,7 @@ def compare(
 
 
 @app.command(
+    cls=_RegistryHelpCommand,
     epilog="Examples:\n\n"
     "  rsp export --list-targets\n\n"
     "  rsp export runs/v99-s --target jetson-orin-nano --data-dir ~/data --output out/orin   # ONNX + TVM (sm_87 fatbin) + TensorRT settings\n\n"
@@ -391,7 +419,7 @@ def export(
     run_dir: Optional[str] = typer.Argument(None, help="A train or structure folder."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Registry target or family alias (rsp export --list-targets lists both)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Bundle folder (default: exports/<run>-<target>)."),
-    format: Optional[list[str]] = typer.Option(None, "--format", "-f", help="onnx | tvm | tensorrt; repeat for several (default: the target's)."),
+    format: Optional[list[str]] = typer.Option(None, "--format", "-f", help="{formats}; repeat for several (default: the target's). {format_help}."),
     precision: Optional[str] = typer.Option(None, help="ONNX numbers: fp32 | fp16 (default: the target's)."),
     trt_precision: Optional[str] = typer.Option(None, "--trt-precision", help="TensorRT engine: fp32 | fp16 | int8 (default: the target's)."),
     opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
@@ -483,10 +511,10 @@ def _attacks_help() -> str:
             + "; repeatable, each on every image, robust = worst case per example over them.")
 
 
-class _VerifyCommand(TyperCommand):
-    """rsp verify, whose --preset and --attacks help is built when it is shown, from the presets and the attack
-    registry as they are then: an attack registered after rsp.cli was imported is listed, and importing rsp.cli
-    does not import torch."""
+class _VerifyCommand(_RegistryHelpCommand):
+    """rsp verify, whose --preset and --attacks help (and, as every registry command, its format/backend help) is
+    built when it is shown, from the presets and the attack registry as they are then: an attack registered after
+    rsp.cli was imported is listed, and importing rsp.cli does not import torch."""
 
     def format_help(self, ctx, formatter) -> None:
         built = {"preset": _preset_help, "attacks": _attacks_help}
@@ -508,7 +536,7 @@ class _VerifyCommand(TyperCommand):
 def verify(
     bundle: str = typer.Argument(..., help="An export bundle (or any rsp stage folder: then the PyTorch twin is run)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Report folder: verify.json, report.md, PNG charts (default: BUNDLE/verify)."),
-    backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="torch | onnx | tvm | tvm-rpc | tensorrt; repeat for several (default: every artifact in the bundle that runs here; tvm-rpc first with --rpc)."),
+    backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="{backends}; repeat for several (default: every artifact in the bundle that runs here; tvm-rpc first with --rpc). {backend_help}."),
     dataset: Optional[str] = typer.Option(None, help="Evaluation data set (default: the bundle's)."),
     data_dir: Optional[str] = typer.Option(None, help="Data folder (as in rsp train) (default: $RSP_DATA_DIR, else the folder the run was trained on while it still holds that data; not needed for digits)."),
     preset: Optional[str] = typer.Option(None, "--preset"),  # help: _VerifyCommand
@@ -585,6 +613,7 @@ def verify(
 
 
 @app.command(
+    cls=_RegistryHelpCommand,
     epilog="Examples:\n\n"
     "  rsp pipeline --output runs/demo        # embedded digits, small CNN, 90 %: the whole chain in minutes on a CPU\n\n"
     "  rsp pipeline --config cifar10-vgg16-99-trades --data-dir ~/data --target jetson-orin-nano --output runs/v99\n\n"
@@ -609,7 +638,7 @@ def pipeline(
     finetune: int = typer.Option(0, "--finetune", help="Robust fine-tune epochs after pruning.", rich_help_panel="structure"),
     nm: Optional[str] = typer.Option(None, "--nm", help="N:M projection, e.g. 2:4.", rich_help_panel="structure"),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Export target or family alias (rsp export --list-targets) (default: this machine's, e.g. x86-cpu).", rich_help_panel="export"),
-    format: Optional[list[str]] = typer.Option(None, "--format", "-f", help="onnx | tvm | tensorrt (default: the target's).", rich_help_panel="export"),
+    format: Optional[list[str]] = typer.Option(None, "--format", "-f", help="{formats} (default: the target's).", rich_help_panel="export"),
     tune_trials: int = typer.Option(0, "--tune-trials", help="MetaSchedule trials for a CPU TVM library.", rich_help_panel="export"),
     preset: Optional[str] = typer.Option(None, "--preset", help="Verify's evaluation preset, as in rsp verify (default: default).", rich_help_panel="verify"),
     attacks: Optional[list[str]] = typer.Option(None, "--attacks", help="Verify attacks instead of a preset, as in rsp verify.", rich_help_panel="verify"),

@@ -1,54 +1,34 @@
 """rsp export: a train or structure folder -> a deployable bundle for a registry target (rsp.targets).
 
-Formats (the target's defaults unless --format says otherwise):
-  onnx      model.onnx: the (shrunk) model, fp32 or fp16, opset >= 17, dynamic batch, sparsity in its metadata;
-            onnxruntime logits are checked against PyTorch on real test images as part of the command
-  tvm       model.tvm.so: Apache TVM 0.27 Relax library for the target (tvm_build.py); CUDA kernels are
-            compiled here into a fatbin, Jetson host code is cross-linked for aarch64; CPU libraries built
-            for this machine's architecture are checked against PyTorch like the ONNX model. On GPU targets
-            the layers rsp.kernels' cost model marks sparse call rsp's BSR CUDA kernels, linked into the
-            library (--sparse-kernels auto); on CPU targets those the CPU cost model marks sparse call rsp's
-            CPU sparse kernels (rsp.kernels.cpu, compiled for the target's mcpu). "host" links the CUDA
-            kernels' CPU emulator into a CPU library instead, a correctness path that runs the GPU code's
-            linkage here; manifest "kernels" records plan and symbols
-  tensorrt  TensorRT engines must be built on the device that runs them: the bundle carries the ONNX model,
-            tensorrt.json (precision, 2:4 layers, shapes) and the matching trtexec command; `rsp verify`
-            builds and caches the engine where the tensorrt package and a GPU are present
-            (build_tensorrt_engine below)
-The bundle keeps the train-folder contract (model.safetensors + model kwargs: rsp.load_model works on it) so
-that verification attacks exactly the exported numbers. manifest.json (stage "export") is written last.
+The formats (the target's defaults unless --format says otherwise) are plugins, one module each in
+rsp.formats (onnx, tvm, tensorrt): each writes its files and checks its logits against PyTorch on real test
+images where its runtime runs here. The bundle keeps the train-folder contract (model.safetensors + model
+kwargs: rsp.load_model works on it) so that verification attacks exactly the exported numbers. The kernel
+plan (which layers run rsp's sparse kernels) is made here for every bundle; the format that links the
+kernels records which it linked. manifest.json (stage "export") is written last.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import (MANIFEST, MODEL_FILE, ArtifactError, atomic_write_bytes, atomic_write_text, build_model,
-                        check_files, load_tensors, lock_folder, read_manifest, require_complete, save_tensors,
-                        sha256_file, write_manifest)
+from .artifacts import (MANIFEST, MODEL_FILE, ArtifactError, atomic_write_bytes, build_model, check_files,
+                        load_tensors, lock_folder, read_manifest, require_complete, sha256_file, write_manifest)
+from .formats import ExportJob, formats as registered_formats
+from .formats.onnx import MIN_OPSET, export_onnx  # noqa: F401  (export_onnx: rsp.export's name for it, bench uses it)
+from .formats.tensorrt import build_engine as build_tensorrt_engine  # noqa: F401  (the public name)
+from .formats.tensorrt import trt_24_layers as _trt_24_layers  # noqa: F401  (tests use the old name)
+from .formats.tvm import planned_kernel_layers  # noqa: F401  (bench uses it from here)
 from .latency import median_call_seconds
-from .runtimes import onnx_session, run_onnx
-from .targets import FORMATS, PRECISIONS, TRT_PRECISIONS, Target, get_target
+from .targets import PRECISIONS, TRT_PRECISIONS, Target, get_target
 
-ONNX_FILE = "model.onnx"
-TVM_FILE = "model.tvm.so"
-TRT_FILE = "tensorrt.json"
-CALIBRATION_FILE = "calibration.safetensors"
-MIN_OPSET = 17
-TVM_PARITY_IMAGES = 64
 SPARSE_KERNEL_MODES = ("auto", "off", "host")
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 SOURCE_STAGES = ("train", "structure")
 
 
@@ -100,13 +80,27 @@ def _check_source(source: Path) -> dict:
 
 
 def _formats(opts: ExportOptions, target: Target) -> list[str]:
+    registry = registered_formats()
     formats = list(dict.fromkeys(opts.formats or target.formats))
     for f in formats:
-        if f not in FORMATS:
-            raise ExportError(f"unknown format {f!r}; formats: {', '.join(FORMATS)}")
-    if "tensorrt" in formats and not target.tensorrt:
-        raise ExportError(f"target {target.name} has no NVIDIA GPU: the tensorrt format needs one")
+        if f not in registry:
+            raise ExportError(f"unknown format {f!r}; formats: {', '.join(registry)}")
+        why_not = registry[f].unsupported(target)
+        if why_not:
+            raise ExportError(why_not)
     return formats
+
+
+def _with_requirements(formats: list[str]) -> list[str]:
+    """The formats to export, in registry order: those asked for and the formats their files build on."""
+    registry = registered_formats()
+    wanted, todo = set(), list(formats)
+    while todo:
+        f = todo.pop()
+        if f not in wanted:
+            wanted.add(f)
+            todo += registry[f].requires
+    return [f for f in registry if f in wanted]
 
 
 def _parity_images(manifest: dict, opts: ExportOptions) -> tuple[torch.Tensor, dict]:
@@ -127,34 +121,10 @@ def _chw(manifest: dict, model: torch.nn.Module, images: torch.Tensor) -> tuple[
     return tuple(images.shape[1:])
 
 
-def _compare(ref: np.ndarray, out: np.ndarray, tol: float, precision: str) -> dict:
-    err = np.abs(ref.astype(np.float64) - out.astype(np.float64))
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
-    # fp16 has an 11-bit significand: ~1e-3 relative per operation; judge it relative to the logit scale
-    limit = tol if precision == "fp32" else 1e-2 * max(1.0, scale)
-    return {"max_abs_err": float(err.max()) if err.size else 0.0, "mean_abs_err": float(err.mean()) if err.size else 0.0,
-            "tolerance": limit, "criterion": "max |logit difference| <= tolerance" + ("" if precision == "fp32" else
-                                                                                        " (1e-2 x max(1, max |logit|) for fp16)"),
-            "argmax_agreement": float((ref.argmax(1) == out.argmax(1)).mean()) if ref.size else 1.0,
-            "max_abs_logit": scale, "passed": bool(err.size == 0 or err.max() <= limit)}
-
-
 def _layer_names(model: torch.nn.Module) -> list[str]:
     from .sparse import sparsifiable_layers
 
     return [n for n, _ in sparsifiable_layers(model)]
-
-
-def _trt_24_layers(state: dict, names: list[str]) -> dict[str, bool]:
-    """Which layers TensorRT would run as 2:4 sparse: it wants 2 zeros in every 4 consecutive *input channels*
-    for each (output channel, kernel position): the grouping `rsp structure --nm 2:4` projects onto."""
-    out = {}
-    for n in names:
-        w = state[f"{n}.weight"]
-        w = w.permute(0, 2, 3, 1) if w.dim() == 4 else w  # (K, R, S, C): input channels innermost
-        c = w.shape[-1]
-        out[n] = bool(c % 4 == 0 and ((w.reshape(-1, 4) != 0).sum(1) <= 2).all())
-    return out
 
 
 def _kernels_module(name: str):
@@ -201,14 +171,6 @@ def time_dense_library(specs: dict, batch: int) -> dict[str, float]:
     return out
 
 
-def planned_kernel_layers(plan: dict, state: dict, kind: str | None) -> tuple[dict, list[str]]:
-    """({layer: weight} that run in rsp's kernels, the names of those that run rsp's dense CPU kernel) for
-    the TVM build, from a kernel plan (kernel_plan)."""
-    dense = [r["layer"] for r in plan["layers"] if r.get("dense_kernel") == "rsp-dense"] if kind == "cpu" else []
-    sparse = {r["layer"]: state[f"{r['layer']}.weight"] for r in plan["layers"] if r["kernel"] == "sparse" or r["layer"] in dense}
-    return sparse, dense
-
-
 def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names: list[str], batch: int, *,
                 mode: str = "auto", force_sparse=(), tuned: bool = False) -> dict:
     """Per-layer kernel choice for the manifest. GPU targets (and mode "host", for the GPU its emulator stands
@@ -217,7 +179,7 @@ def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names:
     this machine where the target is this kind of CPU, else the recorded figures); a layer that is not sparse
     runs rsp's dense kernel (or, tuned, TVM's tuned schedule). Otherwise "dense" with the reason.
     force_sparse marks layers sparse whatever the estimate ("forced"). "linked" stays False here: the TVM
-    build links the kernels and export records which (_record_linked)."""
+    build links the kernels and records which (rsp.formats.tvm.record_linked)."""
     arch = target.cuda_arch[0] if target.has_cuda else ("sm_87" if mode == "host" else None)
     result = None
     reason = None
@@ -278,186 +240,21 @@ def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names:
     return result
 
 
-def sparse_kernel_kind(target: Target, mode: str) -> str | None:
-    """Which of rsp's kernels the TVM library links: "cuda", "host" (emulator), "cpu", or None (off)."""
-    if mode == "off":
-        return None
-    if mode == "host":
-        return "host"
-    return "cuda" if target.has_cuda else "cpu"
-
-
-def _record_linked(kernels: dict, info: dict | None, mode: str, why_not: str) -> dict:
-    """The plan after the TVM build: which layers call rsp's kernels, their symbols and the object's hash."""
-    linked = {ll["layer"]: ll for ll in (info or {}).get("layers", [])}
-    not_linked = (info or {}).get("not_linked", {})
-    for r in kernels["layers"]:
-        if r["layer"] in linked:
-            r.update(linked=True, symbol=linked[r["layer"]]["symbol"])
-        elif r["kernel"] == "sparse":
-            r.update(linked=False, not_linked_reason=not_linked.get(r["layer"], why_not))
-    kernels["linked"] = bool(linked)
-    kernels["linked_layers"] = [{"layer": ll["layer"], "symbol": ll["symbol"], "op": ll["op"],
-                                 "kernel_mode": ll["kernel_mode"], "fused": ll.get("fused", [])} for ll in linked.values()]
-    kernels["object"] = (info or {}).get("object")
-    if linked and kernels.get("planner") == "rsp.kernels.cpu.plan_cpu_layers":
-        kernels["note"] = (f"model.tvm.so calls rsp's CPU sparse kernels ({kernels.get('cpu')}; rsp's dense kernel for a "
-                           "layer planned dense) for the linked layers, with what follows each (BatchNorm folded, bias, "
-                           "residual, ReLU, max pool: linked_layers[*].fused) inside the kernel, and TVM's kernels "
-                           "for the rest")
-    elif linked and mode == "host":
-        kernels["note"] = ("model.tvm.so calls the host emulator of rsp's BSR kernels for the linked layers "
-                           "(--sparse-kernels host: a correctness path for testing the linkage, not a fast one) "
-                           "and TVM's kernels for the rest")
-    elif linked:
-        kernels["note"] = ("model.tvm.so calls rsp's BSR CUDA kernels (R.call_dps_packed, TVM FFI) for the linked "
-                           "layers and TVM's kernels for the rest")
-    else:
-        kernels["note"] = f"the plan; model.tvm.so runs TVM's kernels only ({why_not})"
-    return kernels
-
-
-# --- ONNX ---------------------------------------------------------------------------------------------
-
-
-def export_onnx(model: torch.nn.Module, chw, precision: str, opset: int, metadata: dict[str, str]) -> bytes:
-    """ONNX bytes of the model with a dynamic batch axis, checked by onnx.checker."""
-    import copy
-
-    import onnx
-
-    model = copy.deepcopy(model).eval()
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    model = model.to(dtype)
-    example = torch.rand(2, *chw, dtype=dtype)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # TorchScript-based exporter (dynamo=False): the dynamo one needs onnxscript, a dependency rsp avoids
-        torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                          do_constant_folding=True)
-    proto = onnx.load_from_string(buf.getvalue())
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    proto.producer_name, proto.producer_version = "rsp", __version__
-    data = proto.SerializeToString()
-    try:
-        onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
-    except Exception as exc:
-        raise ExportError(f"the exported ONNX model fails onnx.checker: {str(exc).splitlines()[0]}") from None
-    return data
-
-
-def onnx_summary(data: bytes) -> dict:
-    """Opset, I/O shapes and the measured sparsity of the Conv/Gemm weights inside an ONNX model."""
-    import onnx
-    from onnx import numpy_helper
-
-    proto = onnx.load_from_string(data)
-    inits = {i.name: i for i in proto.graph.initializer}
-    zeros = total = 0
-    for node in proto.graph.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
-            w = numpy_helper.to_array(inits[node.input[1]])
-            zeros += int((w == 0).sum())
-            total += w.size
-
-    def dims(v):
-        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-
-    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    return {"opset": opset, "inputs": {v.name: dims(v) for v in proto.graph.input if v.name not in inits},
-            "outputs": {v.name: dims(v) for v in proto.graph.output},
-            "weight_sparsity": zeros / total if total else 0.0, "nodes": len(proto.graph.node),
-            "metadata": {p.key: p.value for p in proto.metadata_props}}
-
-
-# --- TensorRT -----------------------------------------------------------------------------------------
-
-
-def tensorrt_settings(target: Target, precision: str, chw, trt24: dict[str, bool], onnx_file: str) -> dict:
-    trt = target.tensorrt or {}
-    opt, mx = int(trt.get("opt_batch", 1)), int(trt.get("max_batch", 8))
-    shape = "x".join(str(v) for v in chw)
-    engine = f"model.{target.name}.{precision}.engine"
-    sparse = sorted(n for n, ok in trt24.items() if ok)
-    cmd = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={engine}",
-           f"--minShapes={INPUT_NAME}:1x{shape}", f"--optShapes={INPUT_NAME}:{opt}x{shape}",
-           f"--maxShapes={INPUT_NAME}:{mx}x{shape}", f"--memPoolSize=workspace:{int(trt.get('workspace_mib', 1024))}"]
-    if precision == "fp16":
-        cmd.append("--fp16")
-    elif precision == "int8":
-        cmd += ["--int8", "--fp16"]  # fp16 fallback for layers without int8 kernels
-    if sparse:
-        cmd.append("--sparsity=enable")
-    if trt.get("dla"):
-        cmd += ["--useDLACore=0", "--allowGPUFallback"]
-    return {"onnx": onnx_file, "engine": engine, "precision": precision, "input": INPUT_NAME, "output": OUTPUT_NAME,
-            "shapes": {"min": [1, *chw], "opt": [opt, *chw], "max": [mx, *chw]},
-            "workspace_mib": int(trt.get("workspace_mib", 1024)), "dla": bool(trt.get("dla")),
-            "sparsity": bool(sparse), "sparse_2_4_layers": sparse,
-            "sparsity_rule": "TensorRT uses 2:4 sparse tensor cores where every 4 consecutive input channels of a "
-                             "(output channel, kernel position) hold at most 2 non-zeros",
-            "calibration": CALIBRATION_FILE if precision == "int8" else None,
-            "trtexec": " ".join(cmd),
-            "note": ("int8 from trtexec without a calibration cache uses placeholder scales (timing only); "
-                     "build_tensorrt_engine calibrates with calibration.safetensors" if precision == "int8" else
-                     "build the engine on the device that runs it (TensorRT engines are not portable)")}
-
-
-def build_tensorrt_engine(bundle: str | Path, cache_dir: str | Path | None = None, log=print) -> Path:
-    """Build (or reuse) the TensorRT engine of an export bundle on this machine, with its tensorrt.json
-    settings and calibration images: rsp.runtimes.build_tensorrt_engine (the builder verify uses), cached
-    under cache_dir (default BUNDLE/engines). Needs the tensorrt package and an NVIDIA GPU."""
-    from .runtimes import build_tensorrt_engine as build_engine
-
-    bundle = Path(bundle)
-    read_manifest(bundle, stage="export")
-    settings = json.loads((bundle / TRT_FILE).read_text())
-    calibration = (load_tensors(bundle / settings["calibration"])["images"]
-                   if settings.get("calibration") else None)
-    return build_engine(bundle / settings["onnx"], settings, Path(cache_dir) if cache_dir else bundle / "engines",
-                        calibration, log)
-
-
-@contextlib.contextmanager
-def _tuning_progress(target: Target, cache: Path | None, trials: int):
-    """On a terminal, while MetaSchedule tunes: a bar of the candidates measured so far (the lines it
-    appends to its tuning-record file in the cache), against the trials asked for."""
-    from .progress import LineCounter, StepProgress, show_progress
-
-    if not trials or not show_progress():
-        yield
-        return
-    from .tvm_build import default_tune_cache
-
-    records = (cache or default_tune_cache(target)) / "database_tuning_record.json"
-    with StepProgress(f"tvm tuning {target.name}", total=trials) as progress:
-        progress.step("MetaSchedule: candidates measured (cached trials are reused without measuring)")
-        with LineCounter(records, progress.set_completed):
-            yield
-
-
 # --- the stage ----------------------------------------------------------------------------------------
 
 
-def check_tools(formats, tune_trials: int) -> None:
-    """What the formats need is installed, and --tune-trials has a TVM library to tune: one line before any
+def check_tools(formats, opts: ExportOptions) -> None:
+    """What the formats need is installed, and each format-only option has its format: one line before any
     work (rsp export, and rsp pipeline before it trains)."""
-    if "tvm" in formats:
-        from .tvm_build import require_tvm
-
-        require_tvm()
-    elif tune_trials:
-        raise ExportError("--tune-trials tunes the TVM library: add --format tvm")
-    if any(f in formats for f in ("onnx", "tensorrt")):
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            raise ExportError(f"the onnx format needs onnx and onnxruntime (pip install 'rsp[export]'): {exc}") from None
+    exported = _with_requirements(list(formats))
+    for name, fmt in registered_formats().items():
+        problem = fmt.check_export_options(opts, name in exported)
+        if problem:
+            raise ExportError(problem)
+    for name in exported:
+        missing = registered_formats()[name].missing_tools()
+        if missing:
+            raise ExportError(missing)
 
 
 def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) -> dict:
@@ -483,11 +280,9 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
     if mode == "host" and target.has_cuda:
         raise ExportError(f"--sparse-kernels host links the CPU emulator of rsp's kernels into a CPU library; target "
                           f"{target.name} has a GPU (use auto for its CUDA kernels, or off)")
-    if mode == "host" and "tvm" not in formats:
-        raise ExportError("--sparse-kernels host links kernels into the TVM library: add --format tvm")
     if opts.force_sparse and mode == "off":
         raise ExportError("force_sparse needs --sparse-kernels auto or host")
-    check_tools(formats, opts.tune_trials)
+    check_tools(formats, opts)
     manifest = _check_source(source)
     if output.resolve() == source.resolve():
         raise ExportError("--output must differ from the source folder")
@@ -526,94 +321,28 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
     files = [MODEL_FILE]
     # the exact reference numbers, byte for byte: verify attacks what was exported
     atomic_write_bytes(output / MODEL_FILE, (source / MODEL_FILE).read_bytes())
-    artifacts, parity, latency = {}, {}, {}
     source_sha = sha256_file(source / MANIFEST)
-    x_np = images.numpy()
-
-    if "onnx" in formats or "tensorrt" in formats:
-        t = time.perf_counter()
-        meta = {"rsp.version": __version__, "rsp.model": json.dumps(manifest["model"]), "rsp.sparsity": f"{sparsity:.6f}",
-                "rsp.layers": json.dumps([{k: r[k] for k in ("name", "nonzero", "numel")} for r in layers]),
-                "rsp.input": json.dumps({"shape": ["batch", *chw], "range": [0.0, 1.0], "layout": "NCHW"}),
-                "rsp.normalization": json.dumps(manifest.get("normalization") or {"inside_model": True}),
-                "rsp.target": target.name, "rsp.precision": precision, "rsp.source_manifest_sha256": source_sha}
-        data = export_onnx(model, chw, precision, opts.opset, meta)
-        atomic_write_bytes(output / ONNX_FILE, data)
-        files.append(ONNX_FILE)
-        summary = onnx_summary(data)
-        session = onnx_session(data, opts.threads)
-        out = run_onnx(session, x_np)
-        one = run_onnx(session, x_np[:1])  # a second batch size: the batch axis really is dynamic
-        parity["onnx"] = {**_compare(reference, out, opts.tolerance, precision), "runtime": "onnxruntime CPU",
-                          "batch_1_max_abs_err": float(np.abs(one - reference[:1]).max()), "images": image_info}
-        parity["onnx"]["passed"] &= parity["onnx"]["batch_1_max_abs_err"] <= parity["onnx"]["tolerance"]
-        latency["onnxruntime_cpu_batch_%d_s" % opts.batch] = median_call_seconds(lambda: run_onnx(session, x_np[: opts.batch]))
-        artifacts["onnx"] = {"file": ONNX_FILE, "precision": precision, "opset": summary["opset"],
-                             "dynamic_batch": True, "input": INPUT_NAME, "output": OUTPUT_NAME,
-                             "inputs": summary["inputs"], "outputs": summary["outputs"], "nodes": summary["nodes"],
-                             "weight_sparsity": summary["weight_sparsity"], "checker": "onnx.checker full_check passed",
-                             "exporter": f"torch.onnx (TorchScript) {torch.__version__}",
-                             "note": "BatchNorm is folded into the convolutions; zeros stay zeros",
-                             "time_s": round(time.perf_counter() - t, 2)}
-        log(f"onnx: {ONNX_FILE} opset {summary['opset']} {precision}, weight sparsity {summary['weight_sparsity']:.4f}, "
-            f"parity max |diff| {parity['onnx']['max_abs_err']:.2e} on {len(x_np)} images")
-
-    if "tvm" in formats:
-        from . import tvm_build
-
-        cache = Path(opts.tune_cache) if opts.tune_cache else None
-        kind = sparse_kernel_kind(target, mode)
-        sparse, dense = planned_kernel_layers(kernels, state, kind)
-        with _tuning_progress(target, cache, opts.tune_trials):
-            result = tvm_build.build(model, chw, target, output / TVM_FILE, batch=opts.batch, nvcc=opts.nvcc,
-                                     tune_trials=opts.tune_trials, tune_cache=cache, log=log,
-                                     sparse_layers=sparse if kind else None, sparse_mode=kind or "cuda",
-                                     dense_layers=dense)
-        files.append(TVM_FILE)
-        artifacts["tvm"] = result.info
-        if kind is None:
-            why_not = "--sparse-kernels off"
-        elif kernels.get("planner") is None:  # no plan: every layer says why
-            why_not = kernels["layers"][0]["reason"] if kernels["layers"] else "no conv/linear layer"
-        else:
-            why_not = "no layer is planned sparse" if not sparse else "not linked"
-        _record_linked(kernels, result.info.get("sparse_kernels"), mode, why_not)
-        if not target.has_cuda and target.arch == os.uname().machine:
-            # the library runs one static batch per call, untuned CPU code slowly (0.3 s per image for an
-            # untuned VGG-16): 64 real images are plenty to catch a wrong kernel
-            n = min(len(x_np), TVM_PARITY_IMAGES)
-            out = tvm_build.run_library(output / TVM_FILE, x_np[:n], opts.batch)
-            parity["tvm"] = {**_compare(reference[:n], out, opts.tolerance, "fp32"), "runtime": "tvm relax VM, CPU",
-                             "images": {**image_info, "n": n}}
-            latency["tvm_cpu_batch_%d_s" % opts.batch] = tvm_build.time_library(output / TVM_FILE, opts.batch, chw)
-            log(f"tvm: {TVM_FILE} parity max |diff| {parity['tvm']['max_abs_err']:.2e}; "
-                f"{latency['tvm_cpu_batch_%d_s' % opts.batch] * 1e3:.3f} ms/batch "
-                + (f"(onnxruntime {latency['onnxruntime_cpu_batch_%d_s' % opts.batch] * 1e3:.3f} ms)"
-                   if "onnxruntime_cpu_batch_%d_s" % opts.batch in latency else ""))
-        else:
-            parity["tvm"] = {"passed": None, "status": "not run",
-                             "reason": f"the library is for {target.triple}" + (f" + CUDA {','.join(target.cuda_arch)}"
-                                                                                if target.has_cuda else "")
-                             + "; `rsp verify` checks it on the device"}
-            log(f"tvm: {TVM_FILE} for {target.triple} ({result.info['library']['elf_machine']})"
-                + (f", SASS {','.join(result.info['library']['sass'])}, no CUDA source" if target.has_cuda else ""))
-
-    if "tvm" not in formats:
-        _record_linked(kernels, None, mode, "no TVM library in this bundle")
-    trt24 = _trt_24_layers(state, names)
-    if "tensorrt" in formats:
-        settings = tensorrt_settings(target, trt_precision, chw, trt24, ONNX_FILE)
-        atomic_write_text(output / TRT_FILE, json.dumps(settings, indent=1) + "\n")
-        files.append(TRT_FILE)
-        if trt_precision == "int8":
-            save_tensors(output / CALIBRATION_FILE, {"images": (images[:512] * 255).round().to(torch.uint8)},
-                         metadata={"layout": "NCHW uint8; divide by 255 for the model's [0, 1] input"})
-            files.append(CALIBRATION_FILE)
-        artifacts["tensorrt"] = {"settings": TRT_FILE, "trtexec": settings["trtexec"], "precision": trt_precision,
-                                 "sparse_2_4_layers": settings["sparse_2_4_layers"], "engine_built": False,
-                                 "reason": "engines are built on the device (rsp verify; tensorrt package + GPU)"}
-        log(f"tensorrt: {TRT_FILE} ({trt_precision}{', 2:4 sparse layers' if settings['sparsity'] else ''}): "
-            f"{settings['trtexec']}")
+    registry = registered_formats()
+    job = ExportJob(model=model, chw=chw, state=state, names=names, target=target, opts=opts, precision=precision,
+                    trt_precision=trt_precision, output=output, source=manifest, source_sha256=source_sha,
+                    layers=layers, sparsity=sparsity, images=images, reference=reference, image_info=image_info,
+                    kernels=kernels, log=log)
+    artifacts, parity = {}, {}
+    exported = _with_requirements(formats)
+    for name, fmt in registry.items():
+        if name not in exported:
+            fmt.not_exported(job)
+            continue
+        result = fmt.export(job)
+        files += result.files
+        artifacts[name] = result.info
+        if result.parity is not None:
+            parity[name] = result.parity
+        job.latency.update(result.latency)
+    notes: dict[str, dict] = {}
+    for fmt in registry.values():
+        for layer, facts in fmt.layer_notes(state, names).items():
+            notes.setdefault(layer, {}).update(facts)
 
     checked = [p["passed"] for p in parity.values() if p.get("passed") is not None]
     out_manifest = {
@@ -626,17 +355,17 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
         **{k: manifest[k] for k in ("dataset", "normalization", "objective", "attack", "method", "target_sparsity")
            if k in manifest},
         "input": {**(manifest.get("input") or {}), "shape": list(chw), "range": [0.0, 1.0], "layout": "NCHW",
-                  "batch": {"onnx": "dynamic" if "onnx" in artifacts else None,
-                            "tvm": opts.batch if "tvm" in artifacts else None},
+                  "batch": {name: fmt.input_batch(opts) if name in artifacts else None
+                            for name, fmt in registry.items() if fmt.input_batch(opts) is not None},
                   "normalization_inside_model": True},
         "sparsity": sparsity,
-        "layers": [{**r, "trt_2_4": trt24[r["name"][: -len(".weight")]]} for r in layers],
+        "layers": [{**r, **notes.get(r["name"][: -len(".weight")], {})} for r in layers],
         "metrics": manifest.get("metrics"),
         "target": {"name": target.name, "description": target.description, "registry": target.as_dict()},
         "formats": formats,
         "artifacts": artifacts,
         "parity": parity,
-        "latency_here": {k: round(v, 7) for k, v in latency.items()} | {"machine": os.uname().machine,
+        "latency_here": {k: round(v, 7) for k, v in job.latency.items()} | {"machine": os.uname().machine,
                                                                         "threads": torch.get_num_threads()},
         "kernels": kernels,
         "export": {"options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.__dict__.items()},

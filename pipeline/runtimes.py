@@ -25,9 +25,6 @@ import torch
 from .artifacts import ArtifactError, atomic_write_bytes, sha256_file
 from .latency import cuda_event_timer, wall_timer
 
-ONNX_FILE = "model.onnx"
-TVM_FILE = "model.tvm.so"
-TRT_FILE = "tensorrt.json"
 # a TVM RPC server serves one client at a time and leaves the others unanswered
 RPC_SILENT = "the host is down or firewalled, or its server is busy with another client: a tracker queues clients"
 RPC_CONNECT_TIMEOUT_S = float(os.environ.get("RSP_RPC_TIMEOUT_S", "30"))  # connect and handshake
@@ -304,8 +301,9 @@ def rpc_session(address: str, key: str | None = None, timeout: float = RPC_CONNE
 
 
 def tvm_rpc_runtime(session, address: str, path: Path, chw: tuple[int, int, int], batch: int, device: str = "cpu",
-                    label: str = "tvm-rpc", upload_as: str = TVM_FILE) -> Runtime:
-    """The Relax VM of a library uploaded to the remote device; latency by TVM's timer on the device."""
+                    label: str = "tvm-rpc", upload_as: str | None = None) -> Runtime:
+    """The Relax VM of a library uploaded to the remote device (as upload_as, default its own file name);
+    latency by TVM's timer on the device."""
     if not Path(path).is_file():
         raise RuntimeUnavailable(f"{path} not found: export with --format tvm")
     tvm = _tvm()
@@ -315,6 +313,7 @@ def tvm_rpc_runtime(session, address: str, path: Path, chw: tuple[int, int, int]
         dev = session.cuda(0) if device == "cuda" else session.cpu(0)
         if not dev.exist:
             raise RuntimeUnavailable(f"the device at {address} has no {device} device for {Path(path).name}")
+        upload_as = upload_as or Path(path).name
         session.upload(str(path), upload_as)
         vm = relax.VirtualMachine(session.load_module(upload_as), dev)
     except RuntimeUnavailable:
@@ -424,7 +423,7 @@ def _calibrator(trt, images: torch.Tensor, batch: int):
 
 def build_tensorrt_engine(onnx_path: Path, settings: dict, cache_dir: Path, calibration: torch.Tensor | None = None,
                           log=print) -> Path:
-    """The engine of an ONNX model with export's settings (tensorrt.json), built on this GPU or reused from
+    """The engine of an ONNX model with export's settings (the tensorrt format's), built on this GPU or reused from
     cache_dir. Key: sha256 of the ONNX file, the settings, the TensorRT version and the GPU name."""
     import tensorrt as trt
 

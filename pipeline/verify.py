@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import re
 import tempfile
@@ -34,15 +33,33 @@ from .artifacts import (MANIFEST, ArtifactError, SourceRun, atomic_write_text, b
 from .attacks import ATTACK_REGISTRY, attack_names, default_step_size
 from .latency import compare
 from .progress import StepProgress
-from .runtimes import (ONNX_FILE, TRT_FILE, TVM_FILE, Runtime, RuntimeUnavailable, close_runtimes, onnx_runtime,
-                       torch_runtime, tvm_runtime)
+from .formats import backends as registered_backends, formats as registered_formats
+from .runtimes import Runtime, RuntimeUnavailable, close_runtimes, torch_runtime
 
-BACKENDS = ("torch", "onnx", "tvm", "tvm-rpc", "tensorrt")
 GATES = ("min_clean_acc", "min_robust_acc", "max_latency_ms", "max_parity_error", "min_speedup")
-# the dense runtimes a user could run instead of the artifact, timed on this machine beside it
-DENSE_RUNTIMES = ("onnxruntime", "torch", "tensorrt")
-# a backend whose same-runtime dense original is one of them: timed once, as that one
-SAME_DENSE_RUNTIME = {"onnx": "onnxruntime", "torch": "torch"}  # (TensorRT's twin has the bundle's precision)
+
+
+def __getattr__(name: str):
+    # asked for, not fixed at import: a format registered later (rsp.formats.register) is listed
+    if name == "BACKENDS":  # the twin, then every registered backend
+        return ("torch", *registered_backends())
+    if name == "DENSE_RUNTIMES":
+        return _dense_runtime_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _dense_runtime_names() -> tuple[str, ...]:
+    """The dense runtimes a user could run instead of the artifact, timed on this machine beside it."""
+    return ("torch", *(f.dense_runtime_name for f in registered_formats().values() if f.dense_runtime_name))
+
+
+def _same_dense_runtime(backend: str) -> str | None:
+    """The dense runtime that is the backend's same-runtime dense original (timed once, as that one)."""
+    return "torch" if backend == "torch" else registered_backends()[backend].same_dense_runtime
+
+
+def _remote(backend: str) -> bool:
+    return backend != "torch" and registered_backends()[backend].remote
 
 
 class VerifyError(ArtifactError):
@@ -112,87 +129,31 @@ def _chw(manifest: dict, model: torch.nn.Module) -> tuple[int, int, int]:
     return (c, 8, 8) if c == 1 else (c, 32, 32)
 
 
-def _target_has_cuda(manifest: dict) -> bool:
-    return bool(((manifest.get("target") or {}).get("registry") or {}).get("cuda"))
-
-
-def _tvm_batch(manifest: dict) -> int:
-    return int(((manifest.get("input") or {}).get("batch") or {}).get("tvm") or 1)
-
-
-def _tensorrt(bundle: Path, manifest: dict, chw, opts: VerifyOptions, log) -> Runtime:
-    """Build (or reuse) the engine of the bundle's ONNX with its tensorrt.json settings, cached in OUTPUT/engines."""
-    from .runtimes import build_tensorrt_engine, tensorrt_missing, tensorrt_runtime
-
-    if not (bundle / TRT_FILE).is_file():
-        raise RuntimeUnavailable(f"{bundle / TRT_FILE} not found: export with --format tensorrt")
-    missing = tensorrt_missing()
-    if missing:
-        raise RuntimeUnavailable(f"a TensorRT engine is built on the GPU that runs it; this machine has {missing}")
-    settings = json.loads((bundle / TRT_FILE).read_text())
-    calib = None
-    if settings.get("calibration"):
-        from .artifacts import load_tensors
-
-        calib = load_tensors(bundle / settings["calibration"])["images"].float() / 255
-    cache = Path(opts.output) / "engines"
-
-    def other(onnx_path: Path, label: str) -> Runtime:  # the dense original: same settings, no 2:4 layers
-        s = {**settings, "onnx": onnx_path.name, "engine": f"dense.{settings['engine']}", "sparsity": False,
-             "sparse_2_4_layers": []}
-        return tensorrt_runtime(build_tensorrt_engine(onnx_path, s, cache, calib, log), s, chw, label)
-
-    try:
-        engine = build_tensorrt_engine(bundle / settings["onnx"], settings, cache, calib, log)
-        return tensorrt_runtime(engine, settings, chw, load_other=other)
-    except RuntimeUnavailable:
-        raise
-    except Exception as exc:  # TensorRT's own failures (out of memory, an unsupported layer): one line
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise RuntimeUnavailable(f"TensorRT could not build or load the engine ({reason})") from None
-
-
 def _runtimes(bundle: Path, manifest: dict, model, chw, opts: VerifyOptions, log) -> dict[str, Runtime]:
-    present = {"onnx": (bundle / ONNX_FILE).is_file(), "tvm": (bundle / TVM_FILE).is_file(),
-               "tensorrt": (bundle / TRT_FILE).is_file()}
-    if opts.rpc_key and not opts.rpc:
-        raise VerifyError("--rpc-key needs --rpc (the tracker's HOST:PORT)")
-    wanted = list(opts.backends) if opts.backends is not None else None
-    for b in wanted or []:
-        if b not in BACKENDS:
-            raise VerifyError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
-    if "tvm-rpc" in (wanted or []) and not opts.rpc:
-        raise VerifyError("the tvm-rpc backend needs --rpc HOST:PORT (the device's TVM RPC server)")
-    if wanted is None:
-        wanted = [b for b in ("onnx", "tvm", "tensorrt") if present[b]] or ["torch"]
-        if opts.rpc:
-            wanted = [b for b in wanted if b != "torch"]
-    if opts.rpc and "tvm-rpc" not in wanted:
-        wanted.insert(0, "tvm-rpc")  # the device's numbers are the ones scored and gated
-    asked = set(opts.backends or []) | ({"tvm-rpc"} if opts.rpc else set())
-    device = "cuda" if _target_has_cuda(manifest) else "cpu"
+    registry = registered_backends()
+    asked = list(opts.backends or [])
+    for b in asked:
+        if b != "torch" and b not in registry:
+            raise VerifyError(f"unknown backend {b!r}; choose from {', '.join(('torch', *registry))}")
+    for backend in registry.values():
+        problem = backend.check_verify_options(opts, asked)
+        if problem:
+            raise VerifyError(problem)
+    requested = [name for name, backend in registry.items() if backend.requested(opts)]
+    if opts.backends is not None:
+        wanted = list(opts.backends)
+    else:
+        formats = registered_formats()
+        wanted = [name for name, backend in registry.items()
+                  if backend.by_default and formats[backend.format].present(bundle)] or ([] if requested else ["torch"])
+    # asked for by another option (--rpc): first, the device's numbers are the ones scored and gated
+    wanted = [b for b in requested if b not in wanted] + wanted
+    asked = set(asked) | set(requested)
     out = {}
     for b in wanted:
         try:
-            if b == "torch":
-                out[b] = torch_runtime(model, chw, opts.device)
-            elif b == "onnx":
-                out[b] = onnx_runtime(bundle / ONNX_FILE, chw, opts.threads)
-            elif b == "tvm":
-                out[b] = tvm_runtime(bundle / TVM_FILE, chw, _tvm_batch(manifest), device=device)
-            elif b == "tvm-rpc":
-                from .runtimes import rpc_session, tvm_rpc_runtime
-
-                if not present["tvm"]:
-                    raise RuntimeUnavailable(f"{bundle / TVM_FILE} not found: export with --format tvm")
-                session = rpc_session(opts.rpc, opts.rpc_key)
-                out[b] = tvm_rpc_runtime(session, opts.rpc, bundle / TVM_FILE, chw, _tvm_batch(manifest), device)
-                if opts.rpc_key:
-                    out[b].info["rpc_key"] = opts.rpc_key
-                where = out[b].info.get("remote_device_name") or out[b].info["device"]
-                log(f"tvm-rpc: {TVM_FILE} runs on {opts.rpc} ({where})")
-            else:
-                out[b] = _tensorrt(bundle, manifest, chw, opts, log)
+            out[b] = (torch_runtime(model, chw, opts.device) if b == "torch"
+                      else registry[b].runtime(bundle, manifest, chw, opts, log))
         except RuntimeUnavailable as exc:
             if b in asked:  # asked for explicitly: bad input
                 raise
@@ -359,24 +320,19 @@ def _robustness(model, runtimes: dict[str, Runtime], judge, x, y, eps, opts: Ver
 
 def _dense_runtimes(dense, chw, tmp: Path, runtimes: dict[str, Runtime], opts: VerifyOptions, log) -> dict[str, Runtime]:
     """The dense original on every dense runtime this machine has (DENSE_RUNTIMES): what a user would run
-    instead of the artifact: onnxruntime (CPU provider) and eager PyTorch (on --device) always; a TensorRT
-    engine where the bundle's TensorRT runtime is here."""
-    from .export import export_onnx
-
-    out: dict[str, Runtime] = {}
-    try:
-        path = tmp / "dense.fp32.onnx"
-        if not path.is_file():
-            path.write_bytes(export_onnx(dense, chw, "fp32", 17, {}))
-        out["onnxruntime"] = onnx_runtime(path, chw, opts.threads, "onnxruntime")
-    except Exception as exc:
-        log(f"latency: no dense onnxruntime ({str(exc).splitlines()[0][:120]})")
-    out["torch"] = torch_runtime(dense, chw, opts.device, "torch")
-    if "tensorrt" in runtimes and runtimes["tensorrt"].load_other is not None and "onnxruntime" in out:
+    instead of the artifact: eager PyTorch (on --device) always, and each format's (onnxruntime's CPU
+    provider; a TensorRT engine where the bundle's TensorRT runtime is here)."""
+    out: dict[str, Runtime] = {"torch": torch_runtime(dense, chw, opts.device, "torch")}
+    for fmt in registered_formats().values():
+        if not fmt.dense_runtime_name:
+            continue
         try:
-            out["tensorrt"] = runtimes["tensorrt"].load_other(tmp / "dense.fp32.onnx", "tensorrt")
+            rt = fmt.dense_runtime(dense, chw, tmp, runtimes, opts)
         except Exception as exc:
-            log(f"latency: no dense TensorRT engine ({str(exc).splitlines()[0][:120]})")
+            log(f"latency: no dense {fmt.dense_runtime_name} ({str(exc).splitlines()[0][:120]})")
+            continue
+        if rt is not None:
+            out[fmt.dense_runtime_name] = rt
     return out
 
 
@@ -389,7 +345,8 @@ def _latency(runtimes: dict[str, Runtime], manifest: dict, chw, opts: VerifyOpti
     dense = build_model({"model": ref_spec}).eval()
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        others = _dense_runtimes(dense, chw, Path(tmp), runtimes, opts, log) if set(runtimes) - {"tvm-rpc"} else {}
+        local = any(not _remote(name) for name in runtimes)
+        others = _dense_runtimes(dense, chw, Path(tmp), runtimes, opts, log) if local else {}
         for name, rt in runtimes.items():
             dense_rt = _dense_twin(name, dense, chw, Path(tmp), rt, manifest, opts, log)
             for b in opts.latency_batches:
@@ -398,8 +355,8 @@ def _latency(runtimes: dict[str, Runtime], manifest: dict, chw, opts: VerifyOpti
                 cands = {"artifact": rt.make_timer(b)}
                 if dense_rt is not None:
                     cands["dense"] = dense_rt.make_timer(b)
-                same = SAME_DENSE_RUNTIME.get(name) if dense_rt is not None else None
-                if name != "tvm-rpc":
+                same = _same_dense_runtime(name) if dense_rt is not None else None
+                if not _remote(name):
                     for k, drt in others.items():
                         if k != same and (drt.batches is None or b in drt.batches):
                             cands[f"dense:{k}"] = drt.make_timer(b)
@@ -437,60 +394,11 @@ def _latency(runtimes: dict[str, Runtime], manifest: dict, chw, opts: VerifyOpti
     return out
 
 
-def dense_tvm_schedule(manifest: dict) -> dict:
-    """How verify builds the dense original for a TVM bundle: with the bundle's own tuning budget where it was
-    tuned (MetaSchedule on this machine, the bundle's records reused where its cache is here), so that the
-    speed-up compares tuned with tuned, not a tuned bundle with untuned dense code."""
-    from .targets import get_target
-
-    target = get_target((manifest.get("target") or {}).get("name") or "x86-cpu")
-    tuning = ((manifest.get("artifacts") or {}).get("tvm") or {}).get("tuning") or {}
-    trials = int(tuning.get("trials_requested") or 0)
-    out = {"target": target.name, "tune_trials": 0, "schedule": "default (untuned)", "bundle_tune_trials": trials}
-    if trials and not target.has_cuda and target.arch == os.uname().machine:
-        cache = Path(tuning["cache"]) if tuning.get("cache") and Path(tuning["cache"]).is_dir() else None
-        out.update(tune_trials=trials, schedule="meta_schedule", tune_cache=str(cache) if cache else None)
-    elif trials:
-        out["note"] = "the bundle was tuned, but tuning needs the target's own CPU: the dense original is untuned"
-    return out
-
-
-def _dense_tvm_library(dense, chw, tmp: Path, manifest: dict, batch: int) -> tuple[Path, dict]:
-    """The dense original built for the bundle's target (once per run: tvm and tvm-rpc share it), and how."""
-    from .targets import get_target
-    from .tvm_build import build
-
-    how = dense_tvm_schedule(manifest)
-    path = tmp / f"dense.{how['target']}.b{batch}.tvm.so"
-    if not path.is_file():
-        cache = Path(how["tune_cache"]) if how.get("tune_cache") else None
-        build(dense, chw, get_target(how["target"]), path, batch=batch, tune_trials=how["tune_trials"],
-              tune_cache=cache, log=lambda *_: None)
-    return path, how
-
-
 def _dense_twin(name, dense, chw, tmp: Path, rt: Runtime, manifest: dict, opts: VerifyOptions, log) -> Runtime | None:
     try:
         if name == "torch":
             return torch_runtime(dense, chw, opts.device, "torch-dense")
-        if name in ("onnx", "tensorrt"):
-            from .export import export_onnx
-
-            # TensorRT gets the ONNX numbers the bundle has; the onnx comparison stays fp32 as before
-            precision = "fp32" if name == "onnx" else \
-                ((manifest.get("artifacts") or {}).get("onnx") or {}).get("precision", "fp32")
-            path = tmp / f"dense.{precision}.onnx"
-            if not path.is_file():
-                path.write_bytes(export_onnx(dense, chw, precision, 17, {}))
-            if name == "tensorrt":
-                return rt.load_other(path, "tensorrt-dense")
-            return onnx_runtime(path, chw, opts.threads, "onnx-dense")
-        if name in ("tvm", "tvm-rpc"):
-            path, how = _dense_tvm_library(dense, chw, tmp, manifest, rt.batches[0])
-            out = (tvm_runtime(path, chw, rt.batches[0], "tvm-dense", device=rt.info.get("device", "cpu").split(":")[0])
-                   if name == "tvm" else rt.load_other(path, "tvm-rpc-dense"))
-            out.info["build"] = how
-            return out
+        return registered_backends()[name].dense_twin(dense, chw, tmp, rt, manifest, opts, log)
     except Exception as exc:  # the ratio is a bonus: never fail verify because the dense twin cannot build
         log(f"latency: no dense original on {name} ({str(exc).splitlines()[0][:120]})")
     return None
@@ -509,8 +417,9 @@ def _system_info(opts: VerifyOptions, runtimes: dict[str, Runtime]) -> dict:
                                             capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
         except (OSError, subprocess.SubprocessError, IndexError):
             pass  # Jetsons before JetPack 6 have no nvidia-smi; the L4T release below names the driver
-    if "tvm-rpc" in runtimes:  # where the scored latency was measured
-        info["remote"] = {k: v for k, v in runtimes["tvm-rpc"].info.items() if k != "file"}
+    remote = [name for name in runtimes if _remote(name)]
+    if remote:  # where the scored latency was measured
+        info["remote"] = {k: v for k, v in runtimes[remote[0]].info.items() if k != "file"}
     nv = Path("/etc/nv_tegra_release")
     if nv.is_file():  # a Jetson: record the L4T release and the power mode
         info["l4t"] = nv.read_text().splitlines()[0][:120]
@@ -738,20 +647,21 @@ def _report(output: Path, r: dict, num_classes: int, log) -> None:
         lines.append(f"- {r['sanity'].get('note', 'none')}")
     sp = r.get("speed") or {}
     if sp.get("speedup_vs_fastest_dense") is not None:
+        dense_names = _dense_runtime_names()
         lines += ["", "## Speed against what a user would otherwise run", "",
                   f"**{sp['speedup_vs_fastest_dense']:.2f}x** the fastest dense runtime on this machine at batch 1: "
                   f"`{sp['backend']}` {sp['p50_ms']:.3f} ms vs the dense original on **{sp['fastest_dense_runtime']}** "
                   f"{sp['fastest_dense_p50_ms']:.3f} ms (p50, same interleaved rounds)"
                   + (" — the artifact is **slower**" if sp["speedup_vs_fastest_dense"] < 1 else "") + ".", "",
-                  "| runtime / batch | artifact p50 ms | " + " | ".join(f"dense {k} p50 ms" for k in DENSE_RUNTIMES) +
-                  " | fastest dense | speedup vs fastest |", "|---|---|" + "---|" * len(DENSE_RUNTIMES) + "---|---|"]
+                  "| runtime / batch | artifact p50 ms | " + " | ".join(f"dense {k} p50 ms" for k in dense_names) +
+                  " | fastest dense | speedup vs fastest |", "|---|---|" + "---|" * len(dense_names) + "---|---|"]
         for k, v in r["latency"].items():
             fd = v.get("fastest_dense")
             if not fd:
                 continue
             dr = v.get("dense_runtimes") or {}
             lines.append(f"| {k} | {v['p50_ms']:.3f} | " + " | ".join(f"{dr[n]['p50_ms']:.3f}" if n in dr else "-"
-                                                                     for n in DENSE_RUNTIMES)
+                                                                     for n in dense_names)
                          + f" | {fd['runtime']} | {fd['speedup']:.2f}x |")
     lines += ["", "## Latency", "", "| runtime / batch | p50 ms | p90 ms | p99 ms | images/s | dense original p50 ms | speedup |",
               "|---|---|---|---|---|---|---|"]

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from .artifacts import MANIFEST, MODEL_FILE, ArtifactError
+from .formats import bundle_files
 
 STAGES = ("train", "structure", "export", "verify")
 
@@ -32,7 +33,7 @@ STAGE_FILES = {
     "train": (MODEL_FILE, "train_state.safetensors", "config.yaml", "metrics.jsonl", "metrics.superseded.jsonl",
               "tensorboard"),
     "structure": (MODEL_FILE, "analysis.json", "config.yaml", "report.md", "weights_*.png"),
-    "export": (MODEL_FILE, "model.onnx", "model.tvm.so", "tensorrt.json", "calibration.safetensors"),
+    "export": (MODEL_FILE, *bundle_files()),
 }
 # artifacts.atomic_write_bytes' temporary files (.NAME.XXXXXXXX.tmp), left only by a kill mid-write
 TEMP_FILE = ".*.tmp"
@@ -73,7 +74,7 @@ def check_options(structure_opts, export_opts, verify_opts) -> None:
         raise ExportError(f"--opset must be >= {MIN_OPSET}, got {e.opset}")
     if e.batch < 1 or e.tune_trials < 0:
         raise ExportError("--batch must be >= 1 and --tune-trials >= 0")
-    check_tools(formats, e.tune_trials)
+    check_tools(formats, e)
 
     v = verify_opts
     unknown_gates = [g for g in v.gates if g not in GATES]

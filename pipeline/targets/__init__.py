@@ -21,10 +21,17 @@ from typing import Any
 import yaml
 
 from ..artifacts import ArtifactError
+from ..formats import format_names
 
-FORMATS = ("onnx", "tvm", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
 TRT_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def __getattr__(name: str):
+    # FORMATS: the format registry's names when asked (rsp.formats), so a format registered later is listed
+    if name == "FORMATS":
+        return format_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class UnknownTargetError(ArtifactError):
@@ -78,7 +85,7 @@ def _parse(doc: Any, filename: str) -> Target:
         cuda = doc.get("cuda") or {}
         formats = tuple(doc.get("formats") or ("onnx",))
         for f in formats:
-            if f not in FORMATS:
+            if f not in format_names():
                 raise bad(f"unknown format {f!r}")
         precision = str(doc.get("precision", "fp32"))
         if precision not in PRECISIONS:
