@@ -139,7 +139,8 @@ def check_black_box(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
                     batch_size: int = 512, tol: float = 0.02, ensemble: dict | None = None,
                     escalate_steps: int = 100, escalate_restarts: int = 2) -> dict:
     """The black-box Square attack must not beat the white-box attacks. `ensemble`: a result of
-    `ensemble_eval` holding 'square' and at least one white-box attack, reused instead of attacking again.
+    `ensemble_eval` holding at least one black-box and one white-box attack (their kinds in the attack registry),
+    reused instead of attacking again.
 
     Robust accuracy is compared per example (worst case over the white-box attacks vs over the black-box
     ones). When Square breaks examples the white-box attacks did not, those examples get a stronger

@@ -3,6 +3,8 @@
 
 import contextlib
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -60,6 +62,13 @@ def test_verify_help_lists_the_registry_as_it_is_when_shown():
         assert f"{NAME} (a random corner of the ball)" in shown
         assert "pgd | apgd-ce | apgd-dlr | apgd-t (targeted DLR)" in shown  # the built-ins, in registry order
     assert NAME not in _verify_help()
+
+
+def test_importing_the_cli_does_not_import_torch():
+    """verify's help is built from the registry when shown, so the CLI's import stays light."""
+    code = "import sys, rsp.cli; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
 
 
 def test_registration_is_checked():

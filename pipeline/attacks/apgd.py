@@ -139,6 +139,6 @@ def _apgd_run(loss: str):
 
 
 register_attack("apgd-ce", kind="white-box")(_apgd_run("ce"))
-# not in `all`, which is AutoAttack's set: its DLR attack is the targeted apgd-t
+# not in `all`: AutoAttack runs DLR in its targeted form, apgd-t
 register_attack("apgd-dlr", kind="white-box", in_all=False)(_apgd_run("dlr"))
 register_attack("apgd-t", kind="white-box", note="targeted DLR")(_apgd_run("dlr-t"))
