@@ -91,9 +91,6 @@ class Format(Backend):
     requires: tuple[str, ...] = ()  # formats whose files it builds on: exported with it
     dense_runtime_name: str | None = None  # the dense runtime it offers verify's speed comparison (dense_runtime)
 
-    def __init__(self):
-        self.format = self.name
-
     def unsupported(self, target) -> str | None:
         """Why the format cannot be exported for target (None: it can)."""
         return None
@@ -140,6 +137,7 @@ def register(cls):
     if not entry.name:
         raise ValueError(f"{cls.__name__} has no name")
     if isinstance(entry, Format):
+        entry.format = entry.name  # a format's own backend runs its own files
         _FORMATS[entry.name] = entry
     _BACKENDS[entry.name] = entry
     return cls
