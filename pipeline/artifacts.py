@@ -7,6 +7,8 @@ A stage folder (train, structure, export, verify) holds
 No pickles anywhere: weights are safetensors, metadata JSON/YAML. Every write goes to a temporary
 file in the same folder and is renamed into place, so a crash never leaves a half-written file.
 An output folder has one writer: lock_folder() holds it (a flock on .rsp-lock, which names the holder).
+A later stage opens its source with read_source() (SourceRun: the manifest typed, rsp train's defaults where
+it is silent) and its output with check_new_output() and StageOutput (held from open() to seal()).
 """
 
 from __future__ import annotations
