@@ -218,10 +218,11 @@ def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names:
     runs rsp's dense kernel (or, tuned, TVM's tuned schedule). Otherwise "dense" with the reason.
     force_sparse marks layers sparse whatever the estimate ("forced"). "linked" stays False here: the TVM
     build links the kernels and export records which (_record_linked)."""
-    arch = target.cuda_arch[0] if target.has_cuda else ("sm_87" if mode == "host" else None)
+    kind = sparse_kernel_kind(target, "host" if mode == "host" else "auto")  # planned even where linking is off
+    arch = target.cuda_arch[0] if kind == "cuda" else ("sm_87" if kind == "host" else None)
     result = None
-    reason = None
-    if arch is None:
+    reason = None if kind else f"target {target.name} runs none of rsp's sparse kernels"
+    if kind == "cpu":
         cpu = _cpu_planner()
         if cpu is None:
             reason = "rsp.kernels.cpu is not available"
@@ -233,7 +234,7 @@ def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names:
 
                 weights = {f"{n}.weight": state[f"{n}.weight"] for n in names}  # module order
                 # the dense library is timed here when the library runs on this kind of CPU
-                measure = target.arch == os.uname().machine
+                measure = target.native
                 plan = cpu.plan_cpu_layers(weights, layer_geometry(model, (batch, *chw)), batch=batch, cpu=target.mcpu,
                                            dense_baseline="library", measure=time_dense_library if measure else None,
                                            dense_fallback=None if tuned else "rsp-dense")
@@ -242,7 +243,7 @@ def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names:
                           "layers": [{"layer": k, **v} for k, v in plan.items()]}
             except Exception as exc:
                 reason = f"rsp.kernels.cpu.plan_cpu_layers failed ({type(exc).__name__}: {str(exc)[:120]})"
-    else:
+    elif kind:
         plan = _planner()
         if plan is None:
             reason = "rsp.kernels.costmodel.plan_model is not available"
@@ -284,7 +285,7 @@ def sparse_kernel_kind(target: Target, mode: str) -> str | None:
         return None
     if mode == "host":
         return "host"
-    return "cuda" if target.has_cuda else "cpu"
+    return target.sparse_kernels[0] if target.sparse_kernels else None
 
 
 def _record_linked(kernels: dict, info: dict | None, mode: str, why_not: str) -> dict:
@@ -480,7 +481,7 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
     mode = opts.sparse_kernels
     if mode not in SPARSE_KERNEL_MODES:
         raise ExportError(f"--sparse-kernels must be one of {', '.join(SPARSE_KERNEL_MODES)}, got {mode!r}")
-    if mode == "host" and target.has_cuda:
+    if mode == "host" and target.gpu_api:
         raise ExportError(f"--sparse-kernels host links the CPU emulator of rsp's kernels into a CPU library; target "
                           f"{target.name} has a GPU (use auto for its CUDA kernels, or off)")
     if mode == "host" and "tvm" not in formats:
@@ -578,7 +579,7 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
         else:
             why_not = "no layer is planned sparse" if not sparse else "not linked"
         _record_linked(kernels, result.info.get("sparse_kernels"), mode, why_not)
-        if not target.has_cuda and target.arch == os.uname().machine:
+        if not target.gpu_api and target.native:
             # the library runs one static batch per call, untuned CPU code slowly (0.3 s per image for an
             # untuned VGG-16): 64 real images are plenty to catch a wrong kernel
             n = min(len(x_np), TVM_PARITY_IMAGES)
@@ -593,10 +594,10 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
         else:
             parity["tvm"] = {"passed": None, "status": "not run",
                              "reason": f"the library is for {target.triple}" + (f" + CUDA {','.join(target.cuda_arch)}"
-                                                                                if target.has_cuda else "")
+                                                                                if target.gpu_api == "cuda" else "")
                              + "; `rsp verify` checks it on the device"}
             log(f"tvm: {TVM_FILE} for {target.triple} ({result.info['library']['elf_machine']})"
-                + (f", SASS {','.join(result.info['library']['sass'])}, no CUDA source" if target.has_cuda else ""))
+                + (f", SASS {','.join(result.info['library']['sass'])}, no CUDA source" if target.gpu_api == "cuda" else ""))
 
     if "tvm" not in formats:
         _record_linked(kernels, None, mode, "no TVM library in this bundle")

@@ -495,12 +495,13 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
         raise TVMBuildError(f"--batch must be >= 1, got {batch}")
     if sparse_layers and sparse_mode not in ("cuda", "host", "cpu"):
         raise TVMBuildError(f"sparse kernel mode must be cuda, host or cpu, got {sparse_mode!r}")
-    cuda = target.has_cuda
-    if sparse_layers and (sparse_mode == "cuda") != cuda:
+    cuda = target.gpu_api == "cuda"  # the only GPU API rsp's registry accepts
+    # the host emulator stands in for the CUDA kernels in a library whose code all runs on the CPU
+    if sparse_layers and sparse_mode not in target.sparse_kernels and not (sparse_mode == "host" and not cuda):
         raise TVMBuildError(f"target {target.name} " + ("has a GPU: link the CUDA kernels, not the host emulator"
-                                                        if cuda else "has no GPU: rsp's CUDA kernels need "
-                                                        "one (the host emulator links into CPU libraries)"))
-    host_arch = os.uname().machine
+                                                        if cuda else f"does not run rsp's {sparse_mode} kernels "
+                                                        f"(its sparse_kernels: {', '.join(target.sparse_kernels) or 'none'}"
+                                                        "; the host emulator links into CPU libraries)"))
     nvcc_info = None
     if cuda:
         try:
@@ -514,12 +515,12 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
             raise TVMBuildError(f"{exc} (the TVM build of a CUDA target compiles its kernels here)") from None
         nvcc_info = {"path": nvcc, "version": info.release, "major": info.major}
     if tune_trials:
-        if cuda or target.arch != host_arch:
-            raise TVMBuildError(f"--tune-trials measures candidates on this {host_arch} machine: it works for CPU "
-                                f"targets of the same architecture, not {target.name}")
+        if target.gpu_api or not target.native:
+            raise TVMBuildError(f"--tune-trials measures candidates on this {os.uname().machine} machine: it works "
+                                f"for CPU targets of the same architecture, not {target.name}")
     fcompile = None
-    if target.arch != host_arch:
-        compiler = target.cross_compiler
+    if not target.native:
+        compiler = target.linker
         if not compiler or not shutil.which(compiler):
             raise TVMBuildError(f"cross compiler {compiler or '?'} for {target.triple} not found: install "
                                 f"g++-{target.triple} (scripts/setup.sh)")
@@ -577,7 +578,7 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
     kwargs = {}
     if cuda:
         kwargs["fpack_imports"] = fatbin_packer(target.cuda_arch, nvcc_info["path"], swapped)
-    elif target.arch != host_arch:
+    elif not target.native:
         # TVM packs the module blob with LLVM for the first LLVM module's triple; when every operator runs in
         # rsp's kernels there is none and it would emit a host (x86) object: assemble it for the target instead
         kwargs["fpack_imports"] = blob_packer(lambda blob: blob)
@@ -588,9 +589,8 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
 
         try:
             obj = kernel_object(link.kernels, sparse_mode, archs=target.cuda_arch,
-                                nvcc=nvcc_info["path"] if nvcc_info else None,
-                                cross_cxx=target.cross_compiler if target.arch != host_arch else None,
-                                cxx=target.cross_compiler if target.arch != host_arch else None, cpu=target.mcpu)
+                                nvcc=nvcc_info["path"] if nvcc_info else None, cross_cxx=target.linker,
+                                cxx=target.linker, cpu=target.mcpu)
         except KernelBuildError as exc:
             raise TVMBuildError(f"building rsp's sparse kernels failed: {exc}") from None
         kwargs["options"] = obj["options"]
@@ -647,7 +647,7 @@ def _check_sass(sass: list[str], ptx: bool, archs, what: str) -> None:
 def cuda_requirements(target: Target, nvcc_info: dict, swapped: list) -> dict:
     """What the device must have to load the library: recorded in the export manifest."""
     major = nvcc_info["major"]
-    jetson = target.name.startswith("jetson")
+    jetson = target.family == "jetson"  # JetPack's CUDA versions
     needs = [f"NVIDIA driver for CUDA >= {major}.0"
              + (" (JetPack 7 / L4T r38 or newer)" if jetson and major >= 13 else ""),
              f"TVM {TVM_VERSION} runtime for {target.triple.split('-')[0]} built with CUDA (libtvm_runtime, "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import re
 import tempfile
@@ -112,8 +111,10 @@ def _chw(manifest: dict, model: torch.nn.Module) -> tuple[int, int, int]:
     return (c, 8, 8) if c == 1 else (c, 32, 32)
 
 
-def _target_has_cuda(manifest: dict) -> bool:
-    return bool(((manifest.get("target") or {}).get("registry") or {}).get("cuda"))
+def _target_gpu_api(manifest: dict) -> str | None:
+    registry = (manifest.get("target") or {}).get("registry") or {}
+    # bundles exported before targets declared `gpu:` have only their cuda section
+    return registry.get("gpu") or ("cuda" if registry.get("cuda") else None)
 
 
 def _tvm_batch(manifest: dict) -> int:
@@ -170,7 +171,7 @@ def _runtimes(bundle: Path, manifest: dict, model, chw, opts: VerifyOptions, log
     if opts.rpc and "tvm-rpc" not in wanted:
         wanted.insert(0, "tvm-rpc")  # the device's numbers are the ones scored and gated
     asked = set(opts.backends or []) | ({"tvm-rpc"} if opts.rpc else set())
-    device = "cuda" if _target_has_cuda(manifest) else "cpu"
+    device = "cuda" if _target_gpu_api(manifest) == "cuda" else "cpu"
     out = {}
     for b in wanted:
         try:
@@ -442,7 +443,7 @@ def dense_tvm_schedule(manifest: dict) -> dict:
     tuning = ((manifest.get("artifacts") or {}).get("tvm") or {}).get("tuning") or {}
     trials = int(tuning.get("trials_requested") or 0)
     out = {"target": target.name, "tune_trials": 0, "schedule": "default (untuned)", "bundle_tune_trials": trials}
-    if trials and not target.has_cuda and target.arch == os.uname().machine:
+    if trials and not target.gpu_api and target.native:
         cache = Path(tuning["cache"]) if tuning.get("cache") and Path(tuning["cache"]).is_dir() else None
         out.update(tune_trials=trials, schedule="meta_schedule", tune_cache=str(cache) if cache else None)
     elif trials:
