@@ -82,6 +82,7 @@ class Target:
 
     @property
     def has_cuda(self) -> bool:
+        """gpu_api == "cuda", under the name tests and older callers read."""
         return self.gpu_api == "cuda"
 
     @property
