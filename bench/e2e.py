@@ -96,14 +96,14 @@ def structured(model, name: str, sparsity: float, tmp: Path):
 def build_config(model, batch: int, out: Path, target_name: str) -> dict:
     """The rsp artifact for `model` as rsp export builds it: plan, then the TVM library."""
     from rsp import tvm_build
-    from rsp.export import _layer_names, kernel_plan, planned_kernel_layers
+    from rsp.export import _layer_names, kernel_plan, planned_kernel_layers, sparse_kernel_kind
     from rsp.targets import get_target
 
     target = get_target(target_name)
     state = model.state_dict()
     names = _layer_names(model)
     plan = kernel_plan(model, CHW, target, state, names, batch)
-    kind = "cuda" if target.has_cuda else "cpu"
+    kind = sparse_kernel_kind(target, "auto")
     kernels, dense = planned_kernel_layers(plan, state, kind)
     t0 = time.perf_counter()
     res = tvm_build.build(model, CHW, target, out, batch=batch, sparse_layers=kernels or None, sparse_mode=kind,

@@ -437,7 +437,7 @@ def export(
              "dense alternative (oneDNN timed here), else rsp's dense kernel), off (TVM's kernels only), "
              "host (link the CUDA kernels' CPU emulator into a CPU library: a correctness path for testing the GPU "
              "code's linkage, not a fast one)."),
-    list_targets: bool = typer.Option(False, "--list-targets", help="Print the target registry and exit."),
+    list_targets: bool = typer.Option(False, "--list-targets", help="Print the target registry (rsp/targets/*.yaml and the folders of $RSP_TARGETS_PATH) and exit."),
 ) -> None:
     """Turn a train or structure folder into a deployable bundle for a target device.
 

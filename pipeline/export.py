@@ -24,7 +24,7 @@ from .formats import ExportJob, formats as registered_formats
 from .formats.onnx import MIN_OPSET, export_onnx  # noqa: F401  (export_onnx: rsp.export's name for it, bench uses it)
 from .formats.tensorrt import build_engine as build_tensorrt_engine  # noqa: F401  (the public name)
 from .formats.tensorrt import trt_24_layers as _trt_24_layers  # noqa: F401  (tests use the old name)
-from .formats.tvm import planned_kernel_layers  # noqa: F401  (bench uses it from here)
+from .formats.tvm import planned_kernel_layers, sparse_kernel_kind  # noqa: F401  (bench uses them from here)
 from .latency import median_call_seconds
 from .targets import PRECISIONS, TRT_PRECISIONS, Target, get_target
 
@@ -180,10 +180,11 @@ def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names:
     runs rsp's dense kernel (or, tuned, TVM's tuned schedule). Otherwise "dense" with the reason.
     force_sparse marks layers sparse whatever the estimate ("forced"). "linked" stays False here: the TVM
     build links the kernels and records which (rsp.formats.tvm.record_linked)."""
-    arch = target.cuda_arch[0] if target.has_cuda else ("sm_87" if mode == "host" else None)
+    kind = sparse_kernel_kind(target, "host" if mode == "host" else "auto")  # planned even where linking is off
+    arch = target.cuda_arch[0] if kind == "cuda" else ("sm_87" if kind == "host" else None)
     result = None
-    reason = None
-    if arch is None:
+    reason = None if kind else f"target {target.name} runs none of rsp's sparse kernels"
+    if kind == "cpu":
         cpu = _cpu_planner()
         if cpu is None:
             reason = "rsp.kernels.cpu is not available"
@@ -195,7 +196,7 @@ def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names:
 
                 weights = {f"{n}.weight": state[f"{n}.weight"] for n in names}  # module order
                 # the dense library is timed here when the library runs on this kind of CPU
-                measure = target.arch == os.uname().machine
+                measure = target.native
                 plan = cpu.plan_cpu_layers(weights, layer_geometry(model, (batch, *chw)), batch=batch, cpu=target.mcpu,
                                            dense_baseline="library", measure=time_dense_library if measure else None,
                                            dense_fallback=None if tuned else "rsp-dense")
@@ -204,7 +205,7 @@ def kernel_plan(model: torch.nn.Module, chw, target: Target, state: dict, names:
                           "layers": [{"layer": k, **v} for k, v in plan.items()]}
             except Exception as exc:
                 reason = f"rsp.kernels.cpu.plan_cpu_layers failed ({type(exc).__name__}: {str(exc)[:120]})"
-    else:
+    elif kind:
         plan = _planner()
         if plan is None:
             reason = "rsp.kernels.costmodel.plan_model is not available"
@@ -277,7 +278,7 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
     mode = opts.sparse_kernels
     if mode not in SPARSE_KERNEL_MODES:
         raise ExportError(f"--sparse-kernels must be one of {', '.join(SPARSE_KERNEL_MODES)}, got {mode!r}")
-    if mode == "host" and target.has_cuda:
+    if mode == "host" and target.gpu_api:
         raise ExportError(f"--sparse-kernels host links the CPU emulator of rsp's kernels into a CPU library; target "
                           f"{target.name} has a GPU (use auto for its CUDA kernels, or off)")
     if opts.force_sparse and mode == "off":

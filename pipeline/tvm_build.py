@@ -11,7 +11,8 @@ the source here with nvcc into a fatbin holding SASS for the target's architectu
 the serialized module blob (export_library's fpack_imports hook), which is linked into the shared object
 as the symbol TVM's loader reads (`__tvm_ffi__library_bin`), so the device needs only TVM's runtime and
 the CUDA driver. The blob layout is TVM 0.27's; the parser below checks every length and refuses anything
-else instead of writing a broken library. inspect_library reads a built library back the same way.
+else instead of writing a broken library. inspect_library reads a built library back the same way. Finding
+and running nvcc and reading fatbins and ELF files is rsp.kernels.toolchain's, shared with rsp's kernels.
 
 rsp's sparse kernels. build(sparse_layers=...) rewrites the Relax module so that the layers the plan marks
 sparse call rsp's BSR kernels (R.call_dps_packed; kernels/relax_link.py) and links their object, compiled
@@ -27,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import struct
 import subprocess
@@ -41,10 +41,13 @@ import numpy as np
 import torch
 
 from .artifacts import ArtifactError
+from .kernels import toolchain
+# nvcc_version is re-exported (rsp.tvm_build has always offered it); nvcc, fatbins and ELF files are the toolchain's
+from .kernels.toolchain import (BinaryFormatError, ToolchainError, check_sass_only, elf_dynamic,  # noqa: F401
+                                elf_machine, elf_sections, elf_symbol_bytes, nvcc_version, parse_fatbins)
 from .targets import Target
 
 TVM_VERSION = "0.27"
-FATBIN_MAGIC = 0xBA55ED50
 # nvcc flags TVM itself uses for its kernels (half/bfloat16 operators), minus --use_fast_math: rsp's parity
 # promise is about exact float32 arithmetic, and approximate division/rsqrt would break it on the device.
 NVCC_FLAGS = ["-O3", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
@@ -136,48 +139,12 @@ def relax_module(model: torch.nn.Module, batch: int, chw: tuple[int, int, int]):
 # --- CUDA: nvcc -> fatbin, swapped into the library blob ------------------------------------------
 
 
-def find_nvcc(nvcc: str | None = None) -> str:
-    for cand in ([nvcc] if nvcc else [os.environ.get("RSP_NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]):
-        if cand and (shutil.which(cand) or Path(cand).is_file()):
-            return shutil.which(cand) or cand
-    raise TVMBuildError(f"nvcc not found{f' at {nvcc}' if nvcc else ''}: the TVM build of a CUDA target compiles its "
-                        "kernels here (install a CUDA toolkit or pass --nvcc PATH)")
-
-
-def nvcc_version(nvcc: str) -> str:
-    try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise TVMBuildError(f"cannot run {nvcc}: {exc}") from None
-    m = re.search(r"release (\d+)\.(\d+)", out)
-    if not m:
-        raise TVMBuildError(f"cannot read the CUDA version from `{nvcc} --version`")
-    return f"{m.group(1)}.{m.group(2)}"
-
-
-def nvcc_archs(nvcc: str) -> set[str]:
-    try:
-        out = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return set()
-    return set(out.split())
-
-
 def compile_fatbin(source: str, archs: tuple[str, ...], nvcc: str) -> bytes:
-    """nvcc --fatbin with SASS for each sm_XY (no PTX: nothing is left to JIT on the device)."""
-    with tempfile.TemporaryDirectory(prefix="rsp-nvcc-") as tmp:
-        src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
-        src.write_text(source)
-        gencode = []
-        for a in archs:
-            n = a.split("_", 1)[1]
-            gencode += ["-gencode", f"arch=compute_{n},code=sm_{n}"]
-        cmd = [nvcc, "--fatbin", *gencode, *NVCC_FLAGS, "-o", str(out), str(src)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-            raise TVMBuildError(f"nvcc failed on TVM's kernels for {','.join(archs)}: {tail[0]}")
-        return out.read_bytes()
+    """nvcc --fatbin of TVM's kernels, SASS for each sm_XY (no PTX: nothing is left to JIT on the device)."""
+    try:
+        return toolchain.compile_fatbin(source, archs, nvcc, NVCC_FLAGS, what="nvcc on TVM's kernels")
+    except ToolchainError as exc:
+        raise TVMBuildError(str(exc)) from None
 
 
 class _Reader:
@@ -305,77 +272,8 @@ def fatbin_packer(archs: tuple[str, ...], nvcc: str, report: list) -> Callable:
 # --- inspecting a built library ------------------------------------------------------------------
 
 
-ELF_MACHINES = {62: "x86_64", 183: "aarch64", 190: "cuda"}
-
-
-def elf_machine(path: str | Path) -> str:
-    head = Path(path).read_bytes()[:20]
-    if head[:4] != b"\x7fELF":
-        return "not-elf"
-    (machine,) = struct.unpack_from("<H", head, 18)
-    return ELF_MACHINES.get(machine, str(machine))
-
-
-def parse_fatbins(data: bytes) -> list[dict]:
-    """Every fatbin in `data`: its entries' kind (elf = SASS, ptx) and SM architecture.
-
-    The fatbin container starts with magic 0xBA55ED50 (u32), version (u16), header size (u16), payload size
-    (u64); each entry starts with kind (u16: 1 PTX, 2 ELF), version (u16), header size (u32), payload size
-    (u64), ..., and the SM number as u32 at byte 28. ELF entries are checked against their own ELF header
-    (e_machine 190 = EM_CUDA; the SM is in bits 8-15 of e_flags for the current ABI, 0-7 for the old one).
-    """
-    found, start = [], 0
-    magic = struct.pack("<I", FATBIN_MAGIC)
-    while (i := data.find(magic, start)) >= 0:
-        start = i + 4
-        try:
-            _, _, hsize, fat = struct.unpack_from("<IHHQ", data, i)
-            off, end, entries = i + hsize, i + hsize + fat, []
-            while off < end:
-                kind, _, ehs, psize = struct.unpack_from("<HHIQ", data, off)
-                (sm,) = struct.unpack_from("<I", data, off + 28)
-                entry = {"kind": {1: "ptx", 2: "elf"}.get(kind, str(kind)), "sm": sm}
-                payload = data[off + ehs: off + ehs + psize]
-                if kind == 2 and payload[:4] == b"\x7fELF":
-                    (machine,) = struct.unpack_from("<H", payload, 18)
-                    (flags,) = struct.unpack_from("<I", payload, 48)
-                    entry["elf_machine"] = ELF_MACHINES.get(machine, str(machine))
-                    entry["elf_sm"] = (flags >> 8) & 0xFF if payload[8] >= 8 else flags & 0xFF
-                entries.append(entry)
-                off += ehs + psize
-            found.append({"offset": i, "bytes": fat + hsize, "entries": entries})
-            start = end
-        except struct.error:
-            continue
-    return found
-
-
 CUDA_SOURCE_MARKERS = (b'extern "C" __global__', b"__launch_bounds__(")
 BLOB_SYMBOL = "__tvm_ffi__library_bin"
-
-
-def elf_symbol_bytes(data: bytes, symbol: str) -> bytes | None:
-    """The bytes of a defined symbol in a little-endian ELF64 file (any machine: no binutils needed)."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return None
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
-    for _, sh_type, _, _, off, size, link, _, _, entsize in sections:
-        if sh_type not in (2, 11) or not entsize:  # SHT_SYMTAB, SHT_DYNSYM
-            continue
-        stroff = sections[link][4]
-        for j in range(size // entsize):
-            st_name, _, _, shndx, value, st_size = struct.unpack_from("<IBBHQQ", data, off + j * entsize)
-            end = data.index(b"\0", stroff + st_name)
-            if data[stroff + st_name: end].decode(errors="replace") != symbol or not 0 < shndx < len(sections):
-                continue
-            sec = sections[shndx]
-            if sec[1] == 8:  # SHT_NOBITS: no bytes in the file
-                return None
-            start = sec[4] + (value - sec[3])
-            return data[start: start + st_size]
-    return None
 
 
 def blob_modules(blob: bytes) -> list[dict]:
@@ -400,55 +298,26 @@ def blob_modules(blob: bytes) -> list[dict]:
     return out
 
 
-def _elf_dynamic(data: bytes) -> tuple[list[str], list[str]]:
-    """(DT_NEEDED libraries, defined dynamic symbols) of a little-endian ELF64 shared object."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return [], []
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-    secs = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
-
-    def cstr(off: int) -> str:
-        return data[off: data.index(b"\0", off)].decode(errors="replace")
-
-    needed, symbols = [], []
-    for _, typ, _, _, off, size, link, _, _, entsize in secs:
-        if typ == 6 and entsize:  # SHT_DYNAMIC
-            for j in range(size // entsize):
-                tag, val = struct.unpack_from("<qQ", data, off + j * entsize)
-                if tag == 1:  # DT_NEEDED
-                    needed.append(cstr(secs[link][4] + val))
-        elif typ == 11 and entsize:  # SHT_DYNSYM
-            for j in range(1, size // entsize):
-                st_name, _, _, shndx = struct.unpack_from("<IBBH", data, off + j * entsize)
-                if st_name and shndx:
-                    symbols.append(cstr(secs[link][4] + st_name))
-    return needed, symbols
-
-
-def _elf_section(data: bytes, name: str) -> bytes | None:
-    from .kernels.build import _elf_sections
-
-    try:
-        return _elf_sections(data).get(name)
-    except (ValueError, struct.error):
-        return None
-
-
 def inspect_library(path: str | Path) -> dict:
     """What a TVM library holds: its ELF machine, its serialized modules (read from the
     __tvm_ffi__library_bin symbol), the SASS architectures of its fatbins and whether CUDA source is left;
     and what linked objects brought in (rsp's kernels): the TVM FFI functions it exports (``__tvm_ffi_NAME``),
     the SASS/PTX of the fatbins in its .nv_fatbin section, and the shared libraries it needs."""
     data = Path(path).read_bytes()
-    blob = elf_symbol_bytes(data, BLOB_SYMBOL)
+    try:
+        machine = elf_machine(data)
+    except BinaryFormatError:
+        machine = "not-elf"
+    try:
+        blob, (needed, dynsyms) = elf_symbol_bytes(data, BLOB_SYMBOL), elf_dynamic(data)
+        nv = elf_sections(data).get(".nv_fatbin")
+    except BinaryFormatError:  # not an ELF64 file: nothing of TVM's in it
+        blob, needed, dynsyms, nv = None, [], [], None
     modules = blob_modules(blob) if blob else []
     cuda = [m for m in modules if m["kind"] == "cuda"]
     entries = [e for m in cuda for f in m.get("fatbins", []) for e in f["entries"]]
-    needed, dynsyms = _elf_dynamic(data)
-    nv = _elf_section(data, ".nv_fatbin") or b""
-    kentries = [e for f in parse_fatbins(nv) for e in f["entries"]]
-    return {"elf_machine": elf_machine(path), "modules": [m["kind"] for m in modules],
+    kentries = [e for f in parse_fatbins(nv or b"") for e in f["entries"]]
+    return {"elf_machine": machine, "modules": [m["kind"] for m in modules],
             "cuda_modules": [{"fmt": m["fmt"], "code_bytes": m["code_bytes"]} for m in cuda],
             "sass": sorted({f"sm_{e['sm']}" for e in entries if e["kind"] == "elf"}),
             "ptx": any(e["kind"] == "ptx" for e in entries),
@@ -626,30 +495,32 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
         raise TVMBuildError(f"--batch must be >= 1, got {batch}")
     if sparse_layers and sparse_mode not in ("cuda", "host", "cpu"):
         raise TVMBuildError(f"sparse kernel mode must be cuda, host or cpu, got {sparse_mode!r}")
-    if sparse_layers and (sparse_mode == "cuda") != target.has_cuda:
+    cuda = target.gpu_api == "cuda"  # the only GPU API rsp's registry accepts
+    # the host emulator stands in for the CUDA kernels in a library whose code all runs on the CPU
+    if sparse_layers and sparse_mode not in target.sparse_kernels and not (sparse_mode == "host" and not cuda):
         raise TVMBuildError(f"target {target.name} " + ("has a GPU: link the CUDA kernels, not the host emulator"
-                                                        if target.has_cuda else "has no GPU: rsp's CUDA kernels need "
-                                                        "one (the host emulator links into CPU libraries)"))
-    host_arch = os.uname().machine
+                                                        if cuda else f"does not run rsp's {sparse_mode} kernels "
+                                                        f"(its sparse_kernels: {', '.join(target.sparse_kernels) or 'none'}"
+                                                        "; the host emulator links into CPU libraries)"))
     nvcc_info = None
-    if target.has_cuda:
-        nvcc = find_nvcc(nvcc)
-        version = nvcc_version(nvcc)
-        major = int(version.split(".")[0])
-        if target.cuda_toolkit_max_major and major > target.cuda_toolkit_max_major:
-            raise TVMBuildError(f"target {target.name} ({','.join(target.cuda_arch)}) needs a CUDA <= "
-                                f"{target.cuda_toolkit_max_major} toolkit; {nvcc} is CUDA {version} (pass --nvcc)")
-        missing = [a for a in target.cuda_arch if nvcc_archs(nvcc) and a not in nvcc_archs(nvcc)]
-        if missing:
-            raise TVMBuildError(f"{nvcc} (CUDA {version}) cannot compile for {','.join(missing)}")
-        nvcc_info = {"path": nvcc, "version": version, "major": major}
+    if cuda:
+        try:
+            nvcc = toolchain.require_nvcc(nvcc)
+            info = toolchain.nvcc_info(nvcc)
+            if target.cuda_toolkit_max_major and info.major > target.cuda_toolkit_max_major:
+                raise TVMBuildError(f"target {target.name} ({','.join(target.cuda_arch)}) needs a CUDA <= "
+                                    f"{target.cuda_toolkit_max_major} toolkit; {nvcc} is CUDA {info.release} (pass --nvcc)")
+            toolchain.require_archs(nvcc, target.cuda_arch)
+        except ToolchainError as exc:
+            raise TVMBuildError(f"{exc} (the TVM build of a CUDA target compiles its kernels here)") from None
+        nvcc_info = {"path": nvcc, "version": info.release, "major": info.major}
     if tune_trials:
-        if target.has_cuda or target.arch != host_arch:
-            raise TVMBuildError(f"--tune-trials measures candidates on this {host_arch} machine: it works for CPU "
-                                f"targets of the same architecture, not {target.name}")
+        if target.gpu_api or not target.native:
+            raise TVMBuildError(f"--tune-trials measures candidates on this {os.uname().machine} machine: it works "
+                                f"for CPU targets of the same architecture, not {target.name}")
     fcompile = None
-    if target.arch != host_arch:
-        compiler = target.cross_compiler
+    if not target.native:
+        compiler = target.linker
         if not compiler or not shutil.which(compiler):
             raise TVMBuildError(f"cross compiler {compiler or '?'} for {target.triple} not found: install "
                                 f"g++-{target.triple} (scripts/setup.sh)")
@@ -669,7 +540,7 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
         if sparse_layers:
             from .kernels.relax_link import HOST_ARCH, link_sparse_layers
 
-            link = link_sparse_layers(mod, sparse_layers, arch=target.cuda_arch[0] if target.has_cuda else HOST_ARCH,
+            link = link_sparse_layers(mod, sparse_layers, arch=target.cuda_arch[0] if sparse_mode == "cuda" else HOST_ARCH,
                                       kind="cpu" if sparse_mode == "cpu" else "cuda",
                                       dense=dense_layers if sparse_mode == "cpu" else ())
             mod = link.mod
@@ -693,7 +564,7 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
                 tuning = result.info
                 executable = ms.relax_integration.compile_relax(result.database, mod, tgt, None)
         else:
-            with _keep_cuda_source(target.has_cuda):
+            with _keep_cuda_source(cuda):
                 executable = tvm.compile(mod, target=tgt)
     except (TVMBuildError, KeyboardInterrupt):
         raise
@@ -705,9 +576,9 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
     t2 = time.perf_counter()
     swapped: list = []
     kwargs = {}
-    if target.has_cuda:
+    if cuda:
         kwargs["fpack_imports"] = fatbin_packer(target.cuda_arch, nvcc_info["path"], swapped)
-    elif target.arch != host_arch:
+    elif not target.native:
         # TVM packs the module blob with LLVM for the first LLVM module's triple; when every operator runs in
         # rsp's kernels there is none and it would emit a host (x86) object: assemble it for the target instead
         kwargs["fpack_imports"] = blob_packer(lambda blob: blob)
@@ -718,9 +589,8 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
 
         try:
             obj = kernel_object(link.kernels, sparse_mode, archs=target.cuda_arch,
-                                nvcc=nvcc_info["path"] if nvcc_info else None,
-                                cross_cxx=target.cross_compiler if target.arch != host_arch else None,
-                                cxx=target.cross_compiler if target.arch != host_arch else None, cpu=target.mcpu)
+                                nvcc=nvcc_info["path"] if nvcc_info else None, cross_cxx=target.linker,
+                                cxx=target.linker, cpu=target.mcpu)
         except KernelBuildError as exc:
             raise TVMBuildError(f"building rsp's sparse kernels failed: {exc}") from None
         kwargs["options"] = obj["options"]
@@ -744,34 +614,40 @@ def build(model: torch.nn.Module, chw: tuple[int, int, int], target: Target, out
         "file": out_file.name, "tvm_version": tvm.__version__, "target": config,
         "host_triple": target.triple, "importer": "relax.frontend.torch.from_exported_program",
         "batch": batch, "input_shape": [batch, *chw], "dtype": "float32", "entry": "main",
-        "schedule": ("meta_schedule" if tuning and tuning.get("tasks") else ("dlight default GPU rules" if target.has_cuda else "default (untuned)")),
+        "schedule": ("meta_schedule" if tuning and tuning.get("tasks") else ("dlight default GPU rules" if cuda else "default (untuned)")),
         "tuning": tuning, "library": lib_info,
         "time_s": {"import": round(t_import, 2), "compile": round(t_compile, 2), "link": round(t_link, 2)},
     }
-    if target.has_cuda:
-        if lib_info["cuda_source"] or sorted(lib_info["sass"]) != sorted(set(target.cuda_arch)):
-            raise TVMBuildError(f"the library does not hold exactly the compiled {','.join(target.cuda_arch)} kernels "
-                                f"(found SASS {lib_info['sass']}, CUDA source left: {lib_info['cuda_source']})")
+    if cuda:
+        if lib_info["cuda_source"]:
+            raise TVMBuildError("the library still holds CUDA source, not only the compiled "
+                                f"{','.join(target.cuda_arch)} kernels")
+        _check_sass(lib_info["sass"], lib_info["ptx"], target.cuda_arch, "TVM's kernels in the library")
         info["cuda"] = cuda_requirements(target, nvcc_info, swapped)
     if kernels_info is not None:
         missing = [ll["symbol"] for ll in kernels_info["layers"] if ll["symbol"] not in lib_info["tvm_ffi_functions"]]
         if missing:
             raise TVMBuildError(f"the library does not export rsp's kernels {', '.join(missing)} (__tvm_ffi_<name>)")
-        if kernels_info["layers"] and target.has_cuda and (lib_info["linked_ptx"] or
-                                                           lib_info["linked_sass"] != sorted(set(target.cuda_arch))):
-            raise TVMBuildError(f"rsp's kernels in the library are not SASS for exactly {','.join(target.cuda_arch)} "
-                                f"(found SASS {lib_info['linked_sass']}, PTX: {lib_info['linked_ptx']})")
+        if kernels_info["layers"] and cuda:
+            _check_sass(lib_info["linked_sass"], lib_info["linked_ptx"], target.cuda_arch, "rsp's kernels in the library")
         info["sparse_kernels"] = kernels_info
-        if target.has_cuda and kernels_info["layers"] and "-lcudart" in kwargs.get("options", []):
+        if cuda and kernels_info["layers"] and "-lcudart" in kwargs.get("options", []):
             info["cuda"]["device_needs"].append(
                 f"libcudart.so.{nvcc_info['major']} on the loader path (rsp's kernels link the device's CUDA runtime)")
     return BuildResult(info)
 
 
+def _check_sass(sass: list[str], ptx: bool, archs, what: str) -> None:
+    try:
+        check_sass_only(sass, ptx, archs, what)
+    except ToolchainError as exc:
+        raise TVMBuildError(str(exc)) from None
+
+
 def cuda_requirements(target: Target, nvcc_info: dict, swapped: list) -> dict:
     """What the device must have to load the library: recorded in the export manifest."""
     major = nvcc_info["major"]
-    jetson = target.name.startswith("jetson")
+    jetson = target.family == "jetson"  # JetPack's CUDA versions
     needs = [f"NVIDIA driver for CUDA >= {major}.0"
              + (" (JetPack 7 / L4T r38 or newer)" if jetson and major >= 13 else ""),
              f"TVM {TVM_VERSION} runtime for {target.triple.split('-')[0]} built with CUDA (libtvm_runtime, "

@@ -13,7 +13,6 @@ Verify runs the library in the Relax VM here (backend tvm), or on a device throu
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 from . import Backend, Exported, ExportJob, Format, compare_logits, register
@@ -28,7 +27,7 @@ def sparse_kernel_kind(target, mode: str) -> str | None:
         return None
     if mode == "host":
         return "host"
-    return "cuda" if target.has_cuda else "cpu"
+    return target.sparse_kernels[0] if target.sparse_kernels else None
 
 
 def planned_kernel_layers(plan: dict, state: dict, kind: str | None) -> tuple[dict, list[str]]:
@@ -87,8 +86,10 @@ def _tuning_progress(target, cache: Path | None, trials: int):
             yield
 
 
-def _target_has_cuda(manifest: dict) -> bool:
-    return bool(((manifest.get("target") or {}).get("registry") or {}).get("cuda"))
+def _target_gpu_api(manifest: dict) -> str | None:
+    registry = (manifest.get("target") or {}).get("registry") or {}
+    # bundles exported before targets declared `gpu:` have only their cuda section
+    return registry.get("gpu") or ("cuda" if registry.get("cuda") else None)
 
 
 def _library_batch(manifest: dict) -> int:
@@ -105,7 +106,7 @@ def dense_tvm_schedule(manifest: dict) -> dict:
     tuning = ((manifest.get("artifacts") or {}).get("tvm") or {}).get("tuning") or {}
     trials = int(tuning.get("trials_requested") or 0)
     out = {"target": target.name, "tune_trials": 0, "schedule": "default (untuned)", "bundle_tune_trials": trials}
-    if trials and not target.has_cuda and target.arch == os.uname().machine:
+    if trials and not target.gpu_api and target.native:
         cache = Path(tuning["cache"]) if tuning.get("cache") and Path(tuning["cache"]).is_dir() else None
         out.update(tune_trials=trials, schedule="meta_schedule", tune_cache=str(cache) if cache else None)
     elif trials:
@@ -177,7 +178,7 @@ class Tvm(Format):
             why_not = "no layer is planned sparse" if not sparse else "not linked"
         record_linked(job.kernels, result.info.get("sparse_kernels"), mode, why_not)
         latency = {}
-        if not target.has_cuda and target.arch == os.uname().machine:
+        if not target.gpu_api and target.native:
             # the library runs one static batch per call, untuned CPU code slowly (0.3 s per image for an
             # untuned VGG-16): 64 real images are plenty to catch a wrong kernel
             x_np = job.images.numpy()
@@ -192,10 +193,10 @@ class Tvm(Format):
         else:
             parity = {"passed": None, "status": "not run",
                       "reason": f"the library is for {target.triple}" + (f" + CUDA {','.join(target.cuda_arch)}"
-                                                                         if target.has_cuda else "")
+                                                                         if target.gpu_api == "cuda" else "")
                       + "; `rsp verify` checks it on the device"}
             log(f"tvm: {TVM_FILE} for {target.triple} ({result.info['library']['elf_machine']})"
-                + (f", SASS {','.join(result.info['library']['sass'])}, no CUDA source" if target.has_cuda else ""))
+                + (f", SASS {','.join(result.info['library']['sass'])}, no CUDA source" if target.gpu_api == "cuda" else ""))
         return Exported([TVM_FILE], result.info, parity, latency)
 
     def not_exported(self, job: ExportJob) -> None:
@@ -204,7 +205,7 @@ class Tvm(Format):
     def runtime(self, bundle, manifest, chw, opts, log):
         from ..runtimes import tvm_runtime
 
-        device = "cuda" if _target_has_cuda(manifest) else "cpu"
+        device = "cuda" if _target_gpu_api(manifest) == "cuda" else "cpu"
         return tvm_runtime(Path(bundle) / TVM_FILE, chw, _library_batch(manifest), device=device)
 
     def dense_twin(self, dense, chw, tmp, runtime, manifest, opts, log):
@@ -244,7 +245,7 @@ class TvmRpc(Backend):
         if not path.is_file():
             raise RuntimeUnavailable(f"{path} not found: export with --format tvm")
         session = rpc_session(opts.rpc, opts.rpc_key)
-        device = "cuda" if _target_has_cuda(manifest) else "cpu"
+        device = "cuda" if _target_gpu_api(manifest) == "cuda" else "cpu"
         out = tvm_rpc_runtime(session, opts.rpc, path, chw, _library_batch(manifest), device)
         if opts.rpc_key:
             out.info["rpc_key"] = opts.rpc_key

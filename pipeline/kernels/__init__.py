@@ -11,10 +11,13 @@ Modules:
   (``bsr_conv2d``, ``bsr_linear``: im2col + block GEMM over the stored blocks only).
 - ``codegen``: ``LayerSpec`` (``conv_spec``, ``linear_spec``) and ``generate(spec, weight_or_bsr, bias)``
   -> ``KernelSource`` (the .cu text, its symbol ``name``, launch geometry, statistics).
+- ``toolchain`` (shared with ``rsp.tvm_build``): nvcc (``require_nvcc`` honours ``--nvcc``, ``$RSP_NVCC``,
+  ``$CUDA_HOME``, PATH; ``find_nvcc``: the same or None), ``nvcc_info``, ``compile_fatbin``, the ELF and
+  fatbin readers (``elf_machine``, ``parse_fatbins``, ``inspect_device_code``: fatbin/cubin contents, no
+  cuobjdump needed); every failure a one-line ``ToolchainError`` (= ``KernelBuildError``).
 - ``build``: ``compile_kernels(sources, arch="sm_87"|"sm_90"|[...], kind="fatbin"|"cubin"|"ptx"|"obj"|"so",
   tvm_ffi=False)`` with nvcc into a content-addressed cache (``$RSP_KERNEL_CACHE``, default
-  ``~/.cache/rsp/kernels``), ``inspect_device_code`` (fatbin/cubin contents, no cuobjdump needed),
-  ``load_layer(ks, "cuda"|"cpu")`` (ctypes; "cpu" runs the same unit compiled by g++: the host emulator),
+  ``~/.cache/rsp/kernels``), ``load_layer(ks, "cuda"|"cpu")`` (ctypes; "cpu" runs the same unit compiled by g++: the host emulator),
   ``tvm_link_options``.
 - ``costmodel``: ``estimate``, ``choose_kernel(shape, block_density, batch, arch, ...)`` -> "sparse" |
   "dense", ``plan_layers(state_dict, geometry, ...)`` / ``plan_model(model, input_shape, ...)`` -> the
@@ -63,14 +66,14 @@ sm_87/sm_90, the host emulator and the cost model (``tests/test_kernels.py``).
 """
 
 from .bsr import BSR, DEFAULT_BLOCKS, block_density, bsr_conv2d, bsr_linear, bsr_matmul, from_bsr, to_bsr
-from .build import (KernelBuildError, compile_kernels, find_nvcc, inspect_device_code, load_layer,
-                    tvm_link_options)
+from .build import KernelBuildError, compile_kernels, load_layer, tvm_link_options
 from .codegen import KernelSource, LayerSpec, conv_spec, generate, linear_spec
 from .costmodel import choose_kernel, estimate, layer_geometry, plan_layers, plan_model
+from .toolchain import ToolchainError, find_nvcc, inspect_device_code, require_nvcc
 
 __all__ = [
-    "BSR", "DEFAULT_BLOCKS", "KernelBuildError", "KernelSource", "LayerSpec", "block_density", "bsr_conv2d",
-    "bsr_linear", "bsr_matmul", "choose_kernel", "compile_kernels", "conv_spec", "estimate", "find_nvcc",
-    "from_bsr", "generate", "inspect_device_code", "layer_geometry", "linear_spec", "load_layer", "plan_layers",
-    "plan_model", "to_bsr", "tvm_link_options",
+    "BSR", "DEFAULT_BLOCKS", "KernelBuildError", "KernelSource", "LayerSpec", "ToolchainError", "block_density",
+    "bsr_conv2d", "bsr_linear", "bsr_matmul", "choose_kernel", "compile_kernels", "conv_spec", "estimate",
+    "find_nvcc", "from_bsr", "generate", "inspect_device_code", "layer_geometry", "linear_spec", "load_layer",
+    "plan_layers", "plan_model", "require_nvcc", "to_bsr", "tvm_link_options",
 ]

@@ -1,5 +1,6 @@
-"""Compile generated kernels with nvcc (or the host emulator with g++) into a content-addressed cache,
-check that the result is real device code, and call the layers from PyTorch through ctypes.
+"""Compile generated kernels with nvcc (or the host emulator with g++) into a content-addressed cache
+and call the layers from PyTorch through ctypes. Finding nvcc, running it and reading device code back
+(``inspect_device_code``) is ``toolchain``'s, shared with the TVM build.
 
 Artifacts (``compile_kernels(kind=...)``):
 
@@ -30,13 +31,10 @@ CUDA 12 driver; JetPack 6 on Jetson Orin ships CUDA 12.x): build on, or for, the
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import re
 import shutil
-import struct
-import subprocess
 import tempfile
 import threading
 from pathlib import Path
@@ -45,46 +43,20 @@ from typing import Iterable, Sequence
 import torch
 
 from .codegen import KernelSource, LayerSpec, combine
+# FATBIN_MAGIC and inspect_device_code are re-exported: rsp.kernels.build has always offered them
+from .toolchain import (FATBIN_MAGIC, ToolchainError, compiler_machine, cuda_library_dir, elf_symbols,  # noqa: F401
+                        find_nvcc, gencode_flags, inspect_device_code, nvcc_info, require_archs, require_nvcc,
+                        run_tool, toolkit_root)
 
 KINDS = ("fatbin", "cubin", "ptx", "obj", "so")
-FATBIN_MAGIC = 0xBA55ED50
-EM_CUDA = 190
 _CUDA_ERRORS = {1: "cudaErrorInvalidValue", 2: "cudaErrorMemoryAllocation", 3: "cudaErrorInitializationError",
                 35: "cudaErrorInsufficientDriver (the toolkit is newer than the driver)", 98: "cudaErrorInvalidDeviceFunction",
                 100: "cudaErrorNoDevice", 209: "cudaErrorNoKernelImageForDevice (no SASS/PTX for this GPU)",
                 222: "cudaErrorUnsupportedPtxVersion (the toolkit is newer than the driver)",
                 400: "cudaErrorInvalidResourceHandle (stream of another context?)", 700: "cudaErrorIllegalAddress"}
 
-
-class KernelBuildError(RuntimeError):
-    """nvcc / g++ failed, or no compiler was found. The message is one line."""
-
-
-def find_nvcc(nvcc: str | None = None) -> str | None:
-    """nvcc from the argument, $RSP_NVCC, $CUDA_HOME/bin, PATH or /usr/local/cuda/bin, else None."""
-    cands = [nvcc, os.environ.get("RSP_NVCC")]
-    for env in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(env):
-            cands.append(str(Path(os.environ[env]) / "bin" / "nvcc"))
-    cands += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
-    for c in cands:
-        if c and Path(c).is_file() and os.access(c, os.X_OK):
-            return c
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def nvcc_version(nvcc: str) -> str:
-    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    m = re.search(r"release ([0-9.]+), (V[0-9.]+)", out)
-    return m.group(2) if m else out.strip().splitlines()[-1] if out.strip() else "unknown"
-
-
-@functools.lru_cache(maxsize=None)
-def nvcc_archs(nvcc: str) -> tuple[str, ...]:
-    """The real archs this nvcc can build SASS for (``nvcc --list-gpu-code``)."""
-    r = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, timeout=60)
-    return tuple(a for a in r.stdout.split() if a.startswith("sm_"))
+# nvcc / g++ failed, or no compiler was found (one line): the toolchain's error, under the name rsp.kernels exports
+KernelBuildError = ToolchainError
 
 
 def default_cache_dir() -> Path:
@@ -104,49 +76,6 @@ def tvm_ffi_include_dirs() -> list[str]:
             raise KernelBuildError("the TVM FFI variant needs the tvm_ffi package (pip install 'rsp[export]')") from e
         dirs = [str(Path(tvm_ffi.__file__).parent / "include")]
     return [d for d in dict.fromkeys(dirs) if d and Path(d).is_dir()]
-
-
-@functools.lru_cache(maxsize=None)
-def cuda_library_dir(nvcc: str | None = None) -> Path | None:
-    """The folder holding libcudart_static.a of nvcc's toolkit (nvcc --dryrun names it; nvcc may be a wrapper)."""
-    exe = find_nvcc(nvcc)
-    cands: list[Path] = []
-    if exe:
-        r = subprocess.run([exe, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True,
-                           text=True, timeout=60)
-        for m in re.finditer(r'-L"?([^"\s]+)"?', r.stdout + r.stderr):
-            cands.append(Path(m.group(1)))
-        cands.append(Path(exe).resolve().parent.parent / "lib64")
-    for env in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(env):
-            cands.append(Path(os.environ[env]) / "lib64")
-    cands.append(Path("/usr/local/cuda/lib64"))
-    for c in cands:
-        if (c / "libcudart_static.a").is_file():
-            return c.resolve()
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def toolkit_root(nvcc: str | None = None) -> Path | None:
-    """The CUDA toolkit folder of nvcc (its TOP in `nvcc --dryrun`: nvcc may be a wrapper script)."""
-    exe = find_nvcc(nvcc)
-    if not exe:
-        return None
-    r = subprocess.run([exe, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True,
-                       text=True, timeout=60)
-    m = re.search(r"^#\$ TOP=(.+)$", r.stdout + r.stderr, re.MULTILINE)
-    root = Path(m.group(1).strip()).resolve() if m else Path(exe).resolve().parent.parent
-    return root if root.is_dir() else None
-
-
-@functools.lru_cache(maxsize=None)
-def compiler_machine(cxx: str) -> str:
-    """The target triple of a host compiler (``g++ -dumpmachine``), e.g. aarch64-linux-gnu."""
-    try:
-        return subprocess.run([cxx, "-dumpmachine"], capture_output=True, text=True, timeout=60).stdout.strip()
-    except OSError as e:
-        raise KernelBuildError(f"cannot run the host compiler {cxx}: {e}") from None
 
 
 def _is_cross(cxx: str | None) -> bool:
@@ -196,43 +125,13 @@ def tvm_link_options(obj: str | Path | None = None, nvcc: str | None = None, *, 
     return opts + ([f"-L{lib}"] if lib else []) + ["-lcudart_static", "-ldl", "-lrt", "-lpthread"]
 
 
-def cuda_major(nvcc: str | None = None) -> int:
-    exe = find_nvcc(nvcc)
-    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60).stdout if exe else ""
-    m = re.search(r"release (\d+)\.", out)
-    if not m:
-        raise KernelBuildError("cannot read the CUDA version of nvcc (`nvcc --version`)")
-    return int(m.group(1))
-
-
-def elf_symbols(path: str | Path, undefined: bool = False) -> list[str]:
-    """Names in the symbol tables (.symtab and .dynsym) of an ELF64 file: defined ones, or only the
-    undefined ones."""
-    data = Path(path).read_bytes()
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise ValueError(f"{path}: not a little-endian ELF64 file")
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-    secs = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
-    names: list[str] = []
-    for _, typ, _, _, off, size, link, _, _, entsize in secs:
-        if typ not in (2, 11) or not entsize:  # SHT_SYMTAB, SHT_DYNSYM
-            continue
-        stroff = secs[link][4]
-        for j in range(1, size // entsize):
-            st_name, _, _, shndx = struct.unpack_from("<IBBH", data, off + j * entsize)
-            if st_name and (shndx == 0) == undefined:
-                names.append(data[stroff + st_name: data.index(b"\0", stroff + st_name)].decode(errors="replace"))
-    return list(dict.fromkeys(names))
-
-
 def cudart_stub(obj: str | Path, cxx: str, nvcc: str | None = None, stub_dir: str | Path | None = None) -> Path:
     """A link-time stand-in for the CUDA runtime of another CPU: a shared library named libcudart.so whose
     SONAME (libcudart.so.<major>) and symbol version match NVIDIA's, defining (as empty functions) the
     CUDA runtime symbols ``obj`` needs. The artifact records DT_NEEDED libcudart.so.<major> and binds to the
     device's real library at load time; the stub itself never ships."""
-    syms = sorted(n for n in elf_symbols(obj, undefined=True) if re.match(r"_*cuda", n))
-    major = cuda_major(nvcc)
+    syms = sorted(n for n in elf_symbols(Path(obj).read_bytes(), undefined=True) if re.match(r"_*cuda", n))
+    major = nvcc_info(require_nvcc(nvcc)).major
     soname = f"libcudart.so.{major}"
     key = hashlib.sha256("\0".join([cxx, compiler_machine(cxx), soname, *syms]).encode()).hexdigest()[:20]
     folder = (Path(stub_dir) if stub_dir else default_cache_dir()) / f"cudart-stub-{key}"
@@ -245,8 +144,9 @@ def cudart_stub(obj: str | Path, cxx: str, nvcc: str | None = None, stub_dir: st
     _atomic_write(ver, f"{soname} {{ global: *; }};\n")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        _run([cxx, "-x", "c", "-shared", "-fPIC", "-o", str(tmp), f"-Wl,-soname,{soname}",
-              f"-Wl,--version-script,{ver}", str(src)], folder / "stub.log", f"{Path(cxx).name} (libcudart stub)", 300)
+        run_tool([cxx, "-x", "c", "-shared", "-fPIC", "-o", str(tmp), f"-Wl,-soname,{soname}",
+                  f"-Wl,--version-script,{ver}", str(src)], f"{Path(cxx).name} (libcudart stub)",
+                 log_path=folder / "stub.log", timeout=300)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -278,26 +178,6 @@ def _source_of(sources) -> tuple[str, str]:
     if not sources:
         raise ValueError("no kernels to compile")
     return combine(sources), (sources[0].name if len(sources) == 1 else f"rsp_model_{len(sources)}")
-
-
-def _first_error(log: str) -> str:
-    for line in log.splitlines():
-        if re.search(r"\berror\b", line, re.IGNORECASE):
-            return re.sub(r"\s+", " ", line).strip()[:300]
-    lines = [ln for ln in log.splitlines() if ln.strip()]
-    return lines[-1].strip()[:300] if lines else "no output"
-
-
-def _run(cmd: list[str], log_path: Path, what: str, timeout: float | None) -> None:
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        raise KernelBuildError(f"{what} timed out after {timeout:.0f} s") from e
-    except OSError as e:
-        raise KernelBuildError(f"{what} could not start: {e}") from e
-    if r.returncode != 0:
-        log_path.write_text(" ".join(cmd) + "\n\n" + r.stdout + r.stderr)
-        raise KernelBuildError(f"{what} failed: {_first_error(r.stderr + r.stdout)} (full log: {log_path})")
 
 
 def compile_kernels(sources: KernelSource | Sequence[KernelSource] | str, arch="sm_87", kind: str = "so", *,
@@ -336,15 +216,11 @@ def compile_kernels(sources: KernelSource | Sequence[KernelSource] | str, arch="
     folder = root / key
     out = folder / f"{label}{'_tvm' if tvm_ffi else ''}.{'o' if kind == 'obj' else kind}"
     stamp = out.with_name(out.name + ".nvcc")
-    if out.is_file() and (exe is None or (stamp.is_file() and stamp.read_text() == nvcc_version(exe))):
+    if out.is_file() and (exe is None or (stamp.is_file() and stamp.read_text() == nvcc_info(exe).build)):
         return out
     if exe is None:
         raise KernelBuildError("nvcc not found (set RSP_NVCC or CUDA_HOME, or put nvcc on PATH) and no cached build")
-    known = nvcc_archs(exe)
-    missing = [a for a in archs if known and a not in known and a.rstrip("af") not in known]
-    if missing:
-        raise KernelBuildError(f"nvcc {nvcc_version(exe)} cannot build {', '.join(missing)} "
-                               f"(it supports {known[0]}..{known[-1]}); use a toolkit that does (RSP_NVCC)")
+    require_archs(exe, archs)
     folder.mkdir(parents=True, exist_ok=True)
     cu = folder / f"{label}.cu"
     if not cu.is_file():
@@ -352,20 +228,14 @@ def compile_kernels(sources: KernelSource | Sequence[KernelSource] | str, arch="
     if kind in ("cubin", "ptx"):
         target = [f"-{kind}", f"-arch={archs[0]}"]
     else:
-        target = []
-        for a in archs:
-            target += ["-gencode", f"arch=compute_{a[3:]},code={a}"]
-        if ptx:
-            newest = max(archs, key=lambda a: int(re.sub(r"[^0-9]", "", a)))[3:]
-            target += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
-        target += {"fatbin": ["-fatbin"], "obj": ["-c"], "so": ["-shared"]}[kind]
+        target = gencode_flags(archs, ptx) + {"fatbin": ["-fatbin"], "obj": ["-c"], "so": ["-shared"]}[kind]
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     # the toolkit's include folder for a cross ccbin is machine-specific: out of the cache key
     cmd = [exe, *target, *flags, *_cross_flags(exe, ccbin), "-o", str(tmp), str(cu)]
     try:
-        _run(cmd, folder / f"{out.name}.log", f"nvcc ({','.join(archs)}, {kind}) for {label}", timeout)
+        run_tool(cmd, f"nvcc ({','.join(archs)}, {kind}) for {label}", log_path=folder / f"{out.name}.log", timeout=timeout)
         os.replace(tmp, out)
-        _atomic_write(stamp, nvcc_version(exe))
+        _atomic_write(stamp, nvcc_info(exe).build)
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -412,8 +282,8 @@ def build_cxx(sources: KernelSource | Sequence[KernelSource] | str, flags: Seque
     _atomic_write(cpp, src)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        _run([exe, *flags, "-o", str(tmp), str(cpp)], folder / f"{suffix}.log", f"{Path(exe).name} ({what}) for {label}",
-             timeout)
+        run_tool([exe, *flags, "-o", str(tmp), str(cpp)], f"{Path(exe).name} ({what}) for {label}",
+                 log_path=folder / f"{suffix}.log", timeout=timeout)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -425,89 +295,6 @@ def _atomic_write(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Is it device code?
-
-
-def _elf_sections(data: bytes) -> dict[str, bytes]:
-    """Section name -> contents of a little-endian ELF64 image."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise ValueError("not a little-endian ELF64 file")
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-
-    def sh(i):
-        return struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
-
-    strtab = sh(shstrndx)
-    names = data[strtab[4]:strtab[4] + strtab[5]]
-    out = {}
-    for i in range(shnum):
-        name_off, typ, _, _, off, size = sh(i)[:6]
-        name = names[name_off:names.index(b"\0", name_off)].decode(errors="replace")
-        out[name] = b"" if typ == 8 else data[off:off + size]  # SHT_NOBITS has no contents
-    return out
-
-
-def fatbin_entries(blob: bytes) -> list[dict]:
-    """The entries of a fatbin image (magic 0xBA55ED50): [{kind: 'elf'|'ptx', sm: 87, size}, ...].
-
-    Layout: a 16-byte header (magic u32, version u16, header size u16, payload size u64), then entries,
-    each with a header (kind u16: 1 PTX, 2 ELF; version u16; header size u32; payload size u64; ...;
-    sm version u32 at offset 28) followed by its payload.
-    """
-    magic, _version, hsize, fsize = struct.unpack_from("<IHHQ", blob, 0)
-    if magic != FATBIN_MAGIC:
-        raise ValueError(f"not a fatbin (magic {magic:#x})")
-    entries, pos, end = [], hsize, hsize + fsize
-    while pos + 32 <= min(end, len(blob)):
-        kind, _, ehsize, psize = struct.unpack_from("<HHIQ", blob, pos)
-        sm, = struct.unpack_from("<I", blob, pos + 28)
-        entries.append({"kind": {1: "ptx", 2: "elf"}.get(kind, str(kind)), "sm": sm, "size": psize})
-        pos += ehsize + psize
-    return entries
-
-
-def inspect_device_code(path: str | Path) -> dict:
-    """What device code a built artifact holds, read from its bytes (no cuobjdump needed).
-
-    Returns {"format": "cubin"|"fatbin"|"host+fatbin", "sass": [87, 90, ...], "ptx": [...]}; raises
-    ValueError where the file holds no device code.
-    """
-    data = Path(path).read_bytes()
-    if data[:4] == struct.pack("<I", FATBIN_MAGIC):
-        ents = fatbin_entries(data)
-        fmt = "fatbin"
-    elif data[:4] == b"\x7fELF":
-        e_machine, = struct.unpack_from("<H", data, 0x12)
-        if e_machine == EM_CUDA:
-            e_flags, = struct.unpack_from("<I", data, 0x30)
-            # The SM is in e_flags: bits 8..15 from ELF ABI version 8 (e_ident[8]; CUDA 12.8+), else bits 0..7.
-            sm = (e_flags >> 8) & 0xFF if data[8] >= 8 else e_flags & 0xFF
-            return {"format": "cubin", "sass": [sm], "ptx": []}
-        secs = _elf_sections(data)
-        blob = secs.get(".nv_fatbin") or secs.get(".nvFatBinSegment")
-        if not blob or struct.unpack_from("<I", blob, 0)[0] != FATBIN_MAGIC:
-            raise ValueError(f"{path}: host ELF without an embedded fatbin")
-        ents = []
-        pos = 0
-        while pos + 16 <= len(blob):  # one fatbin per translation unit, 8-byte aligned, one after another
-            magic, _, hsize, fsize = struct.unpack_from("<IHHQ", blob, pos)
-            if magic != FATBIN_MAGIC:
-                pos += 8
-                continue
-            ents += fatbin_entries(blob[pos:pos + hsize + fsize])
-            pos += hsize + fsize
-        fmt = "host+fatbin"
-    else:
-        raise ValueError(f"{path}: neither ELF nor fatbin")
-    sass = sorted({e["sm"] for e in ents if e["kind"] == "elf"})
-    ptx = sorted({e["sm"] for e in ents if e["kind"] == "ptx"})
-    if not sass and not ptx:
-        raise ValueError(f"{path}: fatbin without entries")
-    return {"format": fmt, "sass": sass, "ptx": ptx}
 
 
 # ----------------------------------------------------------------------------------------------------

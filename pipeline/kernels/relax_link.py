@@ -451,7 +451,8 @@ def _parallel_cuda_objects(kernels: list[KernelSource], archs: list[str], *, nvc
     import os
     import shutil
 
-    from .build import KernelBuildError, _run, compile_kernels, default_cache_dir
+    from .build import KernelBuildError, compile_kernels, default_cache_dir
+    from .toolchain import run_tool
 
     kernels = list({ks.name: ks for ks in kernels}.values())
 
@@ -473,8 +474,9 @@ def _parallel_cuda_objects(kernels: list[KernelSource], archs: list[str], *, nvc
         raise KernelBuildError("no C++ compiler to join the kernels' objects (g++)")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:  # a relocatable link through the target's compiler driver (it knows its own ld)
-        _run([cxx, "-r", "-nostdlib", "-o", str(tmp), *map(str, objs)], out.parent / f"{out.name}.log",
-             f"{Path(cxx).name} -r (joining the kernels' objects)", 600)
+        run_tool([cxx, "-r", "-nostdlib", "-o", str(tmp), *map(str, objs)],
+                 f"{Path(cxx).name} -r (joining the kernels' objects)", log_path=out.parent / f"{out.name}.log",
+                 timeout=600)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -487,7 +489,8 @@ def kernel_object(kernels: list[KernelSource], mode: str, *, archs=(), nvcc: str
     and the ``export_library(options=...)`` that link it. mode "cuda": nvcc for ``archs``, SASS only
     (``cross_cxx``: the host compiler of another CPU, e.g. aarch64-linux-gnu-g++); "host": g++, the emulator;
     "cpu": the fast CPU kernels of ``rsp.kernels.cpu`` for ``cpu`` (``cxx``: a cross compiler)."""
-    from .build import build_host, compile_kernels, cuda_major, find_nvcc, nvcc_version, tvm_link_options
+    from .build import build_host, tvm_link_options
+    from .toolchain import find_nvcc, nvcc_info, require_nvcc
 
     if not kernels:
         raise ValueError("no kernels to link")
@@ -495,9 +498,10 @@ def kernel_object(kernels: list[KernelSource], mode: str, *, archs=(), nvcc: str
         obj = _parallel_cuda_objects(kernels, list(archs), nvcc=nvcc, cross_cxx=cross_cxx, cache_dir=cache_dir)
         options = tvm_link_options(obj, nvcc, cross_cxx=cross_cxx, stub_dir=cache_dir)
         cudart = ("static (libcudart_static.a)" if "-lcudart_static" in options else
-                  f"shared: the device's libcudart.so.{cuda_major(nvcc)} (DT_NEEDED; a link-time stub stood in here)")
+                  f"shared: the device's libcudart.so.{nvcc_info(require_nvcc(nvcc)).major} (DT_NEEDED; a link-time "
+                  "stub stood in here)")
         exe = find_nvcc(nvcc)
-        info = {"compiler": f"nvcc {nvcc_version(exe)}" if exe else "nvcc (cached build)", "arch": list(archs), "sass_only": True,
+        info = {"compiler": f"nvcc {nvcc_info(exe).build}" if exe else "nvcc (cached build)", "arch": list(archs), "sass_only": True,
                 "host_compiler": cross_cxx, "cudart": cudart}
     elif mode == "host":
         obj = build_host(kernels, kind="obj", tvm_ffi=True, cxx=cxx, cache_dir=cache_dir)
