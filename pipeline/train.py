@@ -76,6 +76,9 @@ def _content_sha256(*tensors: torch.Tensor) -> str:
 
 
 class Trainer:
+    """One rsp train run: its data, model, method phases and position, driven epoch by epoch through the
+    engine; rank 0 checkpoints each epoch into the run folder and seals it with the test figures (finish)."""
+
     def __init__(self, cfg: TrainConfig, output: str | Path, *, resume: bool = False, progress: bool | None = None,
                  log=print):
         self.cfg, self.out, self.log = cfg, Path(output), log
@@ -226,7 +229,7 @@ class Trainer:
         if len(self.phases) > 1 and not resuming:
             self.log(f"phase {index + 1}/{len(self.phases)} {self.phases[index].name}: {self.phase_steps[index]} steps")
 
-    # --- folder handling ---------------------------------------------------------------------
+    # --- the run folder (RunFolder writes it) ----------------------------------------------------
 
     def _open_output(self, resume: bool) -> str:
         """Take the output folder: "new" (start a run) or "resume" (RunFolder.take). Rank 0 decides for every rank."""
@@ -452,7 +455,6 @@ class Trainer:
                      "class); the folder holds the best of them and its manifest says so")
         # the sealed weights are the selected ones, written from them (whatever an earlier crash left on disk)
         return self._commit({MODEL_FILE: tensors_bytes(self.selection.state)}, final=metrics)
-
 
 
 def run(cfg: TrainConfig, output: str | Path, *, resume: bool = False, progress: bool | None = None, log=print) -> dict:
