@@ -468,7 +468,7 @@ def run(bundle: str | Path, opts: VerifyOptions, log=print) -> dict:
     bad = check_files(bundle, manifest)
     if bad:
         raise VerifyError(f"{bundle}: {bad[0]}")
-    for g, v in opts.gates.items():
+    for g in opts.gates:
         if g not in GATES:
             raise VerifyError(f"unknown gate {g!r}")
     resolve_evaluation(opts)

@@ -9,13 +9,14 @@ import torch.nn as nn
 
 from .core import (Predict, as_float_images, attack_mode, attack_seed, chunked_logits, default_step_size, margin,
                    model_predict)
+from ..defaults import EPS
 from .registry import ATTACK_REGISTRY, AttackSettings, attack_names
 
 ATTACKS = ("pgd", "apgd-ce", "apgd-t", "square")  # ensemble_eval's default
 
 
 def ensemble_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[str] = ATTACKS,
-                  eps: float = 8 / 255, steps: int = 50, restarts: int = 10, seed: int = 0,
+                  eps: float = EPS, steps: int = 50, restarts: int = 10, seed: int = 0,
                   predict: Predict | None = None, *, step_size: float | None = None, apgd_steps: int | None = None,
                   apgd_restarts: int = 1, n_target_classes: int = 9, square_queries: int = 5000, p_init: float = 0.8,
                   fab_steps: int = 100, fab_restarts: int = 1, batch_size: int = 512, bf16: bool = False,

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from .core import (AttackResult, Tracker, as_float_images, attack_mode, chunked_logits, confirm, forward_logits,
                    hand_over, input_grad, judge_adversarial, keep_best_rows, live_first, model_predict,
                    per_example_loss, project, shrink_to)
+from ..defaults import EPS
 from .registry import AttackSettings, register_attack
 
 
 @dataclass(frozen=True)
 class PGDConfig:
-    eps: float = 8 / 255
+    eps: float = EPS
     step_size: float = 2 / 255
     steps: int = 10
     restarts: int = 1
