@@ -7,9 +7,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..defaults import EPS
 from .core import (Predict, as_float_images, attack_mode, attack_seed, chunked_logits, default_step_size, margin,
                    model_predict)
-from ..defaults import EPS
 from .registry import ATTACK_REGISTRY, AttackSettings, attack_names
 
 ATTACKS = ("pgd", "apgd-ce", "apgd-t", "square")  # ensemble_eval's default
