@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from typer.core import TyperCommand
@@ -34,15 +34,26 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     raise typer.Exit(code)
 
 
-def _registry_help() -> dict[str, str]:
-    """{placeholder}: text, for the option helps that the format registry writes (rsp.formats: light, no torch
-    or TVM)."""
+def _registry_help() -> dict[str, Callable[[], str]]:
+    """{placeholder}: its text, for the option helps that a registry writes; each is built only where an option's
+    help holds its placeholder (rsp.formats is light; rsp.methods imports torch)."""
     from .formats import backends, formats
 
-    return {"{formats}": " | ".join(formats()), "{backends}": " | ".join(("torch", *backends())),
-            "{format_help}": "; ".join(f"{name}: {f.export_help}" for name, f in formats().items()),
-            "{backend_help}": "; ".join(["torch: the PyTorch twin"] + [f"{name}: {b.verify_help}"
-                                                                       for name, b in backends().items()])}
+    def methods() -> str:
+        from .methods import list_methods
+
+        return " | ".join(list_methods())
+
+    def method_help() -> str:
+        from .methods import method_help
+
+        return method_help()
+
+    return {"{formats}": lambda: " | ".join(formats()), "{backends}": lambda: " | ".join(("torch", *backends())),
+            "{format_help}": lambda: "; ".join(f"{name}: {f.export_help}" for name, f in formats().items()),
+            "{backend_help}": lambda: "; ".join(["torch: the PyTorch twin"] + [f"{name}: {b.verify_help}"
+                                                                               for name, b in backends().items()]),
+            "{methods}": methods, "{method_help}": method_help}
 
 
 class _RegistryHelpCommand(TyperCommand):
@@ -57,7 +68,8 @@ class _RegistryHelpCommand(TyperCommand):
             if any(key in template for key in texts):
                 p.registry_help, p.help = template, template
                 for key, text in texts.items():
-                    p.help = p.help.replace(key, text)
+                    if key in p.help:
+                        p.help = p.help.replace(key, text())
         return params
 
 
@@ -152,18 +164,6 @@ def _check_dataset_fits(bundle: str, dataset: Optional[str]) -> None:
         _fail(f"--dataset {dataset}: it has {info.num_classes} classes, the bundle's model {classes}")
 
 
-def _method_help() -> str:
-    from .methods import method_help
-
-    return method_help()
-
-
-def _method_names() -> list[str]:
-    from .methods import list_methods
-
-    return list_methods()
-
-
 def _method_options(items: list[str]) -> dict:
     """--method-option KEY=VALUE (VALUE in YAML), repeatable."""
     import yaml
@@ -192,6 +192,7 @@ def _bad_input_types():
 
 
 @app.command(
+    cls=_RegistryHelpCommand,
     epilog="Examples:\n\n"
     "  rsp train                                   # embedded digits, small CNN, 90 % sparse, PGD-AT\n\n"
     "  rsp train --dataset cifar10 --data-dir ~/data --model vgg16 --sparsity 0.99 --objective trades\n\n"
@@ -207,7 +208,7 @@ def train(
     model: Optional[str] = typer.Option(None, help="Registry name (rsp models lists them) (default: the data set's: small-cnn, vgg16).", rich_help_panel="Model"),
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="YAML mapping of the model constructor's keyword arguments, e.g. '{width: 0.25}' (vgg), '{widen_factor: 4}' (wrn).", rich_help_panel="Model"),
     sparsity: Optional[float] = typer.Option(None, help="Share of conv/linear weights that are zero, fixed from step one (default: 0.9).", rich_help_panel="Model"),
-    method: Optional[str] = typer.Option(None, help=_method_help() + ". "
+    method: Optional[str] = typer.Option(None, help="{method_help}. "
                                          "--epochs is a method's whole budget, split over its phases (see the manifest) (default: bcs).", rich_help_panel="Model"),
     method_option: Optional[list[str]] = typer.Option(None, "--method-option", help="KEY=VALUE (YAML value) for the method's recipe, e.g. rounds=3; repeatable.", rich_help_panel="Model"),
     rewire_every: Optional[int] = typer.Option(None, help="BCS: rebirth dead connections every N steps (default: 1).", rich_help_panel="Model"),
@@ -627,7 +628,7 @@ def pipeline(
     model: Optional[str] = typer.Option(None, help="Registry model.", rich_help_panel="train"),
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="YAML mapping of model constructor arguments, e.g. '{width: 0.25}'.", rich_help_panel="train"),
     sparsity: Optional[float] = typer.Option(None, help="Weight sparsity fixed from step one.", rich_help_panel="train"),
-    method: Optional[str] = typer.Option(None, help=" | ".join(_method_names()) + " (see rsp train --help).", rich_help_panel="train"),
+    method: Optional[str] = typer.Option(None, help="{methods} (see rsp train --help).", rich_help_panel="train"),
     regrow: Optional[str] = typer.Option(None, help="BCS rebirth rule: random | l2 | l2-magnitude-seeded (alias l2-weighted; seeds = largest |theta|).", rich_help_panel="train"),
     objective: Optional[str] = typer.Option(None, help="natural | pgd-at | mixed-at | trades | mart | rst.", rich_help_panel="train"),
     epochs: Optional[int] = typer.Option(None, help="Training epochs.", rich_help_panel="train"),

@@ -138,7 +138,7 @@ def _apgd_run(loss: str):
     return run
 
 
-register_attack("apgd-ce", kind="white-box")(_apgd_run("ce"))
+register_attack("apgd-ce", kind="white-box", order=20)(_apgd_run("ce"))
 # not in `all`: AutoAttack runs DLR in its targeted form, apgd-t
-register_attack("apgd-dlr", kind="white-box", in_all=False)(_apgd_run("dlr"))
-register_attack("apgd-t", kind="white-box", note="targeted DLR")(_apgd_run("dlr-t"))
+register_attack("apgd-dlr", kind="white-box", in_all=False, order=30)(_apgd_run("dlr"))
+register_attack("apgd-t", kind="white-box", note="targeted DLR", order=40)(_apgd_run("dlr-t"))

@@ -146,7 +146,7 @@ def fab_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
     return AttackResult("fab-t", tracker.x_adv, robust, clean, work, time.perf_counter() - t0, config)
 
 
-@register_attack("fab-t", kind="white-box", note="targeted FAB")
+@register_attack("fab-t", kind="white-box", note="targeted FAB", order=50)
 def run_fab(model: nn.Module, judge, x: torch.Tensor, y: torch.Tensor, settings: AttackSettings,
             generator: torch.Generator, attack: torch.Tensor) -> AttackResult:
     return fab_eval(model, x, y, eps=settings.eps, steps=settings.fab_steps, restarts=settings.fab_restarts,

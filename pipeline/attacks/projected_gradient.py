@@ -222,7 +222,7 @@ def pgd_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig,
 
 
 
-@register_attack("pgd", kind="white-box")
+@register_attack("pgd", kind="white-box", order=10)
 def run_pgd(model: nn.Module, judge, x: torch.Tensor, y: torch.Tensor, settings: AttackSettings,
             generator: torch.Generator, attack: torch.Tensor) -> AttackResult:
     """Cross-entropy PGD, settings.steps x settings.restarts, step settings.step_size."""

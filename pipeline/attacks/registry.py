@@ -11,8 +11,10 @@ the run's `AttackSettings`, a torch.Generator seeded for this attack alone, and 
 to attack (those the judge classifies correctly). It returns an `AttackResult` for these examples; the worst
 case over attacks and the judging are `ensemble_eval`'s. Everything that names attacks reads the registry:
 ensemble_eval, rsp verify's --attacks (its check, its help, its `all` alias) and the sanity checks' white-box /
-black-box split. The built-in attacks register in the order rsp verify lists them (rsp.attacks imports their
-modules in that order).
+black-box split. Every module of the package registers on import (rsp.attacks finds them: a new attack is one
+new file); `order` places an attack in the lists (verify's columns, `all`, which attack's example an image
+keeps on a tie), whatever order the modules were found in: the built-ins are 10, 20, ... in the order rsp verify
+has always listed them, a new attack without one comes after them.
 """
 
 from __future__ import annotations
@@ -49,12 +51,13 @@ class Attack:
     run: Callable  # run(model, judge, x, y, settings, generator, attack) -> AttackResult
     note: str = ""  # a few words for rsp verify --help, e.g. "targeted DLR"
     in_all: bool = True  # part of rsp verify's --attacks all
+    order: int = 100  # position in every list of attacks (ties: registration order)
 
 
 ATTACK_REGISTRY: dict[str, Attack] = {}
 
 
-def register_attack(name: str, *, kind: str, note: str = "", in_all: bool = True):
+def register_attack(name: str, *, kind: str, note: str = "", in_all: bool = True, order: int = 100):
     """Decorator: register `run` under `name` (see the module docstring for its signature)."""
     if kind not in KINDS:
         raise ValueError(f"attack {name!r}: kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -62,12 +65,15 @@ def register_attack(name: str, *, kind: str, note: str = "", in_all: bool = True
     def wrap(run: Callable) -> Callable:
         if name in ATTACK_REGISTRY:
             raise ValueError(f"attack {name!r} is already registered")
-        ATTACK_REGISTRY[name] = Attack(name, kind, run, note, in_all)
+        ATTACK_REGISTRY[name] = Attack(name, kind, run, note, in_all, order)
+        ordered = sorted(ATTACK_REGISTRY.values(), key=lambda a: a.order)  # stable: ties keep registration order
+        ATTACK_REGISTRY.clear()
+        ATTACK_REGISTRY.update((a.name, a) for a in ordered)
         return run
 
     return wrap
 
 
 def attack_names(kind: str | None = None) -> list[str]:
-    """The registered attacks (of one kind), in registration order."""
+    """The registered attacks (of one kind), in their order."""
     return [a.name for a in ATTACK_REGISTRY.values() if kind is None or a.kind == kind]

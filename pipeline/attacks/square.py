@@ -86,7 +86,7 @@ def square_eval(predict: Predict, x: torch.Tensor, y: torch.Tensor, *, eps: floa
     return AttackResult("square", tracker.x_adv, robust, clean, work, time.perf_counter() - t0, config)
 
 
-@register_attack("square", kind="black-box", note="black-box, queries the artifact")
+@register_attack("square", kind="black-box", note="black-box, queries the artifact", order=60)
 def run_square(model: nn.Module, judge: Predict, x: torch.Tensor, y: torch.Tensor, settings: AttackSettings,
                generator: torch.Generator, attack: torch.Tensor) -> AttackResult:
     """Square on the judge (the artifact where there is one); it attacks what the judge classifies correctly."""
