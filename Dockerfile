@@ -13,6 +13,8 @@ RUN apt-get update -q && apt-get install -y -q --no-install-recommends g++ && ba
 RUN pip install "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
+COPY kernels ./kernels
+COPY targets ./targets
 RUN pip install -e '.[test,svhn]'
 COPY tests ./tests
 COPY bench ./bench

@@ -52,6 +52,17 @@ def _stage_of(module: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[0] == "rsp" and parts[1] in STAGES else None
 
 
+def test_every_subpackage_is_installed():
+    # pyproject lists packages by hand (package-dir maps three folders): a new subpackage must be listed, or a
+    # non-editable install (a wheel) silently lacks it
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {m for m, path in _package_files().items() if path.name == "__init__.py"}
+    assert found == set(tool["packages"]), f"pyproject packages {sorted(tool['packages'])} vs the folders {sorted(found)}"
+    assert (ROOT / "kernels").is_dir() and (ROOT / "targets").is_dir(), "the card's layout: kernels/ and targets/ at the root"
+
+
 def test_no_stage_imports_another_stage():
     files = _package_files()
     assert {f"rsp.{s}" for s in STAGES} <= set(files), "a stage module moved: update STAGES"
