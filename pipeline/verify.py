@@ -49,9 +49,19 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+TORCH_DENSE_PRIORITY = 15  # eager PyTorch among the formats' dense runtimes: after onnxruntime, as reports list them
+
+
+def _dense_runtime_sources() -> list[tuple[str, object]]:
+    """(name, the format that runs it, None for eager PyTorch), in the order reports list them."""
+    entries = [(TORCH_DENSE_PRIORITY, "torch", None)] + [(f.priority, f.dense_runtime_name, f)
+                                                         for f in registered_formats().values() if f.dense_runtime_name]
+    return [(name, fmt) for _, name, fmt in sorted(entries, key=lambda e: e[0])]
+
+
 def _dense_runtime_names() -> tuple[str, ...]:
     """The dense runtimes a user could run instead of the artifact, timed on this machine beside it."""
-    return ("torch", *(f.dense_runtime_name for f in registered_formats().values() if f.dense_runtime_name))
+    return tuple(name for name, _ in _dense_runtime_sources())
 
 
 def _same_dense_runtime(backend: str) -> str | None:
@@ -323,9 +333,10 @@ def _dense_runtimes(dense, chw, tmp: Path, runtimes: dict[str, Runtime], opts: V
     """The dense original on every dense runtime this machine has (DENSE_RUNTIMES): what a user would run
     instead of the artifact: eager PyTorch (on --device) always, and each format's (onnxruntime's CPU
     provider; a TensorRT engine where the bundle's TensorRT runtime is here)."""
-    out: dict[str, Runtime] = {"torch": torch_runtime(dense, chw, opts.device, "torch")}
-    for fmt in registered_formats().values():
-        if not fmt.dense_runtime_name:
+    out: dict[str, Runtime] = {}
+    for name, fmt in _dense_runtime_sources():
+        if fmt is None:
+            out[name] = torch_runtime(dense, chw, opts.device, name)
             continue
         try:
             rt = fmt.dense_runtime(dense, chw, tmp, runtimes, opts)
