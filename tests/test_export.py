@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import rsp
+import rsp.targets
 from rsp.artifacts import ArtifactError, check_files, read_manifest, save_tensors, write_manifest
 from rsp.export import ExportOptions, run
 from rsp.models import create_model
@@ -85,7 +85,7 @@ def test_registry_names_the_required_targets_with_their_hardware():
 
 
 def test_every_target_is_one_declarative_yaml_file():
-    folder = Path(rsp.__file__).parent / "targets"
+    folder = Path(rsp.targets.__file__).parent  # targets/ at the repository root, installed as rsp.targets
     assert sorted(p.stem for p in folder.glob("*.yaml")) == target_names()
 
 
