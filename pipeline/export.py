@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .artifacts import (MANIFEST, MODEL_FILE, ArtifactError, atomic_write_bytes, build_model, check_files,
-                        load_tensors, lock_folder, read_manifest, require_complete, sha256_file, write_manifest)
+from .artifacts import (MANIFEST, MODEL_FILE, ArtifactError, StageOutput, atomic_write_bytes, build_model,
+                        check_files, check_new_output, load_tensors, read_manifest, require_complete, sha256_file)
 from .formats import ExportJob, formats as registered_formats
 from .formats.onnx import MIN_OPSET, export_onnx  # noqa: F401  (export_onnx: rsp.export's name for it, bench uses it)
 from .formats.tensorrt import build_engine as build_tensorrt_engine  # noqa: F401  (the public name)
@@ -285,10 +285,7 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
         raise ExportError("force_sparse needs --sparse-kernels auto or host")
     check_tools(formats, opts)
     manifest = _check_source(source)
-    if output.resolve() == source.resolve():
-        raise ExportError("--output must differ from the source folder")
-    if (output / MANIFEST).is_file():
-        raise ExportError(f"{output} already holds an rsp folder: choose another --output")
+    check_new_output(output, source)
     if opts.threads:
         torch.set_num_threads(opts.threads)
 
@@ -318,7 +315,7 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
     from .sparse import layer_report
 
     layers, sparsity = layer_report(state, names)
-    _held = lock_folder(output, new=True)  # the one writer of output until run() returns
+    held = StageOutput.open(output)  # the one writer of output until it is sealed
     files = [MODEL_FILE]
     # the exact reference numbers, byte for byte: verify attacks what was exported
     atomic_write_bytes(output / MODEL_FILE, (source / MODEL_FILE).read_bytes())
@@ -372,7 +369,7 @@ def run(source: str | Path, output: str | Path, opts: ExportOptions, log=print) 
         "export": {"options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.__dict__.items()},
                    "time_s": round(time.perf_counter() - t0, 2)},
     }
-    written = write_manifest(output, out_manifest, files)
+    written = held.seal(out_manifest, files)
     # the file hashes in the manifest prove integrity, not origin: this one hash pins the whole bundle
     log(f"manifest sha256 {sha256_file(output / MANIFEST)} ({output / MANIFEST}): "
         "rsp verify --expect-sha256 with it refuses any other bundle")
