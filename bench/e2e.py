@@ -22,7 +22,9 @@ medians over rounds are reported, and the ratios are between medians of the same
 artifact's time spent inside rsp's kernels comes from a separate instrumented pass (TVM's VM instrument
 around every call), so it is a share, not a latency, and an underestimate: the instrument's own Python
 callbacks (two per VM instruction) are counted outside (the library built in the VM's compiled mode, which has
-no per-instruction dispatch, ran as fast as the default bytecode one).
+no per-instruction dispatch, ran as fast as the default bytecode one). On more than one thread each of the
+artifact's kernels chooses, by timing both in this process, between rsp's thread pool and the calling thread
+(cpu_kernels.h, ThreadChoice); a row says on how many layers the pool won.
 
 Prints a table and, as its last line, one JSON object.
 """
@@ -185,10 +187,30 @@ def time_config(spec: dict) -> dict:
                 times[k].append((time.perf_counter() - t0) / n[k] * 1e3)
         for k, v in times.items():
             out["candidates"].setdefault(k, {})[str(batch)] = statistics.median(v)
+        out.setdefault("thread_choices", {})[str(batch)] = thread_choices(lib)
         if device != "cuda":
             out["kernel_share"][str(batch)] = kernel_share(vm, xi)
         del vm
     return out
+
+
+def thread_choices(lib: str) -> dict:
+    """What the library's kernels chose, in this process, between rsp's thread pool and the calling thread
+    (rsp_cpu_thread_choices: per layer, by the medians of its probes): {"parallel": n, "serial": n}."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(lib).rsp_cpu_thread_choices
+    except (OSError, AttributeError):
+        return {}
+    buf = ctypes.create_string_buffer(1 << 16)
+    fn(buf, len(buf))
+    counts = {"parallel": 0, "serial": 0}
+    for line in buf.value.decode().splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[1] in counts:
+            counts[parts[1]] += 1
+    return counts
 
 
 def kernel_share(vm, xi, calls: int = 30) -> float:
@@ -291,12 +313,16 @@ def main(argv=None):
                                    "speedup_vs_onnxruntime": c["onnxruntime"] / c["rsp"],
                                    "speedup_vs_torch": c["torch"] / c["rsp"],
                                    "speedup_vs_fastest_dense": c[best] / c["rsp"],
-                                   "kernel_share": res["kernel_share"].get(str(b)), "build": build[str(b)]}
+                                   "kernel_share": res["kernel_share"].get(str(b)),
+                                   "thread_choices": res.get("thread_choices", {}).get(str(b)), "build": build[str(b)]}
                             rows.append(row)
                             print(f"{name:<9} {st:<10} {sp:>5.0%} b{b} t{th}  rsp {c['rsp']:8.3f} ms  "
                                   f"onnxruntime {c['onnxruntime']:8.3f}  torch {c['torch']:8.3f}  "
                                   f"vs ort {row['speedup_vs_onnxruntime']:6.2f}x  vs torch {row['speedup_vs_torch']:6.2f}x"
-                                  + (f"  in kernels {row['kernel_share']:.0%}" if row["kernel_share"] is not None else ""),
+                                  + (f"  in kernels {row['kernel_share']:.0%}" if row["kernel_share"] is not None else "")
+                                  + (f"  on the pool {row['thread_choices']['parallel']}/"
+                                     f"{row['thread_choices']['parallel'] + row['thread_choices']['serial']} layers"
+                                     if th > 1 and row["thread_choices"] else ""),
                                   flush=True)
     worst = min(rows, key=lambda r: r["speedup_vs_onnxruntime"])
     goals = {

@@ -248,7 +248,7 @@ def generate_cpu(spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | Non
               f"{chunk}, {stride}LL, {slack}, row_ptr, aoff, val, {'bias' if b is not None else 'nullptr'}, "
               f"{'true' if epi.relu else 'false'}, {'true' if epi.residual else 'false'}, {epi.pool}, "
               f"{'in_sub, in_div' if sub is not None else 'nullptr, nullptr'}, {gap[0] if gap else 0}, {gap[1] if gap else 0}, "
-              f"{'true' if dense else 'false'}, {k if dense else 0}, {'koff' if dense else 'nullptr'}, {(kh - 1) * dh // sh}}};",
+              f"{'true' if dense else 'false'}, {k if dense else 0}, {'koff' if dense else 'nullptr'}, {(kh - 1) * dh // sh}, \"{name}\"}};",
               f"}}  // namespace {name}_ns"]
     nnz = int((w != 0).sum())
     info = json.dumps({"name": name, "mode": "cpu", "nnz": nnz, "dense": bool(dense), "epilogue": epi.as_dict(), "prologue": prologue,

@@ -90,6 +90,7 @@ struct Layer {
   int K;
   const int* koff;
   int halo;  // phase-plane rows an output row reads below its own: (KH - 1) * DH / SH
+  const char* name;  // the kernel's symbol (rsp_cpu_thread_choices)
 };
 
 // acc += w * x[aoff + 8v] over the non-zeros [j0, j1) of one output row, for NV vectors of 8 grid positions
@@ -139,6 +140,9 @@ template <const Layer& L>
 static constexpr int rows_per_unit() { return L.pool ? 2 : 1; }
 template <const Layer& L>
 static constexpr int units_per_image() { return L.pool ? L.OH / 2 : L.OH; }
+// Outputs one unit writes per channel (a pooled row, or an output row).
+template <const Layer& L>
+static constexpr int outputs_per_unit() { return L.pool ? L.OW / 2 : L.OW; }
 // Grid position of unit u's first output, and one past its last.
 template <const Layer& L>
 static inline long long unit_begin(long long u) {
@@ -159,20 +163,23 @@ static inline void row_epilogue(const float* yrow, const float* r, float* y, int
     const float* src = yrow + (n * per_img - start);  // image n's grid origin
     const float* res = r ? r + ((long long)n * L.M + m) * ohw : nullptr;
     float* dst = y + ((long long)n * L.M + m) * PH_ * PW_;
-    if (!L.pool) {
+    if (!L.pool) {  // 8 outputs per step (a 2x2 or 4x4 map: the scalar tail)
       const int oy = k;
       const float* s = src + (long long)oy * L.Ws;
       float* d = dst + (long long)oy * L.OW;
-      if (res) {
-        const float* rr = res + (long long)oy * L.OW;
-        if (relu)
-          for (int ox = 0; ox < L.OW; ++ox) { const float v = s[ox] + rr[ox]; d[ox] = v > 0.0f ? v : 0.0f; }
-        else
-          for (int ox = 0; ox < L.OW; ++ox) d[ox] = s[ox] + rr[ox];
-      } else if (relu) {
-        for (int ox = 0; ox < L.OW; ++ox) { const float v = s[ox]; d[ox] = v > 0.0f ? v : 0.0f; }
-      } else {
-        for (int ox = 0; ox < L.OW; ++ox) d[ox] = s[ox];
+      const float* rr = res ? res + (long long)oy * L.OW : nullptr;
+      const v8 zero = (v8){0, 0, 0, 0, 0, 0, 0, 0};
+      int ox = 0;
+      for (; ox + 8 <= L.OW; ox += 8) {
+        v8 v = load8(s + ox);
+        if (rr) v += load8(rr + ox);
+        if (relu) v = vmax(v, zero);
+        store8(d + ox, v);
+      }
+      for (; ox < L.OW; ++ox) {
+        float v = s[ox];
+        if (rr) v += rr[ox];
+        d[ox] = relu && v < 0.0f ? 0.0f : v;
       }
       continue;
     }
@@ -272,24 +279,28 @@ static void pack(const float* x, float* xs, long long r0, long long r1) {
     for (int a = 0; a < L.SH; ++a)
       for (int b = 0; b < L.SW; ++b) {
         float* plane = xs + ((long long)(c * L.SH + a) * L.SW + b) * L.stride;
-        for (long long row = r0; row < r1; ++row) {
-          const long long n = row / L.Hs;
-          const int i = (int)(row % L.Hs);
-          const float* src = x + ((long long)n * L.C + c) * L.H * L.W;
+        long long n = r0 / L.Hs;
+        int i = (int)(r0 % L.Hs);
+        for (long long row = r0; row < r1; ++row, i = i + 1 == L.Hs ? 0 : i + 1, n += i == 0) {
           float* d = plane + n * per_img + (long long)i * L.Ws;
           const int iy = i * L.SH + a - L.PH;
           if (iy < 0 || iy >= L.H) {
             fill0(d, L.Ws);
             continue;
           }
-          const float* s = src + (long long)iy * L.W;
-          if (L.SW == 1) {  // left padding, the row, right padding
+          const float* s = x + (((long long)n * L.C + c) * L.H + iy) * L.W;
+          if (L.SW == 1) {  // left padding, the row (8 values per step), right padding
             fill0(d, L.PW);
+            float* dr = d + L.PW;
+            int j = 0;
             if (L.in_sub) {
               const float sub = L.in_sub[c], div = L.in_div[c];
-              for (int j = 0; j < L.W; ++j) d[L.PW + j] = (s[j] - sub) / div;
+              const v8 vs = (v8){sub, sub, sub, sub, sub, sub, sub, sub}, vd = (v8){div, div, div, div, div, div, div, div};
+              for (; j + 8 <= L.W; j += 8) store8(dr + j, (load8(s + j) - vs) / vd);
+              for (; j < L.W; ++j) dr[j] = (s[j] - sub) / div;
             } else {
-              for (int j = 0; j < L.W; ++j) d[L.PW + j] = s[j];
+              for (; j + 8 <= L.W; j += 8) store8(dr + j, load8(s + j));
+              for (; j < L.W; ++j) dr[j] = s[j];
             }
             if (right > 0) fill0(d + L.PW + L.W, right);
           } else {
@@ -435,7 +446,9 @@ static int chunk_job(const void* ctx, int task, int ntask) {
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <mutex>
+#include <string>
 #include <thread>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -456,6 +469,7 @@ struct Pool {
   int n = 1;  // threads, the caller included
   long long min_work = PARALLEL_MIN_WORK;
   long long spin_us = 2000;
+  bool adaptive = true;  // RSP_CPU_ADAPTIVE=0: every layer above min_work in parallel
   std::atomic<unsigned long long> word{0};
   std::atomic<int> done{0}, err{0};
   std::atomic<bool> stop{false};
@@ -535,6 +549,8 @@ static Pool* pool() {
     if (p->n > 64) p->n = 64;
     p->spin_us = env_int("RSP_CPU_SPIN_US", 2000);
     p->min_work = env_int("RSP_CPU_PARALLEL_MIN_WORK", PARALLEL_MIN_WORK);
+    const char* adaptive = getenv("RSP_CPU_ADAPTIVE");
+    p->adaptive = !(adaptive && adaptive[0] == '0' && adaptive[1] == 0);
     try {
       for (int i = 1; i < p->n; ++i) p->workers.emplace_back(worker_loop, p, i, word_gen(p->word.load()));
     } catch (...) {  // no threads: run serially
@@ -570,12 +586,8 @@ __attribute__((destructor)) static void pool_shutdown() {
 extern "C" __attribute__((weak)) int rsp_cpu_threads(void) { return pool()->n; }
 
 // fn(ctx, i, tasks) for i < tasks (at most `units`, per_thread per thread: a few even out the load, and a late
-// worker leaves the caller less to do); serially when the work is below min_work or another caller holds the
-// pool.
-static int launch(int (*fn)(const void*, int, int), const void* ctx, int units, int per_thread, long long work,
-                  long long min_work) {
-  Pool* p = pool();
-  if (p->n <= 1 || units <= 1 || work < min_work || !p->busy.try_lock()) return fn(ctx, 0, 1);
+// worker leaves the caller less to do), the caller holding p->busy.
+static int launch_held(Pool* p, int (*fn)(const void*, int, int), const void* ctx, int units, int per_thread) {
   const int tasks = units < per_thread * p->n ? units : per_thread * p->n;
   p->fn = fn;
   p->ctx = ctx;
@@ -594,9 +606,112 @@ static int launch(int (*fn)(const void*, int, int), const void* ctx, int units, 
     RSP_CPU_PAUSE();
     if (spins > 2000) sched_yield();  // a worker holding a task was descheduled: let it run
   }
-  const int e = p->err.load();
+  return p->err.load();
+}
+
+// Whether a layer runs on the pool or on the calling thread, measured where the library runs: which is faster
+// depends on the machine, on what else runs on it and on the layer's place in the network (where its input
+// was written, by which core), more than a work threshold can say. Each layer alternates the two for
+// 2 x PROBES calls (in a single-stream inference every layer is in the same phase: whole inferences on one
+// thread, then on all), keeps the faster by the median, and probes again every PERIOD calls. The two agree
+// to float rounding, as any two thread counts do (a band's grid can end in another vector block, which sums
+// a row's non-zeros in another order); RSP_CPU_ADAPTIVE=0 keeps every layer on the pool. Touched only by the
+// caller that holds the pool (p->busy).
+static const int PROBES = 8, PERIOD = 4096;
+struct ThreadChoice {
+  const char* name = nullptr;
+  int calls = 0;  // since the last probe phase began
+  bool parallel = true;
+  float us[2][PROBES];  // [serial, parallel] probe times
+  float median_us[2] = {0, 0};
+};
+
+static float median8(float* v) {  // PROBES values, sorted in place
+  for (int i = 1; i < PROBES; ++i)
+    for (int j = i; j > 0 && v[j] < v[j - 1]; --j) {
+      const float t = v[j];
+      v[j] = v[j - 1];
+      v[j - 1] = t;
+    }
+  return 0.5f * (v[PROBES / 2 - 1] + v[PROBES / 2]);
+}
+
+struct ThreadChoices {  // every layer of this library that has run on a pool of more than one thread
+  std::mutex mu;
+  std::vector<ThreadChoice*> all;
+};
+__attribute__((visibility("hidden"))) inline ThreadChoices& thread_choices() {
+  static ThreadChoices* c = new ThreadChoices;  // never destroyed: layers may report after static destruction
+  return *c;
+}
+
+template <const Layer& L>
+static ThreadChoice& thread_choice() {
+  static ThreadChoice* c = [] {
+    ThreadChoice* t = new ThreadChoice;
+    t->name = L.name;
+    std::lock_guard<std::mutex> lk(thread_choices().mu);
+    thread_choices().all.push_back(t);
+    return t;
+  }();
+  return *c;
+}
+
+// One layer's chunk: on the pool or serially (ThreadChoice), serially below min_work or when another caller
+// holds the pool.
+template <const Layer& L>
+static int launch(int (*fn)(const void*, int, int), const void* ctx, int units, int per_thread, long long work) {
+  Pool* p = pool();
+  if (p->n <= 1 || units <= 1 || work < p->min_work || !p->busy.try_lock()) return fn(ctx, 0, 1);
+  if (!p->adaptive) {
+    const int e = launch_held(p, fn, ctx, units, per_thread);
+    p->busy.unlock();
+    return e;
+  }
+  ThreadChoice& c = thread_choice<L>();
+  const int phase = c.calls < PERIOD ? c.calls : 0;
+  c.calls = phase + 1;
+  if (phase >= 2 * PROBES) {
+    const int e = c.parallel ? launch_held(p, fn, ctx, units, per_thread) : fn(ctx, 0, 1);
+    p->busy.unlock();
+    return e;
+  }
+  const bool parallel = (phase & 1) == 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  const int e = parallel ? launch_held(p, fn, ctx, units, per_thread) : fn(ctx, 0, 1);
+  c.us[parallel][phase / 2] = std::chrono::duration<float, std::micro>(std::chrono::steady_clock::now() - t0).count();
+  if (phase == 2 * PROBES - 1) {
+    float tmp[2][PROBES];
+    memcpy(tmp, c.us, sizeof tmp);
+    c.median_us[0] = median8(tmp[0]);
+    c.median_us[1] = median8(tmp[1]);
+    c.parallel = c.median_us[1] <= c.median_us[0];
+  }
   p->busy.unlock();
   return e;
+}
+
+// The choices so far, one line per layer: "<symbol> parallel|serial <median us on the pool> <median us
+// serially>" (probe medians; a layer still probing for the first time says "probing"). Returns the length of
+// the whole report (written up to n - 1 characters, NUL-terminated).
+extern "C" __attribute__((weak)) int rsp_cpu_thread_choices(char* buf, int n) {
+  std::string out;
+  {
+    std::lock_guard<std::mutex> lk(thread_choices().mu);
+    for (const ThreadChoice* c : thread_choices().all) {
+      char line[256];
+      const bool decided = c->median_us[0] > 0 || c->median_us[1] > 0;
+      snprintf(line, sizeof line, "%s %s %.2f %.2f\n", c->name ? c->name : "?",
+               decided ? (c->parallel ? "parallel" : "serial") : "probing", c->median_us[1], c->median_us[0]);
+      out += line;
+    }
+  }
+  if (buf && n > 0) {
+    const size_t k = out.size() < (size_t)(n - 1) ? out.size() : (size_t)(n - 1);
+    memcpy(buf, out.data(), k);
+    buf[k] = 0;
+  }
+  return (int)out.size();
 }
 #endif
 
@@ -607,13 +722,16 @@ static int run_chunk(const float* x, const float* r, float* y, int nb, const wfl
   const long long vectors = (unit_end<L>(U - 1) + 7) / 8;
   // bands where two halves of the grid take no more vectors than the whole (+1/8): maps from 8x8 up; a 4x4
   // grid is 3 vectors whole and 4 in halves, a 2x2 one 1 and 2
+  // and where the split ends a channel's outputs on a cache line (16 floats; or falls between images): two
+  // threads writing halves of one line (an 8x8 map pooled to 4x4 is one line per channel) pass it back and
+  // forth for every channel
   const int half = U / 2;
-  const bool bands = !L.GH && U >= 2 &&
+  const bool bands = !L.GH && U >= 2 && ((half % units_per_image<L>()) * outputs_per_unit<L>()) % 16 == 0 &&
                      8 * ((unit_end<L>(half - 1) + 7) / 8 + (unit_end<L>(U - 1) - unit_begin<L>(half) + 7) / 8) <= 9 * vectors;
   const ChunkTask task{x, r, y, W, nb, bands, next_call()};
 #ifdef RSP_TVM_FFI
   const long long work = ((long long)L.row_ptr[L.M] + ROW_COST * L.M) * vectors;
-  return launch(chunk_job<L>, &task, bands ? U / 2 : L.M / (L.dense ? 4 : 1), bands ? 1 : 4, work, pool()->min_work);
+  return launch<L>(chunk_job<L>, &task, bands ? U / 2 : L.M / (L.dense ? 4 : 1), bands ? 1 : 4, work);
 #else
   return chunk_job<L>(&task, 0, 1);
 #endif

@@ -128,12 +128,13 @@ def _layer_names(model: torch.nn.Module) -> list[str]:
 
 
 def _kernels_module(name: str):
-    """A module of rsp.kernels, or None where it cannot be imported: export must not depend on the kernels."""
+    """A module of rsp.kernels, or None where a dependency it imports is missing: export must not depend on the
+    kernels. Any other failure (a broken kernels module) is raised, not planned around as "dense"."""
     import importlib
 
     try:
         return importlib.import_module(f".kernels.{name}", __package__)
-    except Exception:
+    except ImportError:
         return None
 
 
