@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import traceback
 
 import pytest
 
@@ -10,6 +11,24 @@ def rsp_cli(*args, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """`rsp ARGS` in a fresh interpreter (exit codes and stderr exactly as a user sees them)."""
     return subprocess.run([sys.executable, "-m", "rsp.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, **kw)
+
+
+def rsp_cli_here(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`rsp ARGS` in this interpreter (click's runner): the exit code, stdout and stderr the CLI gives, without
+    the seconds a fresh interpreter spends importing torch. For checks of a message and an exit code; each
+    command keeps at least one `rsp_cli` check, so that the real entry point is still run.
+
+    An exception that escapes the command (what a user would see as a traceback) is returned as exit code 1
+    with its traceback appended to stderr, so the callers' "Traceback" not in stderr checks still catch it."""
+    from typer.testing import CliRunner
+
+    from rsp.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(["rsp", *map(str, args)], result.exit_code, result.stdout, stderr)
 
 
 def has_module(module: str) -> bool:
