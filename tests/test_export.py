@@ -16,7 +16,7 @@ from rsp.artifacts import ArtifactError, check_files, read_manifest, save_tensor
 from rsp.export import ExportOptions, run
 from rsp.models import create_model
 from rsp.targets import FORMATS, get_target, target_names, targets
-from helpers import has_module, needs_tvm, rsp_cli
+from helpers import has_module, needs_tvm, rsp_cli, rsp_cli_here
 
 CROSS_CXX = "aarch64-linux-gnu-g++"
 needs_cross = pytest.mark.skipif(shutil.which(CROSS_CXX) is None,
@@ -118,7 +118,7 @@ def test_list_targets_and_unknown_target_cli():
     assert [ln.split()[0] for ln in lines] == target_names()
     assert any("sm_87" in ln and "nvidia/jetson-orin-nano" in ln for ln in lines)
     assert any(ln.startswith("jetson-agx-xavier") and "CUDA <= 12" in ln for ln in lines)
-    r = rsp_cli("export", "somewhere", "--target", "nope", "--output", "x")
+    r = rsp_cli_here("export", "somewhere", "--target", "nope", "--output", "x")
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "unknown target 'nope'" in r.stderr and "jetson-orin-nano" in r.stderr and "x86-cpu" in r.stderr
 
@@ -209,8 +209,8 @@ def test_changed_file_is_detected(x86_bundle, tmp_path):
     with pytest.raises(ArtifactError, match="model.safetensors changed"):
         rsp.load_model(copy)
     # and a changed source folder is refused by export itself
-    r = rsp_cli("export", copy, "--target", "x86-cpu", "--output", tmp_path / "again")
-    assert r.returncode == 2 and "export' folder" in r.stderr
+    r = rsp_cli_here("export", copy, "--target", "x86-cpu", "--output", tmp_path / "again")
+    assert r.returncode == 2 and "export' folder" in r.stderr and "Traceback" not in r.stderr
 
 
 # --- bad input ----------------------------------------------------------------------------------------
@@ -242,7 +242,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_run):
         (["export", src, "--target", "x86-cpu", "--format", "tvm", "-o", out], "needs Apache TVM 0.27", env),
     ]
     for args, match, case_env in cases:
-        r = rsp_cli(*args, env=case_env)
+        # a simulated missing TVM needs a fresh interpreter (the real entry point); the others run in-process
+        r = rsp_cli(*args, env=case_env) if case_env else rsp_cli_here(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert match in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     # the same error class (ArtifactError -> one line, exit 2 in the CLI) for the other bad options
@@ -266,8 +267,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_run):
             run(over.get("source", src), over.get("output", out), ExportOptions(**opts), log=lambda *_: None)
     assert not (out / "manifest.json").exists()
     (src / "model.safetensors").write_bytes(b"tampered")
-    r = rsp_cli("export", src, "--target", "x86-cpu", "--format", "onnx", "-o", tmp_path / "o2")
+    r = rsp_cli_here("export", src, "--target", "x86-cpu", "--format", "onnx", "-o", tmp_path / "o2")
     assert r.returncode == 2 and "changed" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
 
 
 def test_cifar_source_needs_its_data(tmp_path, cifar_dir):
@@ -277,8 +279,9 @@ def test_cifar_source_needs_its_data(tmp_path, cifar_dir):
     save_tensors(folder / "model.safetensors", model.state_dict())
     write_manifest(folder, {"stage": "structure", "status": "complete", "model": {"name": "small-cnn", "kwargs": model.rsp_config},
                             "dataset": {"dataset": "cifar10"}, "input": {"shape": [3, 32, 32]}}, ["model.safetensors"])
-    r = rsp_cli("export", folder, "--target", "x86-cpu", "--format", "onnx", "-o", tmp_path / "o")
+    r = rsp_cli_here("export", folder, "--target", "x86-cpu", "--format", "onnx", "-o", tmp_path / "o")
     assert r.returncode == 2 and "--data-dir" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
     m = run(folder, tmp_path / "o", ExportOptions(target="x86-cpu", formats=["onnx"], data_dir=str(cifar_dir),
                                                   parity_images=32), log=lambda *_: None)
     assert m["parity"]["onnx"]["passed"] and m["parity"]["onnx"]["images"]["dataset"] == "cifar10"
@@ -471,9 +474,10 @@ def test_xavier_tvm_needs_a_cuda_12_toolkit(tmp_path):
     if int(nvcc_version(_nvcc()).split(".")[0]) <= 12:
         pytest.skip("this nvcc can compile sm_72")
     src, _ = _folder(tmp_path)
-    r = rsp_cli("export", src, "--target", "jetson-agx-xavier", "--format", "tvm", "--parity-images", "8",
-                "-o", tmp_path / "x")
+    r = rsp_cli_here("export", src, "--target", "jetson-agx-xavier", "--format", "tvm", "--parity-images", "8",
+                     "-o", tmp_path / "x")
     assert r.returncode == 2 and "needs a CUDA <= 12 toolkit" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
 
 
 # --- MetaSchedule tuning: records cached and reused ----------------------------------------------------
