@@ -23,7 +23,9 @@ from helpers import has_module, needs_tvm, rsp_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "verify-gpu.yml"
-FAST = dict(n_examples=32, steps=3, restarts=1, sanity=False, latency_runs=5, latency_batches=(1,), threads=1)
+# PGD alone: these tests are about where the runtimes run and how sessions are held, not about the attack suite
+FAST = dict(attacks=["pgd"], n_examples=32, steps=3, restarts=1, sanity=False, latency_runs=5, latency_batches=(1,),
+            threads=1)
 
 
 trt_here = has_module("tensorrt") and torch.cuda.is_available()
