@@ -358,13 +358,22 @@ def test_cpu_kernels_thread_pool(tmp_path):
     script = ("import sys, ctypes, numpy as np; from rsp.tvm_build import run_library; "
               f"y = run_library({str(lib)!r}, np.load({str(tmp_path / 'x.npy')!r}), 1); "
               f"np.save(sys.argv[1], y); print(ctypes.CDLL({str(lib)!r}).rsp_cpu_threads())")
-    for threads in (1, 3):  # serially, and in three uneven bands or row shares
-        out = tmp_path / f"y{threads}.npy"
-        r = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "RSP_NUM_THREADS": str(threads), "RSP_CPU_PARALLEL_MIN_WORK": "1"})
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert r.stdout.split()[-1] == str(threads)  # the pool has the threads asked for
-        assert np.abs(np.load(out) - ref).max() <= 1e-4
+    procs = {}  # serially, and in three uneven bands or row shares: two fresh processes, started together
+    for threads in (1, 3):
+        procs[threads] = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"y{threads}.npy")],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env={**os.environ, "RSP_NUM_THREADS": str(threads),
+                                               "RSP_CPU_PARALLEL_MIN_WORK": "1"})
+    for threads, proc in procs.items():
+        try:
+            stdout, stderr = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, stderr[-2000:]
+        assert stdout.split()[-1] == str(threads)  # the pool has the threads asked for
+        assert np.abs(np.load(tmp_path / f"y{threads}.npy") - ref).max() <= 1e-4
 
 
 @needs_tvm
