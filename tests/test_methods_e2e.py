@@ -56,7 +56,8 @@ def test_method_runs_all_phases_within_budget_and_later_stages_accept_it(method,
                                                                           parity_images=32, threads=1),
                log=lambda *_: None)
     result = verify_run(tmp_path / "bundle", VerifyOptions(output=str(tmp_path / "verify"), backends=["onnx"],
-                                                           n_examples=32, steps=2, restarts=1, sanity=False,
+                                                           attacks=["pgd"], n_examples=32, steps=2, restarts=1,
+                                                           sanity=False,
                                                            latency_runs=2, latency_batches=(1,), threads=1),
                         log=lambda *_: None)
     assert 0.0 <= result["robust_acc"] <= result["clean_acc"] <= 1.0
@@ -67,11 +68,15 @@ def test_unknown_method_and_bad_options_are_one_line_errors(tmp_path):
     import subprocess
     import sys
 
-    def cli(*args):
+    from helpers import rsp_cli_here
+
+    def cli(*args, here=True):  # in-process, but for the first case: the real entry point, a fresh interpreter
+        if here:
+            return rsp_cli_here("train", *args, "--output", tmp_path / "x")
         return subprocess.run([sys.executable, "-m", "rsp.cli", "train", *args, "--output", str(tmp_path / "x")],
                               capture_output=True, text=True, timeout=120)
 
-    r = cli("--method", "snip")
+    r = cli("--method", "snip", here=False)
     assert r.returncode == 2 and "unknown method 'snip'" in r.stderr and "Traceback" not in r.stderr
     r = cli("--method", "lth", "--method-option", "rounds")
     assert r.returncode == 2 and "KEY=VALUE" in r.stderr and "Traceback" not in r.stderr
