@@ -19,7 +19,7 @@ from rsp.artifacts import (LOCK_FILE, ArtifactError, FolderBusyError, check_file
                            read_manifest)
 from rsp.config import ConfigError, resolve
 from rsp.train import STATE_FILE, Trainer
-from helpers import rsp_cli
+from helpers import rsp_cli, rsp_cli_here
 
 TINY = {"epochs": 1, "max_steps": 2, "attack_steps": 1, "eval_attack_steps": 1, "test_attack_steps": 1,
         "batch_size": 64, "device": "cpu", "model_kwargs": {"channels": [8, 16]}}
@@ -177,7 +177,7 @@ def test_resume_refuses_a_damaged_or_missing_train_state(tmp_path):
     _train(out)
     _flip_a_tensor_byte(out / STATE_FILE)
     before = _snapshot(out)
-    err = _one_line_error(rsp_cli("train", "--output", out, "--resume", "--max-steps", "4", timeout=120))
+    err = _one_line_error(rsp_cli_here("train", "--output", out, "--resume", "--max-steps", "4"))
     assert "train_state.safetensors does not match" in err and "damaged" in err
     assert _snapshot(out) == before
     (out / STATE_FILE).unlink()
@@ -229,7 +229,7 @@ def test_train_refuses_a_folder_of_user_files(tmp_path):
     (mine / "metrics.jsonl").write_text('{"my": "numbers"}\n')
     (mine / "notes.txt").write_text("keep me\n")
     before = _snapshot(mine)
-    err = _one_line_error(rsp_cli("train", *TINY_FLAGS, "--output", mine, timeout=60))
+    err = _one_line_error(rsp_cli_here("train", *TINY_FLAGS, "--output", mine))
     assert "is not empty and holds no rsp run (config.yaml, metrics.jsonl, notes.txt)" in err
     assert _snapshot(mine) == before and sorted(p.name for p in mine.iterdir()) == sorted(before)
     with pytest.raises(ArtifactError, match="holds no run to resume"):  # nor with --resume
