@@ -107,7 +107,7 @@ def test_a_registered_format_is_listed_exported_and_verified(registry, tmp_path)
     assert set(manifest["files"]) == {"model.safetensors", "logits.safetensors"} and manifest["parity"]["logits"]["passed"]
     assert manifest["kernels"]["note"].endswith("(no TVM library in this bundle)")  # the tvm format was told
 
-    r = runner.invoke(app, ["verify", str(bundle), "--n-examples", "16", "--steps", "2", "--restarts", "1",
+    r = runner.invoke(app, ["verify", str(bundle), "--attacks", "pgd", "--n-examples", "16", "--steps", "2", "--restarts", "1",
                             "--no-sanity", "--latency-runs", "2", "--threads", "1", "--output", str(tmp_path / "v")])
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "v" / "verify.json").read_text())

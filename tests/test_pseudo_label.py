@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from rsp.artifacts import lock_folder, read_manifest
 from rsp.cli import app
 from rsp.data import PSEUDO_LABEL_FILE, DataError, dataset_info, load_dataset, load_extra_data
-from helpers import rsp_cli
+from helpers import rsp_cli, rsp_cli_here
 
 runner = CliRunner()
 TINY_TRAIN = ["--epochs", "1", "--batch-size", "64", "--attack-steps", "1", "--eval-attack-steps", "1",
@@ -103,9 +103,10 @@ def test_hostile_pickle_is_refused_and_never_run(natural_run, tmp_path):
 
     evil = tmp_path / "ti_500K_pseudo_labeled.pickle"
     evil.write_bytes(pickle.dumps({"data": Payload(), "extrapolated_targets": [0]}))
-    for args in (["train", "--objective", "rst", "--extra-data", evil, "--max-steps", "1", "--output", tmp_path / "o"],
-                 ["pseudo-label", natural_run, evil, "-o", tmp_path / "o2"]):
-        r = rsp_cli(*args)  # the real command line: its exit code and stderr as a user sees them
+    for cli, args in ((rsp_cli_here, ["train", "--objective", "rst", "--extra-data", evil, "--max-steps", "1",
+                                      "--output", tmp_path / "o"]),
+                      (rsp_cli, ["pseudo-label", natural_run, evil, "-o", tmp_path / "o2"])):
+        r = cli(*args)  # in-process, then the real command line: its exit code and stderr as a user sees them
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
         assert "refusing to load posix.system" in lines[-1] and "Traceback" not in r.stderr

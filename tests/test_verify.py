@@ -13,7 +13,7 @@ from helpers import rsp_cli, rsp_cli_here
 def onnx_bundle(tmp_path_factory):
     pytest.importorskip("onnxruntime")
     root = tmp_path_factory.mktemp("verify")
-    r = rsp_cli("train", "--epochs", "2", "--attack-steps", "2", "--eval-attack-steps", "2", "--test-attack-steps", "2",
+    r = rsp_cli("train", "--epochs", "1", "--attack-steps", "2", "--eval-attack-steps", "2", "--test-attack-steps", "2",
                 "--threads", "1", "--output", root / "run")
     assert r.returncode == 0, r.stderr
     r = rsp_cli("export", root / "run", "--target", "x86-cpu", "--format", "onnx", "--output", root / "bundle")
