@@ -617,7 +617,8 @@ static int launch_held(Pool* p, int (*fn)(const void*, int, int), const void* ct
 // to float rounding, as any two thread counts do (a band's grid can end in another vector block, which sums
 // a row's non-zeros in another order); RSP_CPU_ADAPTIVE=0 keeps every layer on the pool. Touched only by the
 // caller that holds the pool (p->busy).
-static const int PROBES = 8, PERIOD = 4096;
+static const int PROBES = 8, PERIOD = 1024;  // a probe phase costs ~1 % of the calls; a choice made while
+// another runtime's threads were still spinning lasts at most PERIOD calls (~0.5 s at 99 %)
 struct ThreadChoice {
   const char* name = nullptr;
   int calls = 0;  // since the last probe phase began

@@ -334,7 +334,9 @@ def test_auto_on_a_cpu_target_plans_and_links_the_cpu_kernels(source, tmp_path):
 def test_cpu_kernels_thread_pool(tmp_path):
     """Every layer run in parallel on rsp's pool (RSP_CPU_PARALLEL_MIN_WORK=1: an 8x8 map in bands of output
     rows, the small maps and the linear layer split by output channels) matches PyTorch on 1 and 3 threads
-    (RSP_NUM_THREADS, in a fresh process each: the pool is made once per library load)."""
+    (RSP_NUM_THREADS, in a fresh process each: the pool is made once per library load), with every layer on
+    the pool (RSP_CPU_ADAPTIVE=0) and with each layer choosing between the pool and the calling thread by
+    timing both: after its probes (33 calls) every layer reports a choice that its medians support."""
 
     torch.manual_seed(1)
     model = create_model("small-cnn", num_classes=10, in_channels=1, mean=[0.5], std=[0.5], channels=[64, 64, 64]).eval()
@@ -357,14 +359,16 @@ def test_cpu_kernels_thread_pool(tmp_path):
     np.save(tmp_path / "x.npy", x.numpy())
     script = ("import sys, ctypes, numpy as np; from rsp.tvm_build import run_library; "
               f"y = run_library({str(lib)!r}, np.load({str(tmp_path / 'x.npy')!r}), 1); "
-              f"np.save(sys.argv[1], y); print(ctypes.CDLL({str(lib)!r}).rsp_cpu_threads())")
-    procs = {}  # serially, and in three uneven bands or row shares: two fresh processes, started together
-    for threads in (1, 3):
-        procs[threads] = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"y{threads}.npy")],
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                          env={**os.environ, "RSP_NUM_THREADS": str(threads),
-                                               "RSP_CPU_PARALLEL_MIN_WORK": "1"})
-    for threads, proc in procs.items():
+              f"np.save(sys.argv[1], y); so = ctypes.CDLL({str(lib)!r}); buf = ctypes.create_string_buffer(1 << 14); "
+              "so.rsp_cpu_thread_choices(buf, len(buf)); print(buf.value.decode()); print(so.rsp_cpu_threads())")
+    runs = {(1, "1"): None, (3, "0"): None, (3, "1"): None}  # fresh processes, started together
+    for threads, adaptive in runs:
+        runs[threads, adaptive] = subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / f"y{threads}{adaptive}.npy")], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env={**os.environ, "RSP_NUM_THREADS": str(threads),
+                                                    "RSP_CPU_PARALLEL_MIN_WORK": "1", "RSP_CPU_ADAPTIVE": adaptive})
+    symbols = {r["symbol"] for r in m["kernels"]["linked_layers"]}
+    for (threads, adaptive), proc in runs.items():
         try:
             stdout, stderr = proc.communicate(timeout=120)
         finally:
@@ -372,8 +376,17 @@ def test_cpu_kernels_thread_pool(tmp_path):
                 proc.kill()
                 proc.wait()
         assert proc.returncode == 0, stderr[-2000:]
-        assert stdout.split()[-1] == str(threads)  # the pool has the threads asked for
-        assert np.abs(np.load(tmp_path / f"y{threads}.npy") - ref).max() <= 1e-4
+        *choices, count = stdout.split("\n")[:-1]
+        assert count == str(threads)  # the pool has the threads asked for
+        assert np.abs(np.load(tmp_path / f"y{threads}{adaptive}.npy") - ref).max() <= 1e-4
+        choices = [line.split() for line in choices if line]
+        if threads == 1 or adaptive == "0":  # nothing to choose, or every layer on the pool: no probes
+            assert choices == []
+            continue
+        assert {c[0] for c in choices} == symbols
+        for name, choice, on_pool, serial in choices:
+            assert choice in ("parallel", "serial") and float(on_pool) > 0 and float(serial) > 0
+            assert (choice == "parallel") == (float(on_pool) <= float(serial)), (name, choice, on_pool, serial)
 
 
 @needs_tvm
