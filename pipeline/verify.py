@@ -586,6 +586,9 @@ def _verify(bundle: Path, output: Path, manifest: dict, model, chw, runtimes: di
         "speed": {"backend": primary, "batch": 1, "p50_ms": summary["latency_p50_ms"],
                   "fastest_dense_runtime": summary["fastest_dense_runtime"],
                   "fastest_dense_p50_ms": fastest.get("p50_ms"), "speedup_vs_fastest_dense": summary["speedup_vs_fastest_dense"],
+                  # the bundle's other artifacts at batch 1, same rounds: the headline is the first backend only
+                  "other_backends": {name: latency[f"{name}/batch1"]["fastest_dense"]["speedup"] for name in runtimes
+                                     if name != primary and (latency.get(f"{name}/batch1") or {}).get("fastest_dense")},
                   "note": "the headline speed-up: the artifact against the dense original on the fastest dense runtime "
                           "timed here (below 1x: the artifact is slower than what a user would otherwise run)"},
         "selection_note": "the model was selected in rsp train on a validation split cut from the training data; "

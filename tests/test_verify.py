@@ -48,6 +48,7 @@ def test_verify_scores_the_artifact_writes_the_report_and_passes_gates(onnx_bund
     assert b1["fastest_dense"]["runtime"] == fastest == out["speed"]["fastest_dense_runtime"]
     assert out["speed"]["speedup_vs_fastest_dense"] == pytest.approx(pool[fastest]["p50_ms"] / b1["p50_ms"])
     assert f"vs {fastest} (the fastest dense runtime here" in r.stdout
+    assert out["speed"]["other_backends"] == {}  # one artifact in this bundle
     report = (tmp_path / "v" / "report.md").read_text()
     assert "## Speed against what a user would otherwise run" in report
     # ANP-VS's latent vulnerability: in verify.json, report.md (overall and per site) and on the terminal
@@ -55,6 +56,16 @@ def test_verify_scores_the_artifact_writes_the_report_and_passes_gates(onnx_bund
     assert lv["vulnerability"] > 0 and lv["vulnerability"] == pytest.approx(sum(lv["layers"].values()) / len(lv["layers"]))
     assert "## Latent vulnerability (ANP-VS)" in report and f"**{lv['vulnerability']:.4g}**" in report
     assert f"): {lv['vulnerability']:.4g}" in r.stderr  # the progress log
+
+
+def test_last_line_names_every_artifacts_speedup_against_the_fastest_dense_runtime():
+    from rsp.cli import _speed_text
+
+    speed = {"backend": "onnx", "speedup_vs_fastest_dense": 0.95, "fastest_dense_runtime": "onnxruntime",
+             "fastest_dense_p50_ms": 0.072, "other_backends": {"tvm": 2.61}}
+    assert _speed_text({"speed": speed}) == (", 0.95x vs onnxruntime (the fastest dense runtime here, 0.072 ms)"
+                                             "; tvm 2.61x")
+    assert _speed_text({"speed": {**speed, "speedup_vs_fastest_dense": None}}) == ""
 
 
 def test_a_failing_gate_exits_1(onnx_bundle, tmp_path):

@@ -119,6 +119,9 @@ def test_rpc_runtime_scores_and_times_the_library_on_the_remote(tvm_bundle, rpc_
     lat = res["latency"]["tvm-rpc/batch1"]
     assert lat["p50_ms"] > 0 and lat["p99_ms"] >= lat["p50_ms"] and "over RPC" in lat["runtime"]
     assert lat["dense_original"]["p50_ms"] > 0 and lat["speedup_vs_dense"] > 0
+    # the headline is the remote's; the local library's speed-up rides beside it (verify's last line, speed)
+    assert list(res["speed"]["other_backends"]) == ["tvm"]
+    assert res["speed"]["other_backends"]["tvm"] == res["latency"]["tvm/batch1"]["fastest_dense"]["speedup"]
     remote = res["system"]["remote"]
     assert remote["rpc"] == address and remote["device"] == "remote cpu:0" and remote["remote_triple"]
     assert res["runtimes"]["tvm-rpc"]["rpc"] == address
