@@ -402,8 +402,7 @@ def generate(spec: LayerSpec, weight: torch.Tensor | BSR, bias: torch.Tensor | N
 
     info = json.dumps({"name": name, "mode": mode, "rows_per_thread": g, "groups": groups, "relu": relu,
                        "spec": spec.as_dict()})
-    per_x = spec.in_channels * spec.in_hw[0] * spec.in_hw[1]
-    per_y = spec.out_channels * oh * ow
+    per_x, per_y = _per_sample(spec)
     lines += [
         f'extern "C" const char* {name}_info(void) {{ return {json.dumps(info)}; }}',
         "#ifdef __CUDACC__",
@@ -442,6 +441,26 @@ def generate(spec: LayerSpec, weight: torch.Tensor | BSR, bias: torch.Tensor | N
     stats["source_bytes"] = len(src)
     return KernelSource(name=name, source=src, spec=spec, mode=mode, rows_per_thread=g, groups=groups, relu=relu,
                         stats=stats)
+
+
+def _per_sample(spec: LayerSpec) -> tuple[int, int]:
+    """Values per sample of a layer's input x and output y (what the TVM FFI entry point checks)."""
+    oh, ow = spec.out_hw
+    return spec.in_channels * spec.in_hw[0] * spec.in_hw[1], spec.out_channels * oh * ow
+
+
+def ffi_unit(sources: list[KernelSource]) -> str:
+    """The TVM FFI entry points of several CUDA layers as one unit, to compile once with -DRSP_TVM_FFI: each
+    layer's own unit is then compiled without the TVM FFI headers, which cost about 4 of the 5 s of a small
+    layer's nvcc. Each entry point calls the layer's launch function ``NAME(x, y, batch, stream)`` (defined
+    by the layer's unit, joined at link time) with the checks and the stream of ``RSP_DEFINE_TVM_FFI``."""
+    seen = {s.name: s for s in sources}
+    lines = [_header(), "#ifndef RSP_TVM_FFI", "#error \"the TVM FFI unit is compiled with -DRSP_TVM_FFI\"", "#endif"]
+    for name, s in seen.items():
+        per_x, per_y = _per_sample(s.spec)
+        lines += [f'extern "C" int {name}(const float* x, float* y, int batch, cudaStream_t stream);',
+                  f"RSP_DEFINE_TVM_FFI({name}, {name}, {per_x}LL, {per_y}LL)"]
+    return "\n".join(lines) + "\n"
 
 
 def combine(sources: list[KernelSource]) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .codegen import CUDA_MAX_TAPS, KernelSource, LayerSpec, conv_spec, generate, linear_spec
+from .codegen import CUDA_MAX_TAPS, KernelSource, LayerSpec, conv_spec, ffi_unit, generate, linear_spec
 
 CONV2D, MATMUL, PERMUTE = "relax.nn.conv2d", "relax.matmul", "relax.permute_dims"
 HOST_ARCH = "sm_87"  # the plan (and kernel shape) the host emulator stands in for on a CPU target
@@ -445,8 +445,9 @@ def link_sparse_layers(mod, layers: dict[str, torch.Tensor], *, arch: str = HOST
 
 def _parallel_cuda_objects(kernels: list[KernelSource], archs: list[str], *, nvcc, cross_cxx, cache_dir) -> Path:
     """One object holding every kernel: each layer is compiled on its own (nvcc processes in parallel, each
-    unit content-addressed in the kernel cache, so an unchanged layer is never compiled again), then the
-    objects are joined by a relocatable link (``-r`` through the target's compiler driver)."""
+    unit content-addressed in the kernel cache, so an unchanged layer is never compiled again) without the
+    TVM FFI headers, their entry points once in one more unit (``codegen.ffi_unit``), then the objects are
+    joined by a relocatable link (``-r`` through the target's compiler driver)."""
     import concurrent.futures as cf
     import os
     import shutil
@@ -456,14 +457,14 @@ def _parallel_cuda_objects(kernels: list[KernelSource], archs: list[str], *, nvc
 
     kernels = list({ks.name: ks for ks in kernels}.values())
 
-    def one(ks):
-        return compile_kernels(ks, archs, "obj", tvm_ffi=True, nvcc=nvcc, ccbin=cross_cxx, ptx=False, cache_dir=cache_dir)
+    def one(unit):  # the entry points' unit is the string, compiled first (it is the slowest)
+        return compile_kernels(unit, archs, "obj", tvm_ffi=isinstance(unit, str), nvcc=nvcc, ccbin=cross_cxx,
+                               ptx=False, cache_dir=cache_dir)
 
-    workers = max(1, min(len(kernels), os.cpu_count() or 1))
+    units = [ffi_unit(kernels), *kernels]
+    workers = max(1, min(len(units), os.cpu_count() or 1))
     with cf.ThreadPoolExecutor(max_workers=workers) as ex:
-        objs = list(ex.map(one, kernels))
-    if len(objs) == 1:
-        return objs[0]
+        objs = list(ex.map(one, units))
     key = hashlib.sha256("\0".join(hashlib.sha256(Path(o).read_bytes()).hexdigest() for o in objs).encode()).hexdigest()[:20]
     out = (Path(cache_dir) if cache_dir else default_cache_dir()) / key / f"rsp_model_{len(objs)}_tvm.o"
     if out.is_file():

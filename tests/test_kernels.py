@@ -292,6 +292,35 @@ def test_nvcc_tvm_ffi_object(small_layer, cache, tmp_path):
 
 
 @needs_nvcc
+def test_model_object_keeps_the_tvm_ffi_entry_points_in_one_unit(small_layer, cache, tmp_path):
+    """What export links for a GPU: each layer compiled without the TVM FFI headers, every entry point in one
+    more unit, joined by ``-r``; the library still exports and registers each layer's function."""
+    pytest.importorskip("tvm_ffi")
+    import subprocess
+
+    import tvm_ffi
+
+    from rsp.kernels.relax_link import _parallel_cuda_objects
+
+    gen = torch.Generator().manual_seed(9)
+    w = _weight("random", (8, 16, 3, 3), gen, density=0.3)
+    other = generate(conv_spec(w.shape, (6, 6), 1, 1), w, None, relu=True, label="other", mode="generic")
+    obj = _parallel_cuda_objects([small_layer, other, small_layer], ["sm_87"], nvcc=None, cross_cxx=None,
+                                 cache_dir=cache)
+    assert inspect_device_code(obj)["sass"] == [87]
+    layer_obj = compile_kernels(other, "sm_87", "obj", ptx=False, cache_dir=cache)  # the cached layer unit
+    assert b"__tvm_ffi_" not in layer_obj.read_bytes()  # no entry point of its own
+    lib = tmp_path / "model.so"
+    r = subprocess.run([CXX or "g++", "-shared", "-o", str(lib), *tvm_link_options(obj)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    mod = tvm_ffi.load_module(str(lib))
+    for ks in (small_layer, other):
+        assert tvm_ffi.get_global_func(ks.name) is not None
+        with pytest.raises(ValueError, match="CUDA tensor"):
+            mod[ks.name](torch.zeros(1, *ks.spec.input_shape()[1:]), torch.zeros(1, *ks.spec.output_shape()[1:]))
+
+
+@needs_nvcc
 def test_relax_call_dps_packed(small_layer, cache, tmp_path):
     """The export path end to end, minus the GPU: a Relax function calls the layer with call_dps_packed, the
     artifact is linked with export_library(options=tvm_link_options(obj)), and the VM finds the function
