@@ -310,6 +310,11 @@ def test_model_object_keeps_the_tvm_ffi_entry_points_in_one_unit(small_layer, ca
     assert inspect_device_code(obj)["sass"] == [87]
     layer_obj = compile_kernels(other, "sm_87", "obj", ptx=False, cache_dir=cache)  # the cached layer unit
     assert b"__tvm_ffi_" not in layer_obj.read_bytes()  # no entry point of its own
+    if shutil.which("nm"):  # every entry point's launch function resolved inside the joined object
+        syms = subprocess.run(["nm", str(obj)], capture_output=True, text=True, check=True).stdout.split("\n")
+        undefined = {ln.split()[-1] for ln in syms if ln.split()[:1] == ["U"]}
+        assert not undefined & {small_layer.name, other.name}
+        assert {f"__tvm_ffi_{small_layer.name}", f"__tvm_ffi_{other.name}"} <= {ln.split()[-1] for ln in syms if ln}
     lib = tmp_path / "model.so"
     r = subprocess.run([CXX or "g++", "-shared", "-o", str(lib), *tvm_link_options(obj)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
