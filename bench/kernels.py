@@ -112,6 +112,20 @@ def run_cpu(args, layers, sparsities, structures, batches):
     torch.set_num_threads(args.threads or 1)
     results = {}
     for name, out_ch, in_ch, hw, _ in [l for l in VGG16_LAYERS if l[0] in layers]:
+        # rsp's dense kernel (what a layer where sparse does not pay runs), once per shape: it reads every weight,
+        # zero or not, so its time does not depend on the sparsity
+        spec = spec_of(out_ch, in_ch, hw)
+        w_dense = make_weight(out_ch, in_ch, hw, 0.0, "random", seed=_seed(name, 0.0, "random"))
+        rsp_dense = load_cpu_layer(generate_cpu(spec, w_dense, label=name, dense=True))
+        for batch in batches:
+            x, dense = _cpu_input(batch, in_ch, hw), dense_fn(w_dense, hw)
+            out = torch.empty(spec.output_shape(batch))
+            err = (rsp_dense(x, out) - dense(x)).abs().max().item()
+            t = _interleaved({"dense": dense, "rsp_dense": lambda x, out=out: rsp_dense(x, out)}, x, args)
+            est = estimate_cpu(spec, spec.gemm_shape[0] * spec.gemm_shape[1], batch)["rsp_dense_us"]
+            results[f"{name}/dense/b{batch}"] = {"dense_us": t["dense"], "rsp_dense_us": t["rsp_dense"],
+                                                 "rsp_dense_vs_library": t["dense"] / t["rsp_dense"], "max_err": err,
+                                                 "est_rsp_dense_us": est, "est_over_measured": est / t["rsp_dense"]}
         for sp in sparsities:
             for st in structures:
                 w = make_weight(out_ch, in_ch, hw, sp, st, seed=_seed(name, sp, st))
@@ -120,29 +134,37 @@ def run_cpu(args, layers, sparsities, structures, batches):
                 layer = load_cpu_layer(generate_cpu(spec, w, label=name))
                 t_build = time.perf_counter() - t_build
                 for batch in batches:
-                    gen = torch.Generator().manual_seed(batch)
-                    x = torch.rand(batch, in_ch, hw, hw, generator=gen) if hw is not None else torch.rand(batch, in_ch, generator=gen)
-                    dense = dense_fn(w, hw)
+                    x, dense = _cpu_input(batch, in_ch, hw), dense_fn(w, hw)
                     out = torch.empty(spec.output_shape(batch))
                     err = (layer(x, out) - dense(x)).abs().max().item()
-                    candidates = {"dense": dense, "sparse": lambda x, out=out: layer(x, out)}
-                    t = {cand: [] for cand in candidates}
-                    for fn in candidates.values():
-                        fn(x)  # warm-up: allocator, oneDNN primitive cache, the kernel's scratch
-                    reps = max(1, args.inner // 10)
-                    for _ in range(args.rounds):
-                        for cand, fn in candidates.items():
-                            t0 = time.perf_counter()
-                            for _ in range(reps):
-                                fn(x)
-                            t[cand].append((time.perf_counter() - t0) / reps)
-                    d, s = statistics.median(t["dense"]) * 1e6, statistics.median(t["sparse"]) * 1e6
+                    t = _interleaved({"dense": dense, "sparse": lambda x, out=out: layer(x, out)}, x, args)
+                    d, s = t["dense"], t["sparse"]
                     est = estimate_cpu(spec, int((w != 0).sum()), batch)
                     results[f"{name}/{st}@{sp:g}/b{batch}"] = {
                         "dense_us": d, "sparse_us": s, "speedup": d / s, "mode": "cpu", "max_err": err,
                         "density": float((w != 0).float().mean()), "build_s": round(t_build, 2),
                         "est_speedup": est["speedup"], "est_us": {"dense": est["dense_us"], "sparse": est["sparse_us"]}}
     return results
+
+
+def _cpu_input(batch, in_ch, hw):
+    gen = torch.Generator().manual_seed(batch)
+    return torch.rand(batch, in_ch, hw, hw, generator=gen) if hw is not None else torch.rand(batch, in_ch, generator=gen)
+
+
+def _interleaved(candidates: dict, x, args) -> dict[str, float]:
+    """Median microseconds per call of each candidate, timed round by round in turn."""
+    t = {cand: [] for cand in candidates}
+    for fn in candidates.values():
+        fn(x)  # warm-up: allocator, oneDNN primitive cache, the kernel's scratch
+    reps = max(1, args.inner // 10)
+    for _ in range(args.rounds):
+        for cand, fn in candidates.items():
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn(x)
+            t[cand].append((time.perf_counter() - t0) / reps)
+    return {cand: statistics.median(v) * 1e6 for cand, v in t.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- GPU
@@ -332,10 +354,25 @@ def main(argv=None):
         args.rounds = args.rounds or (3 if args.quick else 7)
         results, arch, device, mode = run_cpu(args, layers, sparsities, structures, batches), None, "cpu", "cpu"
 
+    dense_rows = {k: results.pop(k) for k in [k for k in results if "/dense/" in k]}
     totals = vgg_totals(results, layers, sparsities, structures, batches)
     print(f"{'configuration':<34}{'dense us':>12}{'sparse us':>12}{'speedup':>10}")
     for k, v in {**results, **totals}.items():
         print(f"{k:<34}{v['dense_us']:>12.2f}{v.get('sparse_us', float('nan')):>12.2f}{v.get('speedup', float('nan')):>10.2f}")
+    rsp_dense = None
+    if dense_rows:
+        print(f"\n{'rsp dense kernel (one thread)':<34}{'oneDNN us':>12}{'rsp us':>12}{'vs oneDNN':>10}"
+              f"{'est us':>12}{'est/meas':>10}")
+        for k, v in dense_rows.items():
+            print(f"{k:<34}{v['dense_us']:>12.2f}{v['rsp_dense_us']:>12.2f}{v['rsp_dense_vs_library']:>10.2f}"
+                  f"{v['est_rsp_dense_us']:>12.2f}{v['est_over_measured']:>10.2f}")
+        ratios = [v["rsp_dense_vs_library"] for v in dense_rows.values()]
+        est = [v["est_over_measured"] for v in dense_rows.values()]
+        # the planner costs a dense fallback layer at its estimate: how far that is from the measurement
+        rsp_dense = {"rows": dense_rows, "median_vs_library": statistics.median(ratios), "min_vs_library": min(ratios),
+                     "estimate_over_measured": {"min": min(est), "median": statistics.median(est), "max": max(est)}}
+        print(f"rsp dense kernel vs oneDNN: median {rsp_dense['median_vs_library']:.2f}x, min {min(ratios):.2f}x; "
+              f"the planner's estimate / measured: {min(est):.2f}-{max(est):.2f}")
     goal = {}
     for st in structures:
         key = f"{'vgg16' if len(layers) == len(VGG16_LAYERS) else 'subset'}/{st}@0.99/b1"
@@ -349,7 +386,7 @@ def main(argv=None):
         "rounds": args.rounds, "inner": args.inner, "seconds": time.perf_counter() - t0,
         "dense_threads": None if use_cuda else torch.get_num_threads(),
         "results": results, "ratios": {k: v["speedup"] for k, v in {**results, **totals}.items() if "speedup" in v},
-        "vgg16_totals": totals, "speedup_99_b1": goal, "speedup_99_b1_per_layer": per_layer_99,
+        "vgg16_totals": totals, "rsp_dense_kernel": rsp_dense, "speedup_99_b1": goal, "speedup_99_b1_per_layer": per_layer_99,
         "goal_speedup_min": GOAL_SPEEDUP,
         "goal_met": (bool(goal) and max(goal.values()) >= GOAL_SPEEDUP) if mode == "cuda" else None,
     }))

@@ -27,7 +27,8 @@ model is per core either way.
 beats the dense alternative by ``min_speedup``. The dense library it is compared with (oneDNN) is timed on
 this machine at export where the target is this kind of CPU (``plan_cpu_layers(measure=...)``, rsp.export.time_dense_library), else taken from the
 recorded ``CPU`` figures (``dense_eff`` of the FMA peak); what a layer runs when sparse does not pay is rsp's
-dense kernel (about 0.6x oneDNN, ``RSP_DENSE_VS_LIBRARY``), or TVM's schedule in a tuned build.
+dense kernel (its own estimate: compute- or weight-stream-bound, ``estimate_cpu``), or TVM's schedule in a
+tuned build.
 ``sparse_nz_vectors_per_ns`` is calibrated with ``bench/kernels.py --device cpu`` (Intel Xeon, AVX2 code,
 2026-12-01): about 1.2 (non-zero x 8-lane vector) updates per ns, memory-bound on the layers' packed inputs.
 """
@@ -67,15 +68,22 @@ class CPU:
     pack_ns_per_value: float = 0.6  # input packing (padding, phase split) per input value
     store_ns_per_value: float = 0.3  # writing a grid row and keeping its real outputs, per grid value
     call_us: float = 2.0  # per call: scratch set-up, offset table
+    # rsp's dense kernel (generate_cpu(dense=True)): (weight, 8-lane vector) updates per ns where it computes,
+    # and the rate at which it streams weights it uses once (a 1-vector grid: a linear layer or a 2x2 map at
+    # batch 1 reads 2-9 MB of weights per call); bench/kernels.py's `<layer>/dense/b<batch>` rows measure it
+    dense_w_vectors_per_ns: float = 6.0
+    weight_stream_gbps: float = 12.0
 
 
 CPUS = {
     "x86-64-v3": CPU("x86-64-v3", 3.0, 16, ("-march=x86-64-v3",)),
     # Jetson Orin's Cortex-A78AE: two 128-bit NEON FMA pipes (8 fp32 FMAs per cycle); the sparse rate is an
     # estimate (half of x86's, an 8-float vector being two NEON registers) until measured on a board
-    "cortex-a78ae": CPU("cortex-a78ae", 2.2, 8, ("-mcpu=cortex-a78ae",), sparse_nz_vectors_per_ns=0.9),
+    "cortex-a78ae": CPU("cortex-a78ae", 2.2, 8, ("-mcpu=cortex-a78ae",), sparse_nz_vectors_per_ns=0.9,
+                        dense_w_vectors_per_ns=3.0),
     # Raspberry Pi 5 / RK3588: two 128-bit NEON FMA pipes at 2.4 GHz; estimated like the A78AE until measured
-    "cortex-a76": CPU("cortex-a76", 2.4, 8, ("-mcpu=cortex-a76",), sparse_nz_vectors_per_ns=0.9),
+    "cortex-a76": CPU("cortex-a76", 2.4, 8, ("-mcpu=cortex-a76",), sparse_nz_vectors_per_ns=0.9,
+                      dense_w_vectors_per_ns=3.0),
 }
 
 
@@ -332,7 +340,6 @@ def load_cpu_layer(ks: KernelSource, *, cpu: str = "x86-64-v3", lib=None, cache_
 
 
 DENSE_BASELINES = ("library", "tvm-untuned")
-RSP_DENSE_VS_LIBRARY = 0.6  # rsp's dense kernel (generate_cpu(dense=True)) against oneDNN, one thread (measured)
 
 
 def _grid_vectors(spec: LayerSpec, batch: int) -> int:
@@ -355,7 +362,8 @@ def estimate_cpu(spec: LayerSpec, nnz: int, batch: int = 1, cpu: str | CPU = "x8
     dense_baseline: what the layer would otherwise run: "library" (oneDNN, or a tuned TVM schedule) or
     "tvm-untuned" (TVM's default CPU schedule). dense_us: the library timed on this machine; the faster of it
     and the recorded figure is the library's ("dense_source" says which: a tiny layer timed through PyTorch
-    is mostly dispatch, which the artifact would not pay). rsp_dense_us: rsp's own dense kernel."""
+    is mostly dispatch, which the artifact would not pay). rsp_dense_us: rsp's own dense kernel (every weight
+    of the 4-row groups over the grid vectors, or streaming the weights once where that takes longer)."""
     c = cpu if isinstance(cpu, CPU) else get_cpu(cpu)
     if dense_baseline not in DENSE_BASELINES:
         raise ValueError(f"dense_baseline must be one of {', '.join(DENSE_BASELINES)}, got {dense_baseline!r}")
@@ -370,7 +378,10 @@ def estimate_cpu(spec: LayerSpec, nnz: int, batch: int = 1, cpu: str | CPU = "x8
     pack = spec.in_channels * spec.in_hw[0] * spec.in_hw[1] * batch * c.pack_ns_per_value / 1e3
     out = m * vectors * LANES * c.store_ns_per_value / 1e3
     sparse = c.call_us + compute + pack + out
-    return {"dense_us": dense, "sparse_us": sparse, "rsp_dense_us": library / RSP_DENSE_VS_LIBRARY,
+    weights = -(-m // 4) * 4 * k
+    rsp_dense = c.call_us + pack + out + max(weights * vectors / (c.dense_w_vectors_per_ns * 1e3),
+                                             weights * 4 / (c.weight_stream_gbps * 1e3))
+    return {"dense_us": dense, "sparse_us": sparse, "rsp_dense_us": rsp_dense,
             "speedup": dense / sparse, "dense_source": source if dense_baseline == "library" else "recorded"}
 
 
@@ -384,7 +395,7 @@ def plan_cpu_layers(state: dict[str, torch.Tensor], geometry: dict[str, dict], *
     per layer of a dense library timed on this machine, one thread, e.g. rsp.export's PyTorch/oneDNN timing;
     else, or where the recorded figure is faster, the CPU's recorded figures), or with TVM's untuned schedule
     (``dense_baseline="tvm-untuned"``). What runs if the layer is not sparse: ``dense_fallback`` "rsp-dense"
-    (rsp's dense kernel, ~0.6x oneDNN here and many times TVM's untuned code), or None (the layer stays a
+    (rsp's dense kernel, 0.3-1.3x oneDNN by shape and many times TVM's untuned code), or None (the layer stays a
     TVM operator: a tuned build, whose schedule is taken to be as fast as the library). A layer runs the
     sparse kernel only where its estimate beats that alternative by ``min_speedup``. Each row says what was
     chosen and why, with the library's figure beside it."""
