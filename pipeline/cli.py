@@ -203,7 +203,7 @@ def _bad_input_types():
 def train(
     dataset: Optional[str] = typer.Option(None, help="digits (embedded, no download) | cifar10 | cifar100 | svhn.", rich_help_panel="Data"),
     data_dir: Optional[str] = typer.Option(None, help="Folder holding cifar-10-batches-py/ (torchvision's root) or that folder itself (default: $RSP_DATA_DIR).", rich_help_panel="Data"),
-    val_fraction: Optional[float] = typer.Option(None, help="Share of the training data held out for model selection (default: 0.1).", rich_help_panel="Data"),
+    val_fraction: Optional[float] = typer.Option(None, help=f"Share of the training data held out for model selection (default: {defaults.VAL_FRACTION:g}).", rich_help_panel="Data"),
     extra_data: Optional[str] = typer.Option(None, help="RST: pseudo-labelled images mixed 50/50 into each batch: an rsp pseudo-label folder, an .npz/.safetensors (images, labels), or the distributed ti_500K pickle (data, extrapolated_targets; read without executing code).", rich_help_panel="Data"),
     model: Optional[str] = typer.Option(None, help="Registry name (rsp models lists them) (default: the data set's: small-cnn, vgg16).", rich_help_panel="Model"),
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="YAML mapping of the model constructor's keyword arguments, e.g. '{width: 0.25}' (vgg), '{widen_factor: 4}' (wrn).", rich_help_panel="Model"),

@@ -33,8 +33,8 @@ class TrainConfig:
     # data
     dataset: str = "digits"
     data_dir: str | None = None
-    val_fraction: float = 0.1
-    split_seed: int = 0
+    val_fraction: float = defaults.VAL_FRACTION
+    split_seed: int = defaults.SPLIT_SEED
     extra_data: str | None = None  # RST: pseudo-labelled images (rsp pseudo-label folder, .npz/.safetensors, the ti_500K pickle)
     # model and sparsity
     model: str | None = None  # None: the data set's default (small-cnn for digits, vgg16 for CIFAR)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import defaults
 
 class DataError(ValueError):
     """Bad or missing data: the message is one line a user can act on."""
@@ -222,7 +223,8 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASETS[name]
 
 
-def load_dataset(name: str, data_dir: str | None = None, *, val_fraction: float = 0.1, split_seed: int = 0) -> Splits:
+def load_dataset(name: str, data_dir: str | None = None, *, val_fraction: float = defaults.VAL_FRACTION,
+                 split_seed: int = defaults.SPLIT_SEED) -> Splits:
     """Train/val/test splits; val is a seeded random cut of the training data (stratified by class)."""
     info = dataset_info(name)
     if not 0.0 <= val_fraction < 1.0:
@@ -275,7 +277,8 @@ def load_run_dataset(recorded: dict, data_dir: str | None = None, name: str | No
     recorded = recorded or {}
     trained_on = recorded.get("dataset", EMBEDDED)
     name = name or trained_on
-    split = dict(val_fraction=recorded.get("val_fraction", 0.1), split_seed=recorded.get("split_seed", 0))
+    split = dict(val_fraction=recorded.get("val_fraction", defaults.VAL_FRACTION),
+                 split_seed=recorded.get("split_seed", defaults.SPLIT_SEED))
     hint = recorded.get("source")
     if data_dir or _data_root(None)[0] or name not in DATA_FOLDERS or name != trained_on or not hint:
         return load_dataset(name, data_dir, **split)

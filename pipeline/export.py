@@ -1,7 +1,7 @@
 """rsp export: a train or structure folder -> a deployable bundle for a registry target (rsp.targets).
 
 The formats (the target's defaults unless --format says otherwise) are plugins, one module each in
-rsp.formats (onnx, tvm, tensorrt): each writes its files and checks its logits against PyTorch on real test
+rsp.formats (the registry; `rsp export --help` lists them): each writes its files and checks its logits against PyTorch on real test
 images where its runtime runs here. The bundle keeps the train-folder contract (model.safetensors + model
 kwargs: rsp.load_model works on it) so that verification attacks exactly the exported numbers. The kernel
 plan (which layers run rsp's sparse kernels) is made here for every bundle; the format that links the

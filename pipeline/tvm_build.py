@@ -69,10 +69,10 @@ def require_tvm():
         import tvm  # noqa: F401
         from tvm import relax  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install raising anything on import
-        raise TVMBuildError(f"--format tvm needs Apache TVM {TVM_VERSION} (pip install 'rsp[export]'): "
+        raise TVMBuildError(f"the TVM library (export --format tvm, verify --backend tvm) needs Apache TVM {TVM_VERSION} (pip install 'rsp[export]'): "
                             f"cannot import tvm ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if not tvm.__version__.startswith(TVM_VERSION):
-        raise TVMBuildError(f"--format tvm needs Apache TVM {TVM_VERSION}, found {tvm.__version__}")
+        raise TVMBuildError(f"the TVM library needs Apache TVM {TVM_VERSION}, found {tvm.__version__}")
     return tvm
 
 

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import traceback
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,24 @@ def rsp_cli_here(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         stderr += "".join(traceback.format_exception(*result.exc_info))
     return subprocess.CompletedProcess(["rsp", *map(str, args)], result.exit_code, result.stdout, stderr)
+
+
+def untrained_digits_run(root: Path) -> Path:
+    """A train-stage folder ROOT/run: a random small CNN for 8x8 digits (export and verify need no training)."""
+    import torch
+
+    from rsp.artifacts import save_tensors, write_manifest
+    from rsp.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small-cnn", in_channels=1, mean=[0.0], std=[1.0]).eval()
+    folder = root / "run"
+    folder.mkdir(parents=True)
+    save_tensors(folder / "model.safetensors", model.state_dict())
+    write_manifest(folder, {"stage": "train", "status": "complete", "model": {"name": "small-cnn", "kwargs": model.rsp_config},
+                            "dataset": {"dataset": "digits"}, "input": {"shape": [1, 8, 8]},
+                            "attack": {"eps": 8 / 255}}, ["model.safetensors"])
+    return folder
 
 
 def has_module(module: str) -> bool:

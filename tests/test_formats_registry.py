@@ -11,8 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 import rsp.formats as formats
-from rsp.artifacts import read_manifest, save_tensors, write_manifest
-from rsp.models import create_model
+from rsp.artifacts import read_manifest, save_tensors
+
+from helpers import untrained_digits_run
 
 BUILT_IN = ("onnx", "tvm", "tensorrt")
 
@@ -52,18 +53,6 @@ def _register_logits_format(registry):
     return Logits
 
 
-def _source(root: Path) -> Path:
-    torch.manual_seed(0)
-    model = create_model("small-cnn", in_channels=1, mean=[0.0], std=[1.0]).eval()
-    folder = root / "run"
-    folder.mkdir(parents=True)
-    save_tensors(folder / "model.safetensors", model.state_dict())
-    write_manifest(folder, {"stage": "train", "status": "complete", "model": {"name": "small-cnn", "kwargs": model.rsp_config},
-                            "dataset": {"dataset": "digits"}, "input": {"shape": [1, 8, 8]},
-                            "attack": {"eps": 8 / 255}}, ["model.safetensors"])
-    return folder
-
-
 def test_built_in_formats_are_discovered_in_order_without_heavy_imports():
     code = ("import sys, rsp.formats as f; names = f.format_names(); "
             "print((names, f.backend_names(), [m for m in ('torch', 'onnx', 'tvm', 'tensorrt') if m in sys.modules]))")
@@ -98,7 +87,7 @@ def test_a_registered_format_is_listed_exported_and_verified(registry, tmp_path)
         r = runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"})
         assert r.exit_code == 0 and "logits" in r.output, (command, r.output)
 
-    src, bundle = _source(tmp_path), tmp_path / "bundle"
+    src, bundle = untrained_digits_run(tmp_path), tmp_path / "bundle"
     r = runner.invoke(app, ["export", str(src), "--target", "x86-cpu", "--format", "logits", "--parity-images", "16",
                             "--output", str(bundle)])
     assert r.exit_code == 0, r.output
@@ -128,4 +117,4 @@ def test_a_format_for_other_targets_is_refused_with_its_reason(registry, tmp_pat
             return None if target.has_cuda else f"target {target.name} has no GPU for gpu-only"
 
     with pytest.raises(ArtifactError, match="target x86-cpu has no GPU for gpu-only"):
-        run(_source(tmp_path), tmp_path / "b", ExportOptions(target="x86-cpu", formats=["gpu-only"]))
+        run(untrained_digits_run(tmp_path), tmp_path / "b", ExportOptions(target="x86-cpu", formats=["gpu-only"]))

@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from rsp.artifacts import ArtifactError, save_tensors, write_manifest
-from rsp.models import create_model
-from helpers import has_module, needs_tvm, rsp_cli
+from rsp.artifacts import ArtifactError
+from helpers import has_module, needs_tvm, rsp_cli, untrained_digits_run
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "verify-gpu.yml"
@@ -29,19 +28,6 @@ FAST = dict(attacks=["pgd"], n_examples=32, steps=3, restarts=1, sanity=False, l
 
 
 trt_here = has_module("tensorrt") and torch.cuda.is_available()
-
-
-def _source(root: Path) -> Path:
-    """A train-stage folder: a random small CNN for 8x8 digits (export and verify need no training)."""
-    torch.manual_seed(0)
-    model = create_model("small-cnn", in_channels=1, mean=[0.0], std=[1.0]).eval()
-    folder = root / "run"
-    folder.mkdir(parents=True)
-    save_tensors(folder / "model.safetensors", model.state_dict())
-    write_manifest(folder, {"stage": "train", "status": "complete", "model": {"name": "small-cnn", "kwargs": model.rsp_config},
-                            "dataset": {"dataset": "digits"}, "input": {"shape": [1, 8, 8]},
-                            "attack": {"eps": 8 / 255}}, ["model.safetensors"])
-    return folder
 
 
 def _export(src: Path, out: Path, target: str, formats: list[str]) -> Path:
@@ -97,7 +83,7 @@ def rpc_server():
 def tvm_bundle(tmp_path_factory, rpc_server):
     pytest.importorskip("tvm")
     root = tmp_path_factory.mktemp("remote")
-    return _export(_source(root), root / "x86", "x86-cpu", ["tvm"])
+    return _export(untrained_digits_run(root), root / "x86", "x86-cpu", ["tvm"])
 
 
 # --- TVM over RPC ------------------------------------------------------------------------------------
@@ -212,7 +198,7 @@ def test_a_busy_rpc_server_times_out_in_one_line(tvm_bundle, rpc_server, tmp_pat
 def trt_bundle(tmp_path_factory):
     pytest.importorskip("onnxruntime")
     root = tmp_path_factory.mktemp("trt")
-    return _export(_source(root), root / "cuda", "cuda", ["tensorrt"])
+    return _export(untrained_digits_run(root), root / "cuda", "cuda", ["tensorrt"])
 
 
 @pytest.mark.skipif(trt_here, reason="this machine can build TensorRT engines")
