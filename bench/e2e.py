@@ -325,6 +325,7 @@ def main(argv=None):
                                      if th > 1 and row["thread_choices"] else ""),
                                   flush=True)
     worst = min(rows, key=lambda r: r["speedup_vs_onnxruntime"])
+
     def goal(ratio: float, model: str | None = None, batch: int | None = None,
              sparsity: float | None = None) -> bool | None:
         # None, not True, when no row of this run measures the goal (--quick, or a --model/--sparsity filter)

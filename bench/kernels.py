@@ -106,11 +106,12 @@ def vgg_totals(results, layers, sparsities, structures, batches, key_time="spars
 
 def run_cpu(args, layers, sparsities, structures, batches):
     """rsp's CPU sparse kernels (rsp.kernels.cpu, single-threaded) vs F.conv2d / F.linear (oneDNN) on
-    --threads threads (default 1: the same core), interleaved round by round, medians."""
+    --threads threads (default 1: the same core), interleaved round by round, medians. Returns the sparse rows
+    and, per shape and batch, rsp's dense kernel against the same library."""
     from rsp.kernels.cpu import estimate_cpu, generate_cpu, load_cpu_layer
 
     torch.set_num_threads(args.threads or 1)
-    results = {}
+    results, dense_rows = {}, {}
     for name, out_ch, in_ch, hw, _ in [l for l in VGG16_LAYERS if l[0] in layers]:
         # rsp's dense kernel (what a layer where sparse does not pay runs), once per shape: it reads every weight,
         # zero or not, so its time does not depend on the sparsity
@@ -123,13 +124,12 @@ def run_cpu(args, layers, sparsities, structures, batches):
             err = (rsp_dense(x, out) - dense(x)).abs().max().item()
             t = _interleaved({"dense": dense, "rsp_dense": lambda x, out=out: rsp_dense(x, out)}, x, args)
             est = estimate_cpu(spec, spec.gemm_shape[0] * spec.gemm_shape[1], batch)["rsp_dense_us"]
-            results[f"{name}/dense/b{batch}"] = {"dense_us": t["dense"], "rsp_dense_us": t["rsp_dense"],
-                                                 "rsp_dense_vs_library": t["dense"] / t["rsp_dense"], "max_err": err,
-                                                 "est_rsp_dense_us": est, "est_over_measured": est / t["rsp_dense"]}
+            dense_rows[f"{name}/dense/b{batch}"] = {"dense_us": t["dense"], "rsp_dense_us": t["rsp_dense"],
+                                                    "rsp_dense_vs_library": t["dense"] / t["rsp_dense"], "max_err": err,
+                                                    "est_rsp_dense_us": est, "est_over_measured": est / t["rsp_dense"]}
         for sp in sparsities:
             for st in structures:
                 w = make_weight(out_ch, in_ch, hw, sp, st, seed=_seed(name, sp, st))
-                spec = spec_of(out_ch, in_ch, hw)
                 t_build = time.perf_counter()
                 layer = load_cpu_layer(generate_cpu(spec, w, label=name))
                 t_build = time.perf_counter() - t_build
@@ -144,7 +144,7 @@ def run_cpu(args, layers, sparsities, structures, batches):
                         "dense_us": d, "sparse_us": s, "speedup": d / s, "mode": "cpu", "max_err": err,
                         "density": float((w != 0).float().mean()), "build_s": round(t_build, 2),
                         "est_speedup": est["speedup"], "est_us": {"dense": est["dense_us"], "sparse": est["sparse_us"]}}
-    return results
+    return results, dense_rows
 
 
 def _cpu_input(batch, in_ch, hw):
@@ -348,13 +348,12 @@ def main(argv=None):
     t0 = time.perf_counter()
     if use_cuda:
         args.rounds = args.rounds or 15
-        results, arch = run_gpu(args, layers, sparsities, structures, batches)
+        (results, arch), dense_rows = run_gpu(args, layers, sparsities, structures, batches), {}
         device, mode = torch.cuda.get_device_name(), "cuda"
     else:
         args.rounds = args.rounds or (3 if args.quick else 7)
-        results, arch, device, mode = run_cpu(args, layers, sparsities, structures, batches), None, "cpu", "cpu"
+        (results, dense_rows), arch, device, mode = run_cpu(args, layers, sparsities, structures, batches), None, "cpu", "cpu"
 
-    dense_rows = {k: results.pop(k) for k in [k for k in results if "/dense/" in k]}
     totals = vgg_totals(results, layers, sparsities, structures, batches)
     print(f"{'configuration':<34}{'dense us':>12}{'sparse us':>12}{'speedup':>10}")
     for k, v in {**results, **totals}.items():

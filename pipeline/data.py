@@ -26,6 +26,7 @@ import torch
 
 from . import defaults
 
+
 class DataError(ValueError):
     """Bad or missing data: the message is one line a user can act on."""
 
